@@ -1,0 +1,230 @@
+"""rcam.synth: unprocessing, mosaicking, position-dependent defects, clean twins and dataset files."""
+
+import json
+
+import numpy as np
+import pytest
+import rawpy
+from PIL import Image
+
+from rcam import synth
+from rcam.dng import BAYER_PATTERNS, write_bayer_dng
+from rcam.errors import RcamError
+
+
+def smooth_photo(height=48, width=64, seed=0):
+    """A small synthetic 'photo': colour gradients plus a few flat patches, uint8 sRGB."""
+    rng = np.random.default_rng(seed)
+    rows = np.linspace(0, 1, height)[:, None]
+    cols = np.linspace(0, 1, width)[None, :]
+    image = np.stack([0.2 + 0.6 * cols + 0 * rows, 0.3 + 0.5 * rows + 0 * cols, 0.7 - 0.5 * cols * rows], axis=2)
+    for _ in range(3):
+        top, left = rng.integers(0, height - 10), rng.integers(0, width - 10)
+        image[top : top + 10, left : left + 10] = rng.uniform(0.05, 0.95, 3)
+    return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
+def make_defects(frame_shape=(64, 96), seed=3, **overrides):
+    sensor = synth.sample_sensor(np.random.default_rng(seed), cfa="RGGB")
+    defects = synth.sample_defects(np.random.default_rng(seed), frame_shape, sensor)
+    for key, value in overrides.items():
+        setattr(defects, key, value)
+    return sensor, defects
+
+
+def test_transfer_functions():
+    y = np.linspace(0, 1, 101)
+    x = synth.inverse_smoothstep(y)
+    np.testing.assert_allclose(3 * x**2 - 2 * x**3, y, atol=1e-9)
+    assert synth.srgb_to_linear(np.array([0.0, 1.0]))[1] == pytest.approx(1.0)
+    assert synth.srgb_to_linear(np.array(0.5)) == pytest.approx(0.21404, abs=1e-4)
+
+
+def test_camera_matrix_is_a_convex_mix_with_white_preserved():
+    matrices = np.stack(list(synth.XYZ_TO_CAMERA_D65.values()))
+    mixed = synth.random_xyz_to_camera(np.random.default_rng(0))
+    assert np.all(mixed >= matrices.min(axis=0) - 1e-12) and np.all(mixed <= matrices.max(axis=0) + 1e-12)
+    camera_from_srgb = synth.camera_from_linear_srgb(mixed)
+    np.testing.assert_allclose(camera_from_srgb @ np.ones(3), np.ones(3))
+
+
+def test_unprocess_ranges():
+    photo = smooth_photo()
+    camera, params = synth.unprocess(photo, np.random.default_rng(1))
+    assert camera.shape == photo.shape and camera.dtype == np.float32
+    assert camera.min() >= 0
+    assert 1.9 <= params.red_gain <= 2.4 and 1.5 <= params.blue_gain <= 1.9
+    assert 0.85 <= np.percentile(camera.max(axis=2), 99.5) <= 1.3  # exposure puts highlights at the clip point
+    assert params.as_shot_neutral == pytest.approx((1 / params.red_gain, 1.0, 1 / params.blue_gain))
+    with pytest.raises(RcamError):
+        synth.unprocess(photo.astype(np.float32), np.random.default_rng(1))
+
+
+@pytest.mark.parametrize("cfa", list(BAYER_PATTERNS))
+def test_mosaic_picks_the_cfa_channel(cfa):
+    image = np.zeros((4, 6, 3), np.float32)
+    image[..., 0], image[..., 1], image[..., 2] = 10, 20, 30
+    expected = (np.array(BAYER_PATTERNS[cfa]).reshape(2, 2) + 1) * 10
+    np.testing.assert_array_equal(synth.mosaic(image, cfa), np.tile(expected, (2, 3)))
+
+
+def test_sensor_levels():
+    for seed in range(20):
+        sensor = synth.sample_sensor(np.random.default_rng(seed))
+        assert 10 <= sensor.bits <= 14
+        assert sensor.white_level == 2**sensor.bits - 1
+        assert sensor.cfa in BAYER_PATTERNS
+        assert len(sensor.black_level) == 4
+        assert all(0.7 * 2 ** (sensor.bits - 4) <= b <= 1.35 * 2 ** (sensor.bits - 4) for b in sensor.black_level)
+
+
+def test_defect_maps_use_absolute_position():
+    _, defects = make_defects()
+    full_vignette = synth.vignetting_gain(defects)
+    full_shading = synth.dark_shading(defects)
+    full_noise = synth.standard_normal_field(defects)
+    for offset in [(0, 0), (10, 20), (31, 47)]:
+        crop = (slice(offset[0], offset[0] + 24), slice(offset[1], offset[1] + 32))
+        np.testing.assert_allclose(synth.vignetting_gain(defects, offset, (24, 32)), full_vignette[crop])
+        np.testing.assert_allclose(synth.dark_shading(defects, offset, (24, 32)), full_shading[crop])
+        np.testing.assert_array_equal(synth.standard_normal_field(defects, offset, (24, 32)), full_noise[crop])
+    # Same offset: same maps; different offsets: different maps.
+    for map_of in (synth.vignetting_gain, synth.dark_shading, synth.standard_normal_field):
+        np.testing.assert_array_equal(map_of(defects, (8, 8), (16, 16)), map_of(defects, (8, 8), (16, 16)))
+        assert not np.allclose(map_of(defects, (0, 0), (16, 16)), map_of(defects, (40, 70), (16, 16)))
+
+
+def test_defect_map_shapes_and_ranges():
+    _, defects = make_defects(frame_shape=(80, 120))
+    gain = synth.vignetting_gain(defects)
+    assert gain.shape == (80, 120)
+    assert 0 < gain.min() < gain.max() <= 1
+    center = np.unravel_index(np.argmax(gain), gain.shape)
+    assert abs(center[0] - defects.vignette_center[0]) <= 1 and abs(center[1] - defects.vignette_center[1]) <= 1
+    shading = synth.dark_shading(defects)
+    assert shading.min() >= 0 and shading.max() > 0
+    corners = np.mean([shading[:8, :8].mean(), shading[:8, -8:].mean(), shading[-8:, :8].mean(), shading[-8:, -8:].mean()])
+    assert corners > shading[36:44, 56:64].mean()
+    # Each CFA position has its own scale of the same smooth field.
+    scale = np.array(defects.shading_channel_scale).reshape(2, 2)
+    ratio = shading[0::2, 1::2] / np.maximum(shading[0::2, 0::2], 1e-9)
+    assert np.median(ratio) == pytest.approx(scale[0, 1] / scale[0, 0], rel=0.05)
+
+
+def test_clean_twin_has_no_defects_and_degraded_minus_clean_is_the_defects():
+    sensor, defects = make_defects(frame_shape=(40, 60))
+    linear = np.random.default_rng(5).uniform(0.05, 0.6, (40, 60))  # below clipping even after noise
+    offset = (0, 0)
+    clean = synth.simulate_raw(linear, sensor)
+    black = synth.black_level_map(sensor, offset, linear.shape)
+    span = sensor.white_level - black
+    np.testing.assert_allclose(clean, black + span * linear)
+
+    degraded = synth.simulate_raw(linear, sensor, defects)
+    vignetted = linear * synth.vignetting_gain(defects)
+    noise = synth.noise_std(vignetted, defects) * synth.standard_normal_field(defects)
+    defect_dn = span * (vignetted - linear) + span * noise + synth.dark_shading(defects)
+    np.testing.assert_allclose(degraded - clean, defect_dn, atol=1e-6)
+
+    # After quantisation the difference is the defects to within rounding (no clipping in this signal range).
+    difference = synth.quantize_raw(degraded, sensor).astype(float) - synth.quantize_raw(clean, sensor)
+    assert np.abs(difference - defect_dn).max() <= 1.0
+
+
+def test_noise_is_heteroscedastic_with_brooks_parameters():
+    sensor, defects = make_defects(frame_shape=(200, 200), vignette_strength=0.0, shading_amplitude=0.0,
+                                   shading_gradient=(0.0, 0.0), shading_waves=[])
+    assert 1e-4 <= defects.shot_noise <= 1.2e-2
+    for level in (0.1, 0.8):
+        linear = np.full((200, 200), level)
+        residual = (synth.simulate_raw(linear, sensor, defects) - synth.simulate_raw(linear, sensor))
+        residual /= sensor.white_level - synth.black_level_map(sensor, (0, 0), linear.shape)
+        expected = np.sqrt(defects.shot_noise * level + defects.read_noise)
+        assert residual.std() == pytest.approx(expected, rel=0.05)
+
+
+def test_unprocessed_colours_come_back_in_libraw_render(tmp_path):
+    """LibRaw's camera WB + ColorMatrix1 undo unprocess's colour steps exactly (linear, unscaled render)."""
+    colours = np.array([[0.5, 0.2, 0.1], [0.1, 0.4, 0.1], [0.1, 0.2, 0.5], [0.4, 0.4, 0.4]])
+    image = np.repeat(colours, 32, axis=0).reshape(4, 32, 3).repeat(32, axis=0).reshape(128, 32, 3)
+    xyz_to_camera = synth.random_xyz_to_camera(np.random.default_rng(2))
+    gains = np.array([2.2, 1.0, 1.6])
+    camera = image @ synth.camera_from_linear_srgb(xyz_to_camera).T / gains
+    sensor = synth.SensorParams(cfa="GBRG", bits=14, black_level=[1000, 1001, 1002, 1003], white_level=16383)
+    raw = synth.quantize_raw(synth.simulate_raw(synth.mosaic(camera, sensor.cfa), sensor), sensor)
+    path = write_bayer_dng(tmp_path / "c.dng", raw, cfa=sensor.cfa, black_level=sensor.black_level,
+                           white_level=sensor.white_level, as_shot_neutral=1 / gains, xyz_to_camera=xyz_to_camera)
+    with rawpy.imread(str(path)) as dng:
+        out = dng.postprocess(use_camera_wb=True, output_color=rawpy.ColorSpace.sRGB, output_bps=16, gamma=(1, 1),
+                              no_auto_bright=True)
+    for index, colour in enumerate(colours):
+        patch = out[32 * index + 8 : 32 * index + 24, 8:24].reshape(-1, 3).mean(axis=0) / 65535
+        np.testing.assert_allclose(patch, colour, atol=2e-3)
+
+
+def test_make_pair_files(tmp_path):
+    photo_path = tmp_path / "photo.png"
+    Image.fromarray(smooth_photo(48, 64)).save(photo_path)
+    files = synth.make_pair(photo_path, tmp_path / "out", np.random.default_rng(7), "p")
+    degraded, clean, target = files
+    assert degraded.name == "p_degraded.dng" and clean.name == "p_clean.dng" and target.name == "p_target.png"
+    with rawpy.imread(str(degraded)) as a, rawpy.imread(str(clean)) as b:
+        assert a.raw_pattern.tolist() == b.raw_pattern.tolist()
+        assert a.black_level_per_channel == b.black_level_per_channel
+        assert a.white_level == b.white_level
+        assert a.camera_whitebalance == b.camera_whitebalance
+        assert a.raw_image.shape == b.raw_image.shape == (48, 64)
+        assert not np.array_equal(a.raw_image, b.raw_image)
+        wb = np.array(b.camera_whitebalance[:3])
+        assert 1.9 <= wb[0] / wb[1] <= 2.4 and 1.5 <= wb[2] / wb[1] <= 1.9
+    target_pixels = np.asarray(Image.open(target))
+    np.testing.assert_array_equal(target_pixels, synth.render_reference(clean))
+    assert target_pixels.shape == (48, 64, 3)
+    assert not list((tmp_path / "out").glob("*.part"))
+
+
+def test_make_pair_orientation(tmp_path):
+    photo_path = tmp_path / "photo.png"
+    Image.fromarray(smooth_photo(48, 64)).save(photo_path)
+    files = synth.make_pair(photo_path, tmp_path, np.random.default_rng(0), "o", orientation=6)
+    with rawpy.imread(str(files.clean)) as raw:
+        assert raw.sizes.flip == 6
+    assert np.asarray(Image.open(files.target)).shape == (64, 48, 3)
+
+
+def test_build_dataset_is_resumable_and_deterministic(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(2):
+        Image.fromarray(smooth_photo(40, 56, seed=index)).save(photos / f"img{index}.png")
+    (photos / "notes.txt").write_text("not a photo")
+    out = tmp_path / "data"
+
+    index_path = synth.build_dataset([photos], out, variants_per_photo=2, seed=11)
+    records = [json.loads(line) for line in index_path.read_text().splitlines()]
+    assert sorted(r["name"] for r in records) == ["photos_img0_v0", "photos_img0_v1", "photos_img1_v0", "photos_img1_v1"]
+    for record in records:
+        for key in ("degraded", "clean", "target"):
+            assert (out / record[key]).exists()
+        assert record["sensor"]["cfa"] in BAYER_PATTERNS
+        assert record["orientation"] == 1
+        assert len(record["unprocess"]["xyz_to_camera"]) == 3
+    first = {r["name"]: (out / r["degraded"]).read_bytes() for r in records}
+
+    # Re-running does nothing; removing one file regenerates exactly that pair, identically.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    (out / "photos_img1_v0_target.png").unlink()
+    synth.build_dataset([photos], out, variants_per_photo=2, seed=11)
+    records = [json.loads(line) for line in index_path.read_text().splitlines()]
+    assert len(records) == 4 and len({r["name"] for r in records}) == 4
+    for path in out.glob("photos_img0_*"):
+        assert path.stat().st_mtime_ns == mtimes[path.name]
+    assert (out / "photos_img1_v0_degraded.dng").read_bytes() == first["photos_img1_v0"]
+    assert (out / "photos_img1_v0_target.png").exists()
+
+
+def test_build_dataset_rejects_bad_arguments(tmp_path):
+    with pytest.raises(RcamError):
+        synth.build_dataset([tmp_path / "missing"], tmp_path / "out", 1, 0)
+    with pytest.raises(RcamError):
+        synth.build_dataset([tmp_path], tmp_path / "out", 0, 0)
