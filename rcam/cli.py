@@ -1,0 +1,229 @@
+"""The `rcam` command line: a thin layer over rcam.codec, rcam.container, rcam.output and friends.
+
+Exit status: 0 success, 2 bad input or usage (one line per problem on stderr, no traceback), 1 internal error,
+130 interrupted. Commands that take many inputs keep going past bad files and report them at the end.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import torch
+from tqdm import tqdm
+
+from rcam import container
+from rcam.codec import decode_bytes, encode_file
+from rcam.errors import RcamError
+from rcam.output import check_output_path, encode_image, image_kind, write_atomic
+from rcam.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
+from rcam.train import resolve_device
+from rcam.zoo import DEFAULT_MODEL, load_codec
+
+RAW_SUFFIXES = {".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".pef", ".srw", ".nrw", ".3fr", ".iiq", ".erf"}
+
+
+class BatchFailed(Exception):
+    """Some inputs of a many-input command failed (already reported); carries the exit status."""
+
+    def __init__(self, status: int):
+        self.status = status
+
+
+def expand_inputs(inputs: tuple[str, ...], suffixes: set[str]) -> list[Path]:
+    """Files as given; folders -> their files with one of `suffixes` (sorted, not recursive)."""
+    paths: list[Path] = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+            if not found:
+                raise RcamError(f"{path}: folder holds no {'/'.join(sorted(suffixes))} files")
+            paths += found
+        else:
+            paths.append(path)
+    return paths
+
+
+def output_path(source: Path, output: str | None, out_dir: str | None, suffix: str, many: bool) -> Path:
+    """Where one input's result goes: -o for a single input, else --out-dir or beside the input."""
+    if output and not many:
+        return Path(output)
+    if output and many:
+        raise RcamError("-o names one output; with several inputs use --out-dir")
+    folder = Path(out_dir) if out_dir else source.parent
+    return folder / (source.stem + suffix)
+
+
+def run_batch(sources: list[Path], work: Callable[[Path], str], quiet: bool) -> None:
+    """Apply `work` to every source, printing its summary; report failures at the end (exit 2, or 1 if internal)."""
+    failed: list[tuple[Path, str]] = []
+    internal = False
+    for source in sources:
+        try:
+            summary = work(source)
+            if not quiet:
+                click.echo(summary)
+        except RcamError as error:
+            message = str(error)
+            # The error may already name the file; don't say it twice.
+            line = message if message.startswith(str(source)) else f"{source}: {message}"
+            click.echo(f"rcam: error: {line}", err=True)
+            failed.append((source, line))
+        except (KeyboardInterrupt, BrokenPipeError):
+            raise
+        except Exception:  # an rcam bug, not the user's fault: say so, keep going with the other files
+            click.echo(f"rcam: internal error on {source}:\n{traceback.format_exc()}", err=True)
+            failed.append((source, "internal error"))
+            internal = True
+    if failed:
+        if len(sources) > 1:
+            click.echo(f"rcam: {len(failed)} of {len(sources)} inputs failed:", err=True)
+            for _, line in failed:
+                click.echo(f"  {line}", err=True)
+        raise BatchFailed(1 if internal else 2)
+
+
+def tile_progress(total: int, label: str):
+    """A tqdm bar over tiles, shown only on a terminal."""
+    return tqdm(total=total, desc=label, unit="tile", leave=False, disable=None)
+
+
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where the network runs.")
+model_option = click.option("--model", "model_name", default=DEFAULT_MODEL, show_default=True, help="Model name from weights/manifest.json, or a .safetensors file.")
+threads_option = click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads for torch (default: torch's choice).")
+force_option = click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
+
+
+def _setup(device: str, threads: int | None):
+    if threads:
+        torch.set_num_threads(threads)
+    return resolve_device(device)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rcam")
+def cli() -> None:
+    """rcam: a learned camera codec. RAW (DNG) -> compact .rcb bitstream -> finished sRGB image."""
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", help="Output .rcb file (one input only).")
+@click.option("--out-dir", type=click.Path(file_okay=False), help="Folder for outputs (default: beside each input).")
+@click.option("--lambda", "lam", type=float, default=0.01, show_default=True, help="Rate-distortion trade-off in [0.0025, 0.1]; larger = more bits, higher quality.")
+@model_option
+@click.option("--tile", type=int, default=DEFAULT_TILE, show_default=True, help="Tile side in packed pixels (multiple of 32): memory/speed knob.")
+@click.option("--overlap", type=int, default=DEFAULT_OVERLAP, show_default=True, help="Tile overlap in packed pixels (multiple of 32).")
+@click.option("--tile-batch", type=click.IntRange(1, 64), default=1, show_default=True, help="Tiles run through the network at once.")
+@device_option
+@threads_option
+@force_option
+@quiet_option
+def encode(inputs, output, out_dir, lam, model_name, tile, overlap, tile_batch, device, threads, force, quiet) -> None:
+    """Encode RAW files (or folders of them) into .rcb bitstreams."""
+    sources = expand_inputs(inputs, RAW_SUFFIXES)
+    codec = load_codec(model_name, _setup(device, threads))
+
+    def work(source: Path) -> str:
+        target = output_path(source, output, out_dir, ".rcb", len(sources) > 1)
+        check_output_path(target, force, tuple(sources))
+        with tile_progress(0, source.name) as bar:
+            encoded = encode_file(codec, source, lam, tile=tile, overlap=overlap, tile_batch=tile_batch, progress=lambda: bar.update(1))
+        write_atomic(target, encoded.data)
+        pixels = encoded.header.output_height * encoded.header.output_width
+        return f"{source} -> {target}: {len(encoded.data)} bytes, {8 * len(encoded.data) / pixels:.4f} bpp"
+
+    run_batch(sources, work, quiet)
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", help="Output image (.png, .jpg, .tif; one input only).")
+@click.option("--out-dir", type=click.Path(file_okay=False), help="Folder for outputs (default: beside each input).")
+@click.option("--format", "image_format", type=click.Choice(["png", "jpg", "tif"]), default="png", show_default=True, help="Output format when no -o is given.")
+@click.option("--bits", type=click.Choice(["8", "16"]), default="8", show_default=True, help="Bits per sample (PNG and TIFF).")
+@click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="JPEG quality.")
+@model_option
+@click.option("--tile-batch", type=click.IntRange(1, 64), default=1, show_default=True, help="Tiles run through the network at once.")
+@device_option
+@threads_option
+@force_option
+@quiet_option
+def decode(inputs, output, out_dir, image_format, bits, quality, model_name, tile_batch, device, threads, force, quiet) -> None:
+    """Decode .rcb bitstreams into sRGB images with an embedded sRGB profile."""
+    sources = expand_inputs(inputs, {".rcb"})
+    codec = load_codec(model_name, _setup(device, threads))
+
+    def work(source: Path) -> str:
+        target = output_path(source, output, out_dir, f".{image_format}", len(sources) > 1)
+        kind = image_kind(target)
+        check_output_path(target, force, tuple(sources))
+        try:
+            data = source.read_bytes()
+        except OSError as error:
+            raise RcamError(f"cannot read ({error.strerror})") from None
+        with tile_progress(0, source.name) as bar:
+            image = decode_bytes(codec, data, tile_batch=tile_batch, progress=lambda: bar.update(1))
+        write_atomic(target, encode_image(image, kind, int(bits), quality))
+        return f"{source} -> {target}: {image.shape[1]}x{image.shape[0]}"
+
+    run_batch(sources, work, quiet)
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+def info(inputs) -> None:
+    """Show an .rcb file's header: model, λ, geometry, tiles, stream sizes, bpp, checksums."""
+    sources = expand_inputs(inputs, {".rcb"})
+
+    def work(source: Path) -> str:
+        try:
+            data = source.read_bytes()
+        except OSError as error:
+            raise RcamError(f"cannot read ({error.strerror})") from None
+        header, streams = container.read(data)
+        pixels = header.output_height * header.output_width
+        lines = [
+            f"{source}",
+            f"  format       rcb v{container.FORMAT_VERSION}, {len(data)} bytes, {8 * len(data) / pixels:.4f} bpp",
+            f"  model        {header.model_name} (weights {header.weights_digest.hex()})",
+            f"  lambda       {header.lam:.6g}",
+            f"  sensor       {header.sensor_width}x{header.sensor_height} visible, CFA padding top {header.pad_top} left {header.pad_left}",
+            f"  output       {header.output_width}x{header.output_height}, orientation flip code {header.flip}",
+            f"  tiles        {header.tile_cols}x{header.tile_rows} of {header.tile_width}x{header.tile_height} packed px, overlap {header.overlap}",
+            f"  streams      {len(streams)}, {sum(header.stream_lengths)} bytes, smallest {min(header.stream_lengths)}, largest {max(header.stream_lengths)}",
+            "  checksums    header and all streams OK",
+        ]
+        return "\n".join(lines)
+
+    run_batch(sources, work, quiet=False)
+
+
+def main() -> None:
+    """Console entry point: map errors to exit statuses."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.exceptions.Abort:
+        click.echo("rcam: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(2)
+    except RcamError as error:
+        click.echo(f"rcam: error: {error}", err=True)
+        sys.exit(2)
+    except BatchFailed as failed:
+        sys.exit(failed.status)
+    except KeyboardInterrupt:
+        click.echo("rcam: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(1)
+    sys.exit(0)

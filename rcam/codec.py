@@ -1,0 +1,156 @@
+"""Encode a RAW image into .rcb bytes and decode them into an oriented sRGB image, tile by tile."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rcam import container
+from rcam.entropy import TileLatents
+from rcam.errors import RcamError
+from rcam.models import LAMBDA_RANGE
+from rcam.rawio import RawImage, apply_flip, network_input, read_raw
+from rcam.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, blend_weights, coordinate_map, crop_tile, plan_tiles, thumbnail
+from rcam.zoo import Codec
+
+DEFAULT_TILE_BATCH = 1
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An encoded image: the .rcb bytes and, for tests and tools, the latents each tile's stream holds."""
+
+    data: bytes
+    header: container.Header
+    latents: list[TileLatents]
+
+
+def check_lambda(lam: float) -> float:
+    """λ must lie in the range the variable-rate model was trained for."""
+    low, high = LAMBDA_RANGE
+    if not (low <= lam <= high):
+        raise RcamError(f"--lambda {lam} is outside the supported range [{low}, {high}]")
+    return float(np.float32(lam))  # the header stores float32: use exactly that value on both sides
+
+
+def _batches(tiles: list[Tile], size: int):
+    for start in range(0, len(tiles), size):
+        yield tiles[start : start + size]
+
+
+def encode_image(
+    codec: Codec, image: RawImage, lam: float, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
+    tile_batch: int = DEFAULT_TILE_BATCH, progress=None,
+) -> Encoded:  # fmt: skip
+    """RawImage -> Encoded (.rcb bytes + latents); `progress` is called once per tile."""
+    lam = check_lambda(lam)
+    model, device = codec.model, codec.device
+    planes = torch.from_numpy(network_input(image))
+    _, packed_height, packed_width = planes.shape
+    tiles = plan_tiles(packed_height, packed_width, tile, overlap)
+    thumb = thumbnail(planes, model.config.thumbnail).to(device)
+    absolute = model.config.coordinates == "absolute"
+    streams, latents = [], []
+    with torch.inference_mode():
+        gain, _ = model.gains(torch.tensor([lam], device=device))
+        for batch in _batches(tiles, tile_batch):
+            x = torch.stack([crop_tile(planes, t) for t in batch]).to(device)
+            coords = torch.stack([coordinate_map(t, packed_height, packed_width, absolute) for t in batch]).to(device)
+            y = model.analysis(x, coords, thumb.expand(len(batch), -1, -1, -1)) * gain
+            z = model.hyper_analysis(y)
+            for index in range(len(batch)):
+                stream, tile_latents = codec.coder.encode(y[index : index + 1], z[index : index + 1])
+                streams.append(stream)
+                latents.append(tile_latents)
+                if progress:
+                    progress()
+    rows = len({t.top for t in tiles})
+    header = container.Header(
+        model_name=codec.name, weights_digest=codec.digest, lam=lam,
+        sensor_height=image.height, sensor_width=image.width, pad_top=image.pad_top, pad_left=image.pad_left,
+        flip=image.flip, output_height=image.output_size[0], output_width=image.output_size[1],
+        tile_height=tiles[0].height, tile_width=tiles[0].width, overlap=overlap,
+        tile_rows=rows, tile_cols=len(tiles) // rows,
+    )  # fmt: skip
+    return Encoded(container.write(header, streams), header, latents)
+
+
+def encode_file(codec: Codec, path: Path, lam: float, **options) -> Encoded:
+    """Read a RAW file and encode it (options as for encode_image)."""
+    return encode_image(codec, read_raw(path), lam, **options)
+
+
+def header_tiles(header: container.Header) -> list[Tile]:
+    """The tile plan a header describes."""
+    step_rows, step_cols = header.tile_height - header.overlap, header.tile_width - header.overlap
+    return [
+        Tile(r * step_rows, c * step_cols, header.tile_height, header.tile_width)
+        for r in range(header.tile_rows)
+        for c in range(header.tile_cols)
+    ]
+
+
+def check_model(codec: Codec, header: container.Header) -> None:
+    """Refuse to decode with other weights than the ones that encoded."""
+    if header.model_name != codec.name or header.weights_digest != codec.digest:
+        raise RcamError(
+            f"made with model {header.model_name} ({header.weights_digest.hex()[:12]}), "
+            f"have {codec.name} ({codec.digest.hex()[:12]}); decode with --model {header.model_name}"
+        )
+
+
+def decode_latents(codec: Codec, header: container.Header, streams: list[bytes]) -> list[TileLatents]:
+    """Entropy-decode every tile's stream (no synthesis)."""
+    config = codec.model.config
+    y_shape = (config.latent_channels, header.tile_height // 8, header.tile_width // 8)
+    z_shape = (config.hyper_channels, header.tile_height // 32, header.tile_width // 32)
+    latents = []
+    for number, stream in enumerate(streams):
+        try:
+            latents.append(codec.coder.decode(stream, y_shape, z_shape))
+        except (RcamError, ValueError, RuntimeError) as error:
+            raise RcamError(f"stream {number} cannot be decoded: {error}") from None
+    return latents
+
+
+def decode_bytes(codec: Codec, data: bytes, tile_batch: int = DEFAULT_TILE_BATCH, progress=None) -> np.ndarray:
+    """.rcb bytes -> (H, W, 3) float32 sRGB in [0, 1], oriented, the reference render's size."""
+    header, streams = container.read(data)
+    check_model(codec, header)
+    latents = decode_latents(codec, header, streams)
+    tiles = header_tiles(header)
+    model, device = codec.model, codec.device
+    extent = (tiles[-1].top + tiles[-1].height, tiles[-1].left + tiles[-1].width)
+    canvas = torch.zeros(3, 2 * extent[0], 2 * extent[1])
+    weight_sum = torch.zeros(2 * extent[0], 2 * extent[1])
+    with torch.inference_mode():
+        _, inverse_gain = model.gains(torch.tensor([header.lam], device=device))
+        for start in range(0, len(tiles), tile_batch):
+            batch = tiles[start : start + tile_batch]
+            y_hat = torch.cat([latents[start + i].y_hat for i in range(len(batch))]).to(device)
+            rgb = model.synthesis(y_hat * inverse_gain).float().cpu()
+            for t, tile_rgb in zip(batch, rgb):
+                weights = blend_weights(t, extent, header.overlap, scale=2)
+                rows = slice(2 * t.top, 2 * (t.top + t.height))
+                cols = slice(2 * t.left, 2 * (t.left + t.width))
+                canvas[:, rows, cols] += tile_rgb * weights
+                weight_sum[rows, cols] += weights
+                if progress:
+                    progress()
+    image = canvas / weight_sum
+    image = image[:, header.pad_top : header.pad_top + header.sensor_height, header.pad_left : header.pad_left + header.sensor_width]
+    image = image.clamp(0.0, 1.0).permute(1, 2, 0).numpy()
+    return apply_flip(image, header.flip)
+
+
+def decode_file(codec: Codec, path: Path, **options) -> np.ndarray:
+    """Read and decode an .rcb file (options as for decode_bytes)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise RcamError(f"cannot read ({error.strerror})") from None
+    return decode_bytes(codec, data, **options)

@@ -1,0 +1,157 @@
+"""The .rcb container, version 1 (docs/FORMAT.md): header, stream table, checksums, then one stream per tile.
+
+Parsing reads fixed-size little-endian fields with explicit bounds checks, never unpickles or evaluates
+anything, and checks every declared size against both a fixed limit and the bytes actually present before
+anything is allocated from it.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+from rcam.errors import RcamError
+
+MAGIC = b"\x89RCB\r\n\x1a\n"  # like PNG's: catches text-mode transfers and truncation to a few bytes
+FORMAT_VERSION = 1
+MAX_SIDE = 65535  # sensor rows / columns
+MAX_PIXELS = 200_000_000  # same bound as the RAW reader
+MAX_TILE = 4096  # packed pixels per tile side
+MAX_STREAMS = 65535
+MAX_NAME = 64
+
+_PREFIX = struct.Struct("<8sHI")  # magic, version, header body length
+_GEOMETRY = struct.Struct("<16sfIIBBBIIHHHHHI")
+_STREAM_ENTRY = struct.Struct("<II")  # length, crc32
+_CRC = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class Header:
+    """Everything the decoder needs besides the weights: model identity, λ, geometry, tile grid, streams."""
+
+    model_name: str
+    weights_digest: bytes  # 16 bytes: the first half of the weights file's SHA-256
+    lam: float
+    sensor_height: int  # visible sensor rows
+    sensor_width: int
+    pad_top: int  # CFA unification padding (0 or 1)
+    pad_left: int
+    flip: int  # LibRaw orientation code
+    output_height: int  # decoded image rows (after orientation)
+    output_width: int
+    tile_height: int  # packed pixels
+    tile_width: int
+    overlap: int
+    tile_rows: int
+    tile_cols: int
+    stream_lengths: tuple[int, ...] = ()
+    stream_crcs: tuple[int, ...] = ()
+
+
+def _check_geometry(header: Header) -> None:
+    """Reject headers whose numbers are out of range or inconsistent with each other."""
+    if not (2 <= header.sensor_height <= MAX_SIDE and 2 <= header.sensor_width <= MAX_SIDE):
+        raise RcamError(f"bad header: sensor size {header.sensor_width}x{header.sensor_height} out of range")
+    if header.sensor_height * header.sensor_width > MAX_PIXELS:
+        raise RcamError("bad header: sensor larger than 200 MP")
+    if header.pad_top not in (0, 1) or header.pad_left not in (0, 1) or header.flip not in (0, 1, 2, 3, 4, 5, 6, 7):
+        raise RcamError("bad header: CFA padding or orientation out of range")
+    expected = (header.sensor_width, header.sensor_height) if header.flip & 4 else (header.sensor_height, header.sensor_width)
+    if (header.output_height, header.output_width) != expected:
+        raise RcamError("bad header: output size does not match sensor size and orientation")
+    for size in (header.tile_height, header.tile_width):
+        if not (32 <= size <= MAX_TILE and size % 32 == 0):
+            raise RcamError(f"bad header: tile size {size} out of range")
+    if header.overlap % 32 or header.overlap >= min(header.tile_height, header.tile_width):
+        raise RcamError(f"bad header: tile overlap {header.overlap} out of range")
+    packed_height = (header.sensor_height + header.pad_top + 1) // 2
+    packed_width = (header.sensor_width + header.pad_left + 1) // 2
+    for count, size, length in ((header.tile_rows, header.tile_height, packed_height), (header.tile_cols, header.tile_width, packed_width)):
+        last_start = (count - 1) * (size - header.overlap)
+        # The tiles must cover the frame, and the last one must start inside it.
+        if count < 1 or last_start + size < length or last_start >= length:
+            raise RcamError("bad header: tile grid does not match the image size")
+    if not (0.0 < header.lam < 1.0):
+        raise RcamError(f"bad header: lambda {header.lam} out of range")
+
+
+def write(header: Header, streams: list[bytes]) -> bytes:
+    """Serialise a header and its tile streams into .rcb bytes."""
+    if len(streams) != header.tile_rows * header.tile_cols:
+        raise ValueError("one stream per tile")
+    _check_geometry(header)
+    name = header.model_name.encode("ascii")
+    if not 1 <= len(name) <= MAX_NAME or len(header.weights_digest) != 16:
+        raise ValueError("model name must be 1-64 ASCII bytes and the digest 16 bytes")
+    body = bytearray([len(name)]) + name
+    body += _GEOMETRY.pack(
+        header.weights_digest, header.lam, header.sensor_height, header.sensor_width, header.pad_top,
+        header.pad_left, header.flip, header.output_height, header.output_width, header.tile_height,
+        header.tile_width, header.overlap, header.tile_rows, header.tile_cols, len(streams),
+    )  # fmt: skip
+    for stream in streams:
+        body += _STREAM_ENTRY.pack(len(stream), zlib.crc32(stream))
+    head = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(body)) + bytes(body)
+    return head + _CRC.pack(zlib.crc32(head)) + b"".join(streams)
+
+
+class _Reader:
+    """Sequential reads that fail with 'truncated' instead of reading past the end."""
+
+    def __init__(self, data: bytes, start: int = 0):
+        self.data, self.offset = data, start
+
+    def take(self, count: int, what: str) -> bytes:
+        if count > len(self.data) - self.offset:
+            raise RcamError(f"truncated: file ends inside the {what} (at byte {len(self.data)})")
+        chunk = self.data[self.offset : self.offset + count]
+        self.offset += count
+        return chunk
+
+
+def read(data: bytes) -> tuple[Header, list[bytes]]:
+    """Parse and verify .rcb bytes -> (header, streams); any problem raises RcamError naming it."""
+    reader = _Reader(data)
+    magic, version, body_length = _PREFIX.unpack(reader.take(_PREFIX.size, "file signature"))
+    if magic != MAGIC:
+        raise RcamError("not an rcam bitstream (bad signature)")
+    if version != FORMAT_VERSION:
+        raise RcamError(f"format version {version} is not supported (this rcam reads version {FORMAT_VERSION})")
+    max_body = 1 + MAX_NAME + _GEOMETRY.size + MAX_STREAMS * _STREAM_ENTRY.size
+    if body_length > max_body:
+        raise RcamError(f"bad header: declared header length {body_length} is too large")
+    body = reader.take(body_length, "header")
+    (crc,) = _CRC.unpack(reader.take(_CRC.size, "header checksum"))
+    if zlib.crc32(data[: _PREFIX.size + body_length]) != crc:
+        raise RcamError("checksum mismatch in header")
+    fields = _Reader(body)
+    name_length = fields.take(1, "header")[0]
+    name_bytes = fields.take(name_length, "header")
+    try:
+        model_name = name_bytes.decode("ascii")
+    except UnicodeDecodeError:
+        raise RcamError("bad header: model name is not ASCII") from None
+    (digest, lam, sensor_height, sensor_width, pad_top, pad_left, flip, output_height, output_width,
+     tile_height, tile_width, overlap, tile_rows, tile_cols, stream_count) = _GEOMETRY.unpack(fields.take(_GEOMETRY.size, "header"))  # fmt: skip
+    if stream_count != tile_rows * tile_cols:
+        raise RcamError(f"bad header: {stream_count} streams for a {tile_rows}x{tile_cols} tile grid")
+    entries = [_STREAM_ENTRY.unpack(fields.take(_STREAM_ENTRY.size, "stream table")) for _ in range(stream_count)]
+    if fields.offset != len(body):
+        raise RcamError("bad header: unexpected bytes after the stream table")
+    header = Header(
+        model_name, digest, lam, sensor_height, sensor_width, pad_top, pad_left, flip, output_height, output_width,
+        tile_height, tile_width, overlap, tile_rows, tile_cols,
+        tuple(length for length, _ in entries), tuple(crc for _, crc in entries),
+    )  # fmt: skip
+    _check_geometry(header)
+    streams = []
+    for number, (length, stream_crc) in enumerate(entries):
+        stream = reader.take(length, f"stream {number}")
+        if zlib.crc32(stream) != stream_crc:
+            raise RcamError(f"checksum mismatch in stream {number}")
+        streams.append(stream)
+    if reader.offset != len(data):
+        raise RcamError(f"{len(data) - reader.offset} unexpected bytes after the last stream")
+    return header, streams

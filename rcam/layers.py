@@ -1,0 +1,217 @@
+"""RealCamNet building blocks: CADR, colour priors (CPE), LFT/GFT, channel-spatial attention (CSA).
+
+Every block is tile-consistent: nothing pools over a whole tile, so a tile of any size (training patch or a
+large inference tile) sees the same statistics, and neighbouring tiles agree in their overlap.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> nn.Conv2d:
+    """A 'same'-padded convolution (downsamples by `stride`)."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2)
+
+
+def deconv(in_channels: int, out_channels: int, kernel_size: int = 5, stride: int = 2) -> nn.ConvTranspose2d:
+    """A transposed convolution that upsamples by exactly `stride`."""
+    return nn.ConvTranspose2d(
+        in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, output_padding=stride - 1
+    )
+
+
+class CoordinateEmbedding(nn.Module):
+    """Fourier features of a coordinate map: (B, 2, H, W) in [0, 1] -> (B, 4·frequencies, H, W)."""
+
+    def __init__(self, frequencies: int = 4):
+        super().__init__()
+        self.register_buffer("scales", math.pi * 2.0 ** torch.arange(frequencies, dtype=torch.float32), persistent=False)
+
+    @property
+    def out_channels(self) -> int:
+        return 4 * self.scales.numel()
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:
+        phases = coords[:, :, None] * self.scales[None, None, :, None, None]  # (B, 2, F, H, W)
+        phases = phases.flatten(1, 2)
+        return torch.cat([torch.sin(phases), torch.cos(phases)], dim=1)
+
+
+class CADR(nn.Module):
+    """Coordinate-Aware Distortion Restoration (paper Eq. 5): first features x_h modulated by coordinates.
+
+    x_o = x_h · s(c) + t(c), with s, t from an embedding of the absolute coordinates: the multiplicative part
+    undoes vignetting, the additive part dark shading. s starts at 1 and t at 0, so CADR starts as a plain conv.
+    """
+
+    def __init__(self, in_channels: int, channels: int, hidden: int = 32):
+        super().__init__()
+        self.features = conv(in_channels, channels)
+        self.embedding = CoordinateEmbedding()
+        self.modulation = nn.Sequential(
+            nn.Conv2d(self.embedding.out_channels + 2, hidden, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, 2 * channels, 1),
+        )
+        nn.init.zeros_(self.modulation[-1].weight)
+        nn.init.zeros_(self.modulation[-1].bias)
+
+    def forward(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.modulation(torch.cat([coords, self.embedding(coords)], dim=1)).chunk(2, dim=1)
+        return self.features(x) * (1.0 + scale) + shift
+
+
+class GlobalPrior(nn.Module):
+    """CPE global branch F_g: whole-image thumbnail (B, 4, S, S) -> colour prior vector (B, D)."""
+
+    def __init__(self, prior_channels: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            conv(4, prior_channels, 3, 2),
+            nn.ReLU(inplace=True),
+            conv(prior_channels, prior_channels, 3, 2),
+            nn.ReLU(inplace=True),
+            conv(prior_channels, prior_channels, 3, 2),
+            nn.ReLU(inplace=True),
+        )
+        self.head = nn.Linear(2 * prior_channels, prior_channels)
+
+    def forward(self, thumbnail: torch.Tensor) -> torch.Tensor:
+        features = self.net(thumbnail)
+        # Mean and max: the max keeps track of highlights, which drive LibRaw's auto-brightness.
+        pooled = torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
+        return F.relu(self.head(pooled))
+
+
+class LocalPrior(nn.Module):
+    """CPE local branch F_l: tile input (B, 4, H, W) -> local colour prior maps at H/2 and H/4."""
+
+    def __init__(self, prior_channels: int):
+        super().__init__()
+        self.down1 = nn.Sequential(conv(4, prior_channels, 3, 2), nn.ReLU(inplace=True), conv(prior_channels, prior_channels))
+        self.down2 = nn.Sequential(nn.ReLU(inplace=True), conv(prior_channels, prior_channels, 3, 2), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        half = self.down1(x)
+        quarter = self.down2(half)
+        return F.relu(half), quarter
+
+
+class LFT(nn.Module):
+    """Local Feature Transform: y = x·(1 + α) + β with α, β predicted per position from the local prior map."""
+
+    def __init__(self, channels: int, prior_channels: int):
+        super().__init__()
+        self.affine = nn.Conv2d(prior_channels, 2 * channels, 1)
+        nn.init.zeros_(self.affine.weight)
+        nn.init.zeros_(self.affine.bias)
+
+    def forward(self, x: torch.Tensor, prior_map: torch.Tensor) -> torch.Tensor:
+        if prior_map.shape[-2:] != x.shape[-2:]:
+            prior_map = F.interpolate(prior_map, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        alpha, beta = self.affine(prior_map).chunk(2, dim=1)
+        return x * (1.0 + alpha) + beta
+
+
+class GFT(nn.Module):
+    """Global Feature Transform: y = x·(1 + α) + β with per-channel α, β from the global prior vector."""
+
+    def __init__(self, channels: int, prior_channels: int):
+        super().__init__()
+        self.affine = nn.Linear(prior_channels, 2 * channels)
+        nn.init.zeros_(self.affine.weight)
+        nn.init.zeros_(self.affine.bias)
+
+    def forward(self, x: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        alpha, beta = self.affine(prior)[:, :, None, None].chunk(2, dim=1)
+        return x * (1.0 + alpha) + beta
+
+
+class ChannelResidualAttention(nn.Module):
+    """CWRA: residual conv block gated by channel attention computed on cells of `cell`×`cell` positions.
+
+    RCAN-style channel attention pools the whole input; pooling fixed cells instead keeps the gate
+    independent of tile size (tiles start on multiples of the cell, so neighbours share cell boundaries).
+    """
+
+    def __init__(self, channels: int, reduction: int = 4, cell: int = 8):
+        super().__init__()
+        self.cell = cell
+        self.body = nn.Sequential(conv(channels, channels), nn.ReLU(inplace=True), conv(channels, channels))
+        self.gate = nn.Sequential(
+            nn.Conv2d(channels, channels // reduction, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels // reduction, channels, 1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        body = self.body(x)
+        pooled = F.avg_pool2d(body, self.cell, ceil_mode=True)
+        gate = F.interpolate(self.gate(pooled), size=body.shape[-2:], mode="bilinear", align_corners=False)
+        return x + body * gate
+
+
+class WindowAttention(nn.Module):
+    """SWA: Swin-style self-attention inside non-overlapping windows (no shift, so tiles never wrap around)."""
+
+    def __init__(self, channels: int, heads: int, window: int):
+        super().__init__()
+        self.heads = heads
+        self.window = window
+        self.norm1 = nn.LayerNorm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+        self.norm2 = nn.LayerNorm(channels)
+        self.mlp = nn.Sequential(nn.Linear(channels, 2 * channels), nn.GELU(), nn.Linear(2 * channels, channels))
+        # Learned bias per head and relative offset inside the window, as in Swin.
+        self.position_bias = nn.Parameter(torch.zeros(heads, (2 * window - 1) ** 2))
+        offsets = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        relative = offsets[:, :, None] - offsets[:, None, :] + window - 1
+        self.register_buffer("bias_index", relative[0] * (2 * window - 1) + relative[1], persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        w = self.window
+        pad_h, pad_w = (-height) % w, (-width) % w
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        rows, cols = x.shape[2] // w, x.shape[3] // w
+        # (B, C, rows·w, cols·w) -> (B·rows·cols, w·w, C)
+        tokens = x.view(batch, channels, rows, w, cols, w).permute(0, 2, 4, 3, 5, 1).reshape(-1, w * w, channels)
+        qkv = self.qkv(self.norm1(tokens)).view(tokens.shape[0], w * w, 3, self.heads, channels // self.heads)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4)
+        bias = self.position_bias[:, self.bias_index]  # (heads, w·w, w·w)
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+        tokens = tokens + self.proj(attended.transpose(1, 2).reshape(tokens.shape))
+        tokens = tokens + self.mlp(self.norm2(tokens))
+        out = tokens.view(batch, rows, cols, w, w, channels).permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, rows * w, cols * w)
+        return out[:, :, :height, :width]
+
+
+class CSA(nn.Module):
+    """Channel-Spatial Attention (paper Eqs. 8-12): conv, split, CWRA ‖ SWA, concat, conv; optional LFT on the CWRA half."""
+
+    def __init__(self, channels: int, heads: int, window: int, prior_channels: int | None = None):
+        super().__init__()
+        half = channels // 2
+        self.split_sizes = [half, channels - half]
+        self.inp = nn.Conv2d(channels, channels, 1)
+        self.channel_attention = ChannelResidualAttention(half)
+        self.spatial_attention = WindowAttention(channels - half, heads, window)
+        self.lft = LFT(half, prior_channels) if prior_channels else None
+        self.out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, local_prior: torch.Tensor | None = None) -> torch.Tensor:
+        first, second = self.inp(x).split(self.split_sizes, dim=1)
+        first = self.channel_attention(first)
+        if self.lft is not None:
+            first = self.lft(first, local_prior)
+        return x + self.out(torch.cat([first, self.spatial_attention(second)], dim=1))

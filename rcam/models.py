@@ -1,0 +1,193 @@
+"""RealCamNet: packed RAW tile -> latent y (CADR, CPE, CIMC) -> mean-scale hyperprior -> CSA decoder -> sRGB.
+
+Shapes, with a packed tile of (B, 4, h, w), h and w multiples of 32:
+  y: (B, M, h/8, w/8), z: (B, Nh, h/32, w/32), output: (B, 3, 2h, 2w) sRGB in [0, 1] (unclamped while training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+# compressai 1.2.8 still calls torch.jit.script at import; torch 2.14 warns about it on every CLI run.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+from torch import nn
+
+from rcam.layers import CADR, CSA, GFT, GlobalPrior, LocalPrior, conv, deconv
+
+# λ values with their own learned gain vector; any λ in between is interpolated (Cui et al., CVPR 2021).
+LAMBDA_ANCHORS = (0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+LAMBDA_RANGE = (LAMBDA_ANCHORS[0], LAMBDA_ANCHORS[-1])
+# Total downsampling from the packed tile to z: tiles must be multiples of this.
+TILE_MULTIPLE = 32
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Width and depth of a RealCamNet, plus the ablation switches."""
+
+    name: str
+    channels: int = 64  # N: transform width
+    latent_channels: int = 96  # M: channels of y
+    hyper_channels: int = 64  # Nh: channels of z and the hyper transforms
+    prior_channels: int = 32  # D: colour prior width
+    encoder_blocks: int = 1  # CSA(+LFT) blocks per encoder stage (two stages)
+    decoder_blocks: int = 1  # CSA blocks per decoder stage (two stages)
+    heads: int = 2
+    window: int = 8
+    thumbnail: int = 64  # side of the whole-image thumbnail fed to the global prior
+    cadr: bool = True  # ablation: without CADR the first layer is a plain conv
+    coordinates: str = "absolute"  # ablation: "relative" gives each tile coordinates from 0 to 1
+    global_prior: bool = True  # ablation: without the global prior GFT is the identity
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+CONFIGS = {
+    "small": ModelConfig(name="small"),
+    "paper": ModelConfig(
+        name="paper",
+        channels=192,
+        latent_channels=320,
+        hyper_channels=192,
+        prior_channels=64,
+        encoder_blocks=4,
+        decoder_blocks=4,
+        heads=6,
+        window=8,
+        thumbnail=256,
+    ),
+}
+
+
+class GainUnits(nn.Module):
+    """Per-channel gains on y for each anchor λ, interpolated exponentially in log λ (variable-rate coding)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        anchors = torch.tensor(LAMBDA_ANCHORS, dtype=torch.float64)
+        self.register_buffer("log_anchors", anchors.log().float(), persistent=False)
+        # Start from the usual rule that the quantisation step shrinks like λ^-1/2.
+        start = 0.5 * (anchors / 0.01).log().float()
+        self.log_gain = nn.Parameter(start[:, None].repeat(1, channels))
+        self.log_inverse_gain = nn.Parameter(-start[:, None].repeat(1, channels))
+
+    def forward(self, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """λ (B,) -> (gain, inverse gain), each (B, M, 1, 1)."""
+        log_lam = lam.float().log().clamp(self.log_anchors[0], self.log_anchors[-1])
+        upper = torch.searchsorted(self.log_anchors, log_lam.contiguous()).clamp(1, len(self.log_anchors) - 1)
+        lower = upper - 1
+        t = ((log_lam - self.log_anchors[lower]) / (self.log_anchors[upper] - self.log_anchors[lower]))[:, None]
+        gain = (1 - t) * self.log_gain[lower] + t * self.log_gain[upper]
+        inverse = (1 - t) * self.log_inverse_gain[lower] + t * self.log_inverse_gain[upper]
+        return gain.exp()[:, :, None, None], inverse.exp()[:, :, None, None]
+
+
+class RealCamNet(nn.Module):
+    """The whole codec network; `forward` is the training path, the codec module drives inference."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        n, m, nh, d = config.channels, config.latent_channels, config.hyper_channels, config.prior_channels
+        heads, window = config.heads, config.window
+
+        self.global_prior = GlobalPrior(d) if config.global_prior else None
+        self.local_prior = LocalPrior(d)
+        self.cadr = CADR(4, n) if config.cadr else None
+        self.first = None if config.cadr else conv(4, n)
+        self.down1 = conv(n, n, 3, 2)
+        self.encoder_stage1 = nn.ModuleList(CSA(n, heads, window, d) for _ in range(config.encoder_blocks))
+        self.down2 = conv(n, n, 3, 2)
+        self.encoder_stage2 = nn.ModuleList(CSA(n, heads, window, d) for _ in range(config.encoder_blocks))
+        self.down3 = conv(n, m, 3, 2)
+        self.gft = GFT(m, d)
+        self.gains = GainUnits(m)
+
+        self.hyper_analysis = nn.Sequential(
+            conv(m, nh, 3), nn.ReLU(inplace=True), conv(nh, nh, 5, 2), nn.ReLU(inplace=True), conv(nh, nh, 5, 2)
+        )
+        # Only conv/deconv and ReLU here: this network is re-run in exact integer arithmetic (entropy.py).
+        self.hyper_synthesis = nn.Sequential(
+            deconv(nh, nh), nn.ReLU(inplace=True), deconv(nh, nh * 3 // 2), nn.ReLU(inplace=True), conv(nh * 3 // 2, 2 * m, 3)
+        )
+        self.entropy_bottleneck = EntropyBottleneck(nh)
+        self.gaussian_conditional = GaussianConditional(None)
+
+        self.up1 = deconv(m, n)
+        self.decoder_stage1 = nn.ModuleList(CSA(n, heads, window) for _ in range(config.decoder_blocks))
+        self.up2 = deconv(n, n)
+        self.decoder_stage2 = nn.ModuleList(CSA(n, heads, window) for _ in range(config.decoder_blocks))
+        self.up3 = deconv(n, n)
+        self.tail = conv(n, 12)
+
+    def analysis(self, x: torch.Tensor, coords: torch.Tensor, thumbnail: torch.Tensor) -> torch.Tensor:
+        """Encoder E: packed tile (B,4,h,w), coordinates (B,2,h,w), thumbnail (B,4,S,S) -> y (B,M,h/8,w/8), before gains."""
+        half_prior, quarter_prior = self.local_prior(x)
+        features = self.cadr(x, coords) if self.cadr is not None else self.first(x)
+        features = self.down1(features)
+        for block in self.encoder_stage1:
+            features = block(features, half_prior)
+        features = self.down2(features)
+        for block in self.encoder_stage2:
+            features = block(features, quarter_prior)
+        y = self.down3(features)
+        if self.global_prior is not None:
+            y = self.gft(y, self.global_prior(thumbnail))
+        return y
+
+    def synthesis(self, y_hat: torch.Tensor) -> torch.Tensor:
+        """Decoder D: ŷ after inverse gains (B,M,h/8,w/8) -> sRGB (B,3,2h,2w)."""
+        features = self.up1(y_hat)
+        for block in self.decoder_stage1:
+            features = block(features)
+        features = self.up2(features)
+        for block in self.decoder_stage2:
+            features = block(features)
+        features = self.up3(features)
+        return F.pixel_shuffle(self.tail(features), 2)
+
+    def hyper_parameters(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ẑ -> (means, scales) of the scaled latent, float path used in training."""
+        means, scales = self.hyper_synthesis(z_hat).chunk(2, dim=1)
+        return means, scales
+
+    def forward(self, x: torch.Tensor, coords: torch.Tensor, thumbnail: torch.Tensor, lam: torch.Tensor) -> dict:
+        """Training pass: rate terms by additive noise, the decoder sees rounded ŷ (straight-through)."""
+        gain, inverse_gain = self.gains(lam)
+        y = self.analysis(x, coords, thumbnail) * gain
+        z = self.hyper_analysis(y)
+        z_hat, z_likelihoods = self.entropy_bottleneck(z, training=self.training)
+        if self.training:
+            z_hat = z + (torch.round(z) - z).detach()
+        means, scales = self.hyper_parameters(z_hat)
+        _, y_likelihoods = self.gaussian_conditional(y, scales, means=means, training=self.training)
+        y_hat = torch.round(y - means) + means
+        y_hat = y + (y_hat - y).detach()
+        rgb = self.synthesis(y_hat * inverse_gain)
+        return {"rgb": rgb, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
+
+
+def build_model(config: ModelConfig | str) -> RealCamNet:
+    """A RealCamNet from a config or the name of a shipped one ("small", "paper")."""
+    if isinstance(config, str):
+        config = CONFIGS[config]
+    return RealCamNet(config)
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def rate_bits(likelihoods: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Total bits of all likelihood tensors (sum over elements and batch)."""
+    return sum(-torch.log2(lik).sum() for lik in likelihoods.values())
+
+

@@ -1,0 +1,107 @@
+"""Image output: PNG (8/16-bit), JPEG and TIFF with an embedded sRGB ICC profile, written atomically.
+
+Every file rcam writes goes to a temporary name in the destination folder and is renamed into place only
+when complete, so an interrupted run (Ctrl-C, a crash, a full disk) never leaves a partial output.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import tempfile
+import zlib
+from functools import cache
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+import tifffile
+from PIL import Image, ImageCms
+
+from rcam.errors import RcamError
+
+IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff"}
+
+
+@cache
+def srgb_icc_profile() -> bytes:
+    """The sRGB ICC profile (littleCMS's built-in one, via Pillow)."""
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def quantize(image: np.ndarray, bits: int) -> np.ndarray:
+    """(H, W, 3) float in [0, 1] -> uint8 or uint16, rounding to nearest."""
+    peak = (1 << bits) - 1
+    values = np.round(np.clip(image, 0.0, 1.0) * peak)
+    return values.astype(np.uint8 if bits == 8 else np.uint16)
+
+
+def _png_with_icc(png: bytes, profile: bytes) -> bytes:
+    """Insert an iCCP chunk right after IHDR (PNG spec: before PLTE/IDAT)."""
+    ihdr_end = 8 + 4 + 4 + 13 + 4  # signature, IHDR length, type, data, CRC
+    payload = b"sRGB\x00\x00" + zlib.compress(profile)  # name, NUL, compression method 0
+    chunk = struct.pack(">I", len(payload)) + b"iCCP" + payload + struct.pack(">I", zlib.crc32(b"iCCP" + payload))
+    return png[:ihdr_end] + chunk + png[ihdr_end:]
+
+
+def encode_image(image: np.ndarray, kind: str, bits: int = 8, quality: int = 95) -> bytes:
+    """(H, W, 3) float sRGB in [0, 1] -> file bytes of `kind` ("png", "jpeg", "tiff") with the sRGB profile."""
+    if bits not in (8, 16):
+        raise RcamError(f"--bits must be 8 or 16, not {bits}")
+    if kind == "jpeg" and bits != 8:
+        raise RcamError("JPEG output is 8-bit only; use .png or .tif for 16-bit")
+    if not 1 <= quality <= 100:
+        raise RcamError(f"--quality must be within 1..100, not {quality}")
+    pixels = quantize(image, bits)
+    profile = srgb_icc_profile()
+    if kind == "png":
+        return _png_with_icc(imagecodecs.png_encode(pixels), profile)
+    if kind == "jpeg":
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality, icc_profile=profile)
+        return buffer.getvalue()
+    if kind == "tiff":
+        buffer = io.BytesIO()
+        tifffile.imwrite(buffer, pixels, photometric="rgb", compression="zlib", iccprofile=profile)
+        return buffer.getvalue()
+    raise RcamError(f"unknown output format '{kind}'")
+
+
+def image_kind(path: Path) -> str:
+    """Output format from a file name's suffix."""
+    kind = IMAGE_SUFFIXES.get(Path(path).suffix.lower())
+    if kind is None:
+        raise RcamError(f"{path}: output must end in .png, .jpg, .jpeg, .tif or .tiff")
+    return kind
+
+
+def check_output_path(path: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse to overwrite an input, or an existing file without --force."""
+    path = Path(path)
+    for source in inputs:
+        if path.exists() and Path(source).exists() and os.path.samefile(path, source):
+            raise RcamError(f"{path}: refusing to overwrite an input file")
+    if path.exists() and not force:
+        raise RcamError(f"{path}: already exists (use --force to overwrite)")
+    if path.exists() and not path.is_file():
+        raise RcamError(f"{path}: exists and is not a regular file")
+    if not path.parent.is_dir():
+        raise RcamError(f"{path}: folder {path.parent} does not exist")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes to `path` via a temporary file in the same folder and a rename; no partial file on failure."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException as error:  # KeyboardInterrupt included: never leave the temporary behind
+        Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise RcamError(f"{path}: cannot write ({error.strerror})") from None
+        raise

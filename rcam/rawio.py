@@ -1,0 +1,196 @@
+"""RAW input: read a 2x2 Bayer file with LibRaw (rawpy) into packed, normalised planes, and the reference render.
+
+The reader returns the visible sensor area as four half-resolution planes in canonical R, G1, G2, B order
+(G1 shares rows with R, G2 with B), whatever the file's CFA phase. The phase is unified by reflect-padding
+one row at the top and/or one column at the left (Liu et al. 2019, "Bayer pattern unification"): reflection
+by one pixel keeps every pixel's colour, so the padded mosaic starts with R. Odd sizes get one reflected row
+or column at the bottom/right. The decoder crops the same amounts off again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rawpy
+
+from rcam.errors import RcamError
+
+# LibRaw refuses far larger files itself; this bound keeps a hostile header from asking us for gigabytes.
+MAX_SENSOR_PIXELS = 200_000_000
+# LibRaw's auto-brightness clips this fraction of the brightest pixels (its auto_bright_thr default).
+AUTO_BRIGHT_FRACTION = 0.01
+
+
+@dataclass(frozen=True)
+class RawImage:
+    """A Bayer RAW file after black/white normalisation, with what the pipeline needs from its metadata."""
+
+    planes: np.ndarray  # (4, Hp, Wp) float32, R,G1,G2,B; 0 = black level, 1 = white level (not clipped)
+    height: int  # visible sensor rows (before CFA padding)
+    width: int  # visible sensor columns
+    pad_top: int  # rows reflected in at the top to make the mosaic start with R (0 or 1)
+    pad_left: int  # columns reflected in at the left (0 or 1)
+    wb_gains: np.ndarray  # (3,) as-shot white-balance multipliers for R, G, B, normalised so the smallest is 1
+    cam_to_srgb: np.ndarray  # (3, 3) camera RGB -> linear sRGB (LibRaw's rgb_cam)
+    flip: int  # LibRaw orientation code: bit 4 = transpose, 2 = flip rows, 1 = flip columns
+    cfa: str  # the file's own pattern, e.g. "GBRG"
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(height, width) of the reference render: the visible frame, transposed for 90° orientations."""
+        return (self.width, self.height) if self.flip & 4 else (self.height, self.width)
+
+
+def _open(path: Path) -> rawpy.RawPy:
+    """Open and unpack a RAW file, turning every LibRaw failure into an RcamError."""
+    path = Path(path)
+    if not path.exists():
+        raise RcamError(f"{path}: no such file")
+    if not path.is_file():
+        raise RcamError(f"{path}: not a regular file")
+    if path.stat().st_size == 0:
+        raise RcamError(f"{path}: empty file")
+    raw = rawpy.RawPy()
+    try:
+        raw.open_file(str(path))
+        sizes = raw.sizes
+        if sizes.raw_height * sizes.raw_width > MAX_SENSOR_PIXELS:
+            raise RcamError(
+                f"{path}: declares a {sizes.raw_width}x{sizes.raw_height} sensor, "
+                f"over the {MAX_SENSOR_PIXELS // 1_000_000} MP rcam accepts"
+            )
+        raw.unpack()
+    except (rawpy.LibRawFileUnsupportedError, rawpy.LibRawIOError):
+        raise RcamError(f"{path}: not a RAW file LibRaw can read (or truncated)") from None
+    except rawpy.LibRawError as error:
+        raise RcamError(f"{path}: LibRaw cannot read it ({_libraw_message(error)})") from None
+    return raw
+
+
+def _libraw_message(error: Exception) -> str:
+    """LibRaw's error text without the bytes-literal wrapping rawpy gives it."""
+    text = error.args[0] if error.args else str(error)
+    return text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+
+
+def _bayer_positions(raw: rawpy.RawPy, path: Path) -> tuple[dict[str, tuple[int, int]], str]:
+    """Where R, G1, G2 and B sit in the 2x2 CFA cell, or an RcamError for anything that is not 2x2 Bayer."""
+    if raw.raw_type != rawpy.RawType.Flat:
+        raise RcamError(f"{path}: not a Bayer RAW (linear or demosaiced data); rcam needs a 2x2 Bayer CFA")
+    pattern = np.asarray(raw.raw_pattern)
+    desc = raw.color_desc.decode("ascii", "replace")
+    if pattern.shape != (2, 2):
+        raise RcamError(f"{path}: {pattern.shape[0]}x{pattern.shape[1]} CFA (e.g. X-Trans); rcam needs 2x2 Bayer")
+    letters = [[desc[pattern[y, x]] if pattern[y, x] < len(desc) else "?" for x in range(2)] for y in range(2)]
+    cfa = "".join(letters[0] + letters[1])
+    if sorted(cfa) != ["B", "G", "G", "R"] or raw.num_colors != 3:
+        raise RcamError(f"{path}: CFA {cfa} with {raw.num_colors} colours is not RGB Bayer; rcam needs a 2x2 Bayer CFA")
+    positions = {}
+    for y in range(2):
+        for x in range(2):
+            letter = letters[y][x]
+            if letter == "G":
+                # G1 is the green on the red row, G2 the one on the blue row.
+                letter = "G1" if "R" in letters[y] else "G2"
+            positions[letter] = (y, x)
+    return positions, cfa
+
+
+def _white_balance(raw: rawpy.RawPy) -> np.ndarray:
+    """As-shot R, G, B multipliers normalised like LibRaw's scale_colors (smallest = 1); daylight, then 1s, as fallback."""
+    for candidate in (raw.camera_whitebalance, raw.daylight_whitebalance):
+        gains = np.asarray(candidate, dtype=np.float64)[:3]
+        if np.all(np.isfinite(gains)) and np.all(gains > 0):
+            return (gains / gains.min()).astype(np.float32)
+    return np.ones(3, dtype=np.float32)
+
+
+def read_raw(path: Path) -> RawImage:
+    """Read a 2x2 Bayer RAW file into normalised R,G1,G2,B planes plus its colour and geometry metadata."""
+    path = Path(path)
+    raw = _open(path)
+    try:
+        positions, cfa = _bayer_positions(raw, path)
+        visible = np.array(raw.raw_image_visible, dtype=np.float32)  # a copy: the view dies with close()
+        height, width = visible.shape
+        if height < 2 or width < 2:
+            raise RcamError(f"{path}: visible area {width}x{height} is smaller than one 2x2 CFA cell")
+        pattern = np.asarray(raw.raw_pattern)
+        black_per_colour = np.asarray(raw.black_level_per_channel, dtype=np.float32)
+        white = float(raw.white_level)
+        wb_gains = _white_balance(raw)
+        cam_to_srgb = np.asarray(raw.color_matrix, dtype=np.float32)[:, :3]
+        flip = int(raw.sizes.flip)
+    finally:
+        raw.close()
+    if not np.all(np.isfinite(cam_to_srgb)) or np.abs(cam_to_srgb).sum() == 0:
+        cam_to_srgb = np.eye(3, dtype=np.float32)
+    pad_top, pad_left = positions["R"]
+    # Black level per mosaic position, laid out like the mosaic's own 2x2 cell.
+    black_cell = black_per_colour[pattern]
+    black_map = np.tile(black_cell, (height // 2 + 1, width // 2 + 1))[:height, :width]
+    mosaic = (visible - black_map) / np.maximum(white - black_map, 1.0)
+    pad_bottom = (pad_top + height) % 2
+    pad_right = (pad_left + width) % 2
+    mosaic = np.pad(mosaic, ((pad_top, pad_bottom), (pad_left, pad_right)), mode="reflect")
+    planes = np.stack([mosaic[0::2, 0::2], mosaic[0::2, 1::2], mosaic[1::2, 0::2], mosaic[1::2, 1::2]])
+    return RawImage(
+        planes=np.ascontiguousarray(planes),
+        height=height,
+        width=width,
+        pad_top=pad_top,
+        pad_left=pad_left,
+        wb_gains=wb_gains,
+        cam_to_srgb=cam_to_srgb,
+        flip=flip,
+        cfa=cfa,
+    )
+
+
+def network_input(image: RawImage) -> np.ndarray:
+    """Metadata-driven normalisation of packed planes: white balance, colour matrix, exposure; (4, Hp, Wp) float32.
+
+    This mirrors LibRaw's order (scale and clip, colour matrix, auto-brightness) at half resolution so that the
+    network sees camera-independent, roughly display-referred data and can spend its capacity on demosaicing,
+    tone, defects and compression. Green detail (G1 - G2) is kept by shifting both greens by the same amount.
+    """
+    red, green1, green2, blue = np.maximum(image.planes, 0.0)
+    red = np.minimum(red * image.wb_gains[0], 1.0)
+    green1 = np.minimum(green1 * image.wb_gains[1], 1.0)
+    green2 = np.minimum(green2 * image.wb_gains[1], 1.0)
+    blue = np.minimum(blue * image.wb_gains[2], 1.0)
+    green = 0.5 * (green1 + green2)
+    camera_rgb = np.stack([red, green, blue]).reshape(3, -1)
+    srgb = np.clip(image.cam_to_srgb @ camera_rgb, 0.0, 1.0).reshape(3, *red.shape)
+    # LibRaw's auto-brightness: the level that 1% of the pixels of the brightest channel exceed becomes white.
+    white = max(float(np.quantile(srgb.reshape(3, -1), 1.0 - AUTO_BRIGHT_FRACTION, axis=1).max()), 256.0 / 65535.0)
+    green_shift = srgb[1] - green
+    planes = np.stack([srgb[0], green1 + green_shift, green2 + green_shift, srgb[2]]) / white
+    return np.clip(planes, 0.0, 1.5).astype(np.float32)
+
+
+def reference_render(path: Path) -> np.ndarray:
+    """LibRaw's standard render of a RAW file (SPEC §3): (H, W, 3) uint8 sRGB, orientation applied."""
+    path = Path(path)
+    raw = _open(path)
+    try:
+        return raw.postprocess(
+            use_camera_wb=True, output_color=rawpy.ColorSpace.sRGB, output_bps=8, gamma=(2.4, 12.92)
+        )
+    except rawpy.LibRawError as error:
+        raise RcamError(f"{path}: LibRaw cannot render it ({_libraw_message(error)})") from None
+    finally:
+        raw.close()
+
+
+def apply_flip(image: np.ndarray, flip: int) -> np.ndarray:
+    """Orient an (H, W, C) image as LibRaw does for its flip code (same result as the reference render)."""
+    if flip & 2:
+        image = image[::-1]
+    if flip & 1:
+        image = image[:, ::-1]
+    if flip & 4:
+        image = image.transpose(1, 0, 2)
+    return np.ascontiguousarray(image)

@@ -1,0 +1,226 @@
+"""Training: random patches of synthetic RAW pairs, loss R + λ·255²·MSE with λ drawn per sample, resumable.
+
+A run lives in one folder: `last.pt` (model, optimiser, step; written every `checkpoint_every` steps and on
+Ctrl-C) and `log.jsonl`. Running the same config again resumes where the run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from rcam.errors import RcamError
+from rcam.models import CONFIGS, LAMBDA_RANGE, ModelConfig, RealCamNet, rate_bits
+from rcam.rawio import network_input, read_raw
+from rcam.tiling import Tile, coordinate_map, thumbnail
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; stored in the run folder and the checkpoint manifest."""
+
+    dataset: str  # index.jsonl written by rcam.synth.build_dataset
+    run_dir: str
+    model: str = "small"
+    model_overrides: dict = field(default_factory=dict)  # e.g. {"cadr": false} for ablations
+    steps: int = 20000
+    batch_size: int = 8
+    patch: int = 64  # packed pixels (a 128×128 sensor crop)
+    learning_rate: float = 3e-4
+    final_learning_rate: float = 3e-5
+    lambda_min: float = LAMBDA_RANGE[0]
+    lambda_max: float = LAMBDA_RANGE[1]
+    val_fraction: float = 0.0  # the dataset has no val images: validation uses separate pairs
+    checkpoint_every: int = 500
+    log_every: int = 50
+    threads: int = 2
+    seed: int = 0
+    device: str = "auto"
+    init_from: str = ""  # start weights from this checkpoint (fine-tuning); ignored when resuming
+
+    @staticmethod
+    def load(path: Path) -> "TrainConfig":
+        """Read a JSON config file."""
+        try:
+            values = json.loads(Path(path).read_text())
+            return TrainConfig(**values)
+        except (OSError, json.JSONDecodeError, TypeError) as error:
+            raise RcamError(f"{path}: not a valid training config ({error})") from None
+
+    def model_config(self) -> ModelConfig:
+        """The model this run trains."""
+        return replace(CONFIGS[self.model], **self.model_overrides)
+
+
+@dataclass
+class TrainingImage:
+    """One training pair in memory: network input planes, target render, thumbnail."""
+
+    planes: torch.Tensor  # (4, Hp, Wp) float16
+    target: torch.Tensor  # (3, 2Hp, 2Wp) uint8, aligned with the padded mosaic
+    thumbnail: torch.Tensor  # (4, S, S) float32
+
+
+def load_pair(degraded: Path, target: Path, thumbnail_size: int) -> TrainingImage:
+    """Read a degraded DNG and its target render (orientation 1) into aligned training tensors."""
+    image = read_raw(degraded)
+    planes = torch.from_numpy(network_input(image))
+    render = np.asarray(Image.open(target).convert("RGB"))
+    if render.shape[:2] != (image.height, image.width):
+        raise RcamError(f"{target}: size {render.shape[:2]} does not match {degraded} ({image.height}, {image.width})")
+    padded_height, padded_width = 2 * planes.shape[1], 2 * planes.shape[2]
+    render = np.pad(
+        render,
+        ((image.pad_top, padded_height - image.height - image.pad_top), (image.pad_left, padded_width - image.width - image.pad_left), (0, 0)),
+        mode="edge",
+    )
+    return TrainingImage(
+        planes=planes.half(),
+        target=torch.from_numpy(render).permute(2, 0, 1).contiguous(),
+        thumbnail=thumbnail(planes, thumbnail_size),
+    )
+
+
+def load_dataset(index: Path, thumbnail_size: int, limit: int | None = None) -> list[TrainingImage]:
+    """All pairs listed in an index.jsonl (paths relative to the index's folder), with a progress bar."""
+    index = Path(index)
+    if not index.is_file():
+        raise RcamError(f"{index}: dataset index not found (build it with `rcam synth`)")
+    entries = [json.loads(line) for line in index.read_text().splitlines() if line.strip()][:limit]
+    images = []
+    for entry in tqdm(entries, desc="loading pairs", unit="pair"):
+        images.append(load_pair(index.parent / entry["degraded"], index.parent / entry["target"], thumbnail_size))
+    return images
+
+
+def sample_batch(images: list[TrainingImage], batch_size: int, patch: int, absolute: bool, rng: np.random.Generator) -> dict:
+    """Random patches with their absolute offsets, thumbnails and λ values."""
+    inputs, targets, coords, thumbs = [], [], [], []
+    for _ in range(batch_size):
+        image = images[rng.integers(len(images))]
+        _, height, width = image.planes.shape
+        top = int(rng.integers(0, max(height - patch, 0) + 1))
+        left = int(rng.integers(0, max(width - patch, 0) + 1))
+        tile = Tile(top, left, patch, patch)
+        inputs.append(image.planes[:, top : top + patch, left : left + patch].float())
+        targets.append(image.target[:, 2 * top : 2 * (top + patch), 2 * left : 2 * (left + patch)].float() / 255.0)
+        coords.append(coordinate_map(tile, height, width, absolute=absolute))
+        thumbs.append(image.thumbnail)
+    return {"x": torch.stack(inputs), "target": torch.stack(targets), "coords": torch.stack(coords), "thumbnail": torch.stack(thumbs)}
+
+
+def sample_lambdas(batch_size: int, low: float, high: float, rng: np.random.Generator) -> torch.Tensor:
+    """λ per sample, log-uniform in [low, high]."""
+    return torch.from_numpy(np.exp(rng.uniform(math.log(low), math.log(high), batch_size))).float()
+
+
+def rd_loss(output: dict, target: torch.Tensor, lam: torch.Tensor) -> dict:
+    """Per-sample R + λ·255²·MSE, averaged; also returns bpp and MSE (8-bit scale) for logging."""
+    batch, _, height, width = target.shape
+    bits = sum(-torch.log2(lik).reshape(batch, -1).sum(dim=1) for lik in output["likelihoods"].values())
+    bpp = bits / (height * width)
+    mse = ((output["rgb"] - target) ** 2).reshape(batch, -1).mean(dim=1)
+    loss = (bpp + lam.to(bpp.device) * 255.0**2 * mse).mean()
+    return {"loss": loss, "bpp": bpp.mean(), "mse255": (mse * 255.0**2).mean()}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RcamError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Cosine decay from learning_rate to final_learning_rate over the run."""
+    progress = min(step / max(config.steps, 1), 1.0)
+    return config.final_learning_rate + 0.5 * (config.learning_rate - config.final_learning_rate) * (1 + math.cos(math.pi * progress))
+
+
+def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Path:
+    """Run (or resume) training; returns the path of the last checkpoint."""
+    torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    model_config = config.model_config()
+    model = RealCamNet(model_config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    checkpoint_path = run_dir / "last.pt"
+    step = 0
+    rng = np.random.default_rng(config.seed)
+    if checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        rng = np.random.default_rng([config.seed, step])  # a fresh stream per resume, reproducible
+    elif config.init_from:
+        state = torch.load(config.init_from, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"] if "model" in state else state)
+    if images is None:
+        images = load_dataset(Path(config.dataset), model_config.thumbnail)
+
+    def save() -> None:
+        tmp = checkpoint_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "model_config": model_config.to_dict()}, tmp)
+        tmp.replace(checkpoint_path)
+
+    interrupted = False
+
+    def on_interrupt(signum, frame):  # finish the step, save, stop
+        nonlocal interrupted
+        interrupted = True
+
+    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
+    previous_term = signal.signal(signal.SIGTERM, on_interrupt)
+    absolute = model_config.coordinates == "absolute"
+    model.train()
+    started = time.time()
+    sums = {"loss": 0.0, "bpp": 0.0, "mse255": 0.0}
+    progress = tqdm(total=config.steps, initial=step, desc="training", unit="step")
+    try:
+        with (run_dir / "log.jsonl").open("a") as log:
+            while step < config.steps and not interrupted:
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(config, step)
+                batch = sample_batch(images, config.batch_size, config.patch, absolute, rng)
+                lam = sample_lambdas(config.batch_size, config.lambda_min, config.lambda_max, rng)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                output = model(batch["x"], batch["coords"], batch["thumbnail"], lam.to(device))
+                terms = rd_loss(output, batch["target"], lam)
+                optimizer.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                step += 1
+                progress.update(1)
+                for key in sums:
+                    sums[key] += float(terms[key])
+                if step % config.log_every == 0:
+                    record = {key: value / config.log_every for key, value in sums.items()}
+                    record.update(step=step, lr=learning_rate(config, step), seconds=round(time.time() - started, 1))
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", bpp=f"{record['bpp']:.3f}", mse=f"{record['mse255']:.1f}")
+                    sums = dict.fromkeys(sums, 0.0)
+                if step % config.checkpoint_every == 0:
+                    save()
+    finally:
+        save()
+        progress.close()
+        signal.signal(signal.SIGINT, previous_handler)
+        signal.signal(signal.SIGTERM, previous_term)
+    return checkpoint_path

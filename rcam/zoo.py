@@ -1,0 +1,111 @@
+"""Shipped checkpoints: safetensors weights in weights/ plus weights/manifest.json, loaded offline.
+
+A checkpoint file holds the model's tensors, the integer z probability tables under "coding.z_table" (so
+every machine codes z with identical integers), and the model config as safetensors metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from rcam.entropy import IntegerHyperSynthesis, LatentCoder, z_tables
+from rcam.errors import RcamError
+from rcam.models import ModelConfig, RealCamNet
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_MODEL = "rcam-small"
+Z_TABLE_KEY = "coding.z_table"
+
+
+@dataclass
+class Codec:
+    """A loaded model ready to code: the network, its fixed-point entropy coder and its identity."""
+
+    name: str
+    digest: bytes  # first 16 bytes of the weights file's SHA-256, written into every .rcb
+    model: RealCamNet
+    coder: LatentCoder
+    device: torch.device
+
+
+def file_digest(path: Path) -> bytes:
+    """SHA-256 of a file's bytes."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return sha.digest()
+
+
+def save_checkpoint(model: RealCamNet, path: Path, half: bool = False) -> Path:
+    """Write weights + z tables + config as safetensors (fp16 tensors when `half`)."""
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    if half:
+        state = {key: value.half() if value.is_floating_point() else value for key, value in state.items()}
+    # The tables come from the weights as they will be loaded, so fp16 rounding is included.
+    reloaded = RealCamNet(model.config)
+    reloaded.load_state_dict({key: value.float() if value.is_floating_point() else value for key, value in state.items()}, strict=True)
+    state[Z_TABLE_KEY] = torch.from_numpy(z_tables(reloaded.entropy_bottleneck))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"config": json.dumps(model.config.to_dict())})
+    tmp.replace(path)
+    return path
+
+
+def read_manifest(weights_dir: Path = WEIGHTS_DIR) -> dict:
+    """weights/manifest.json as a dict (empty when absent)."""
+    manifest = Path(weights_dir) / "manifest.json"
+    return json.loads(manifest.read_text()) if manifest.exists() else {"models": {}}
+
+
+def resolve_weights(name_or_path: str | None, weights_dir: Path = WEIGHTS_DIR) -> tuple[str, Path]:
+    """A model name from the manifest, or a path to a .safetensors file -> (model name, file path)."""
+    name_or_path = name_or_path or DEFAULT_MODEL
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".safetensors":
+        if not candidate.is_file():
+            raise RcamError(f"{candidate}: weights file not found")
+        return candidate.stem, candidate
+    models = read_manifest(weights_dir).get("models", {})
+    if name_or_path not in models:
+        known = ", ".join(sorted(models)) or "none"
+        raise RcamError(f"model '{name_or_path}' is not in {weights_dir}/manifest.json (known: {known})")
+    entry = models[name_or_path]
+    path = Path(weights_dir) / entry["file"]
+    if not path.is_file():
+        raise RcamError(f"{path}: weights file for model '{name_or_path}' is missing")
+    if "sha256" in entry and file_digest(path).hex() != entry["sha256"]:
+        raise RcamError(f"{path}: digest does not match weights/manifest.json (corrupt or replaced file)")
+    return name_or_path, path
+
+
+def load_codec(name_or_path: str | None = None, device: str | torch.device = "cpu", weights_dir: Path = WEIGHTS_DIR) -> Codec:
+    """Load a shipped model (by manifest name) or a .safetensors file into a ready-to-use Codec."""
+    name, path = resolve_weights(name_or_path, weights_dir)
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            config = ModelConfig(**json.loads(handle.metadata()["config"]))
+    except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as error:
+        raise RcamError(f"{path}: not a valid rcam weights file ({error})") from None
+    z_table = tensors.pop(Z_TABLE_KEY, None)
+    model = RealCamNet(config)
+    try:
+        model.load_state_dict({key: value.float() if value.is_floating_point() else value for key, value in tensors.items()})
+    except RuntimeError as error:
+        raise RcamError(f"{path}: weights do not fit model config '{config.name}' ({str(error).splitlines()[0]})") from None
+    model.eval()
+    if z_table is None:
+        z_table = torch.from_numpy(z_tables(model.entropy_bottleneck))
+    coder = LatentCoder(IntegerHyperSynthesis(model.hyper_synthesis), z_table.numpy())
+    device = torch.device(device)
+    return Codec(name=name, digest=file_digest(path)[:16], model=model.to(device), coder=coder, device=device)
