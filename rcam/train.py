@@ -208,7 +208,7 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
                 step += 1
                 progress.update(1)
                 for key in sums:
-                    sums[key] += float(terms[key])
+                    sums[key] += float(terms[key].detach())
                 if step % config.log_every == 0:
                     record = {key: value / config.log_every for key, value in sums.items()}
                     record.update(step=step, lr=learning_rate(config, step), seconds=round(time.time() - started, 1))

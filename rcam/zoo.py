@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from rcam.entropy import IntegerHyperSynthesis, LatentCoder, z_tables
 from rcam.errors import RcamError
-from rcam.models import ModelConfig, RealCamNet
+from rcam.models import LAMBDA_RANGE, ModelConfig, RealCamNet
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_MODEL = "rcam-small"
@@ -109,3 +109,38 @@ def load_codec(name_or_path: str | None = None, device: str | torch.device = "cp
     coder = LatentCoder(IntegerHyperSynthesis(model.hyper_synthesis), z_table.numpy())
     device = torch.device(device)
     return Codec(name=name, digest=file_digest(path)[:16], model=model.to(device), coder=coder, device=device)
+
+
+def write_manifest_entry(name: str, fields: dict, weights_dir: Path = WEIGHTS_DIR) -> Path:
+    """Create or update one model's entry in weights/manifest.json (atomically); returns the manifest path."""
+    manifest = read_manifest(weights_dir)
+    entry = manifest.setdefault("models", {}).setdefault(name, {})
+    entry.update(fields)
+    path = Path(weights_dir) / "manifest.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def export_checkpoint(checkpoint: Path, name: str = DEFAULT_MODEL, weights_dir: Path = WEIGHTS_DIR, half: bool = False) -> Path:
+    """Training checkpoint (last.pt) -> weights/NAME.safetensors plus its manifest entry (digest, config, training)."""
+    checkpoint = Path(checkpoint)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        config = ModelConfig(**state["model_config"])
+    except (OSError, RuntimeError, KeyError, TypeError) as error:
+        raise RcamError(f"{checkpoint}: not an rcam training checkpoint ({error})") from None
+    model = RealCamNet(config)
+    model.load_state_dict(state["model"])
+    path = save_checkpoint(model, Path(weights_dir) / f"{name}.safetensors", half=half)
+    run_config = checkpoint.parent / "config.json"
+    training = {"steps": int(state["step"]), "checkpoint": str(checkpoint)}
+    if run_config.exists():
+        training["config"] = json.loads(run_config.read_text())
+    write_manifest_entry(
+        name,
+        {"file": path.name, "sha256": file_digest(path).hex(), "config": config.to_dict(), "lambda_range": list(LAMBDA_RANGE), "training": training},
+        weights_dir,
+    )
+    return path
