@@ -268,6 +268,46 @@ def export(checkpoint, name, half) -> None:
     click.echo(f"weights: {export_checkpoint(Path(checkpoint), name, half=half)}")
 
 
+@cli.command("eval")
+@click.argument("inputs", type=click.Path(exists=True))
+@click.option("--protocol", type=click.Choice(["R", "S"]), default="R", show_default=True, help="R: folder of RAW files; S: folder of photos made into synthetic DNGs with clean twins.")
+@click.option("--lambdas", default="0.005,0.01,0.025,0.1", show_default=True, help="Comma-separated λ values for rcam.")
+@click.option("--baselines", default="jpeg,webp,jpegxl,avif", show_default=True, help="Comma-separated cascades to compare with.")
+@click.option("--out-dir", type=click.Path(file_okay=False), default="out/eval", show_default=True, help="Where results.json, CSVs and rd.png go.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N images.")
+@click.option("--speed/--no-speed", default=True, show_default=True, help="Also time whole encode/decode commands and the cascade.")
+@model_option
+@device_option
+@threads_option
+def evaluate(inputs, protocol, lambdas, baselines, out_dir, limit, speed, model_name, device, threads) -> None:
+    """Measure rcam against develop-then-compress cascades: tables, BD-rate, RD plot (SPEC §8)."""
+    import numpy as np
+
+    from rcam.evaluate import make_command_timer, print_table, run_eval
+    from rcam.output import quantize
+
+    try:
+        lambda_values = [float(v) for v in lambdas.split(",") if v.strip()]
+    except ValueError:
+        raise RcamError(f"--lambdas: '{lambdas}' is not a comma-separated list of numbers") from None
+    codec = load_codec(model_name, _setup(device, threads))
+
+    def run_codec(raw_path: Path, lam: float) -> tuple[int, np.ndarray]:
+        encoded = encode_file(codec, raw_path, lam)
+        return len(encoded.data), quantize(decode_bytes(codec, encoded.data), 8)
+
+    extra = ["--model", model_name, "--device", "cpu" if codec.device.type == "cpu" else "cuda"]
+    if threads:
+        extra += ["--threads", str(threads)]
+    timer = make_command_timer([str(Path(sys.executable).parent / "rcam")], extra) if speed else None
+    results = run_eval(
+        Path(inputs), protocol, lambda_values, [b.strip() for b in baselines.split(",") if b.strip()], Path(out_dir),
+        run_codec, timer, limit=limit, speed=speed, numthreads=threads,
+        setup={"model": codec.name, "weights": codec.digest.hex(), "device": str(codec.device)},
+    )  # fmt: skip
+    print_table(results)
+
+
 def main() -> None:
     """Console entry point: map errors to exit statuses."""
     try:
