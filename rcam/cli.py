@@ -119,7 +119,7 @@ def cli() -> None:
 @model_option
 @click.option("--tile", type=int, default=DEFAULT_TILE, show_default=True, help="Tile side in packed pixels (multiple of 32): memory/speed knob.")
 @click.option("--overlap", type=int, default=DEFAULT_OVERLAP, show_default=True, help="Tile overlap in packed pixels (multiple of 32).")
-@click.option("--tile-batch", type=click.IntRange(1, 64), default=1, show_default=True, help="Tiles run through the network at once.")
+@click.option("--tile-batch", type=click.IntRange(1, 64), default=1, show_default=True, help="Tiles run through the encoder at once (speed only).")
 @device_option
 @threads_option
 @force_option
@@ -149,12 +149,11 @@ def encode(inputs, output, out_dir, lam, model_name, tile, overlap, tile_batch, 
 @click.option("--bits", type=click.Choice(["8", "16"]), default="8", show_default=True, help="Bits per sample (PNG and TIFF).")
 @click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="JPEG quality.")
 @model_option
-@click.option("--tile-batch", type=click.IntRange(1, 64), default=1, show_default=True, help="Tiles run through the network at once.")
 @device_option
 @threads_option
 @force_option
 @quiet_option
-def decode(inputs, output, out_dir, image_format, bits, quality, model_name, tile_batch, device, threads, force, quiet) -> None:
+def decode(inputs, output, out_dir, image_format, bits, quality, model_name, device, threads, force, quiet) -> None:
     """Decode .rcb bitstreams into sRGB images with an embedded sRGB profile."""
     sources = expand_inputs(inputs, {".rcb"})
     codec = load_codec(model_name, _setup(device, threads))
@@ -168,7 +167,7 @@ def decode(inputs, output, out_dir, image_format, bits, quality, model_name, til
         except OSError as error:
             raise RcamError(f"cannot read ({error.strerror})") from None
         with tile_progress(0, source.name) as bar:
-            image = decode_bytes(codec, data, tile_batch=tile_batch, progress=lambda: bar.update(1))
+            image = decode_bytes(codec, data, progress=lambda: bar.update(1))
         write_atomic(target, encode_image(image, kind, int(bits), quality))
         return f"{source} -> {target}: {image.shape[1]}x{image.shape[0]}"
 

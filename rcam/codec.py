@@ -116,8 +116,12 @@ def decode_latents(codec: Codec, header: container.Header, streams: list[bytes])
     return latents
 
 
-def decode_bytes(codec: Codec, data: bytes, tile_batch: int = DEFAULT_TILE_BATCH, progress=None) -> np.ndarray:
-    """.rcb bytes -> (H, W, 3) float32 sRGB in [0, 1], oriented, the reference render's size."""
+def decode_bytes(codec: Codec, data: bytes, progress=None) -> np.ndarray:
+    """.rcb bytes -> (H, W, 3) float32 sRGB in [0, 1], oriented, the reference render's size.
+
+    Tiles go through the synthesis one at a time: oneDNN's batched convolutions round differently from
+    single ones, and a file must decode to the same pixels however it is run.
+    """
     header, streams = container.read(data)
     check_model(codec, header)
     latents = decode_latents(codec, header, streams)
@@ -128,18 +132,15 @@ def decode_bytes(codec: Codec, data: bytes, tile_batch: int = DEFAULT_TILE_BATCH
     weight_sum = torch.zeros(2 * extent[0], 2 * extent[1])
     with torch.inference_mode():
         _, inverse_gain = model.gains(torch.tensor([header.lam], device=device))
-        for start in range(0, len(tiles), tile_batch):
-            batch = tiles[start : start + tile_batch]
-            y_hat = torch.cat([latents[start + i].y_hat for i in range(len(batch))]).to(device)
-            rgb = model.synthesis(y_hat * inverse_gain).float().cpu()
-            for t, tile_rgb in zip(batch, rgb):
-                weights = blend_weights(t, extent, header.overlap, scale=2)
-                rows = slice(2 * t.top, 2 * (t.top + t.height))
-                cols = slice(2 * t.left, 2 * (t.left + t.width))
-                canvas[:, rows, cols] += tile_rgb * weights
-                weight_sum[rows, cols] += weights
-                if progress:
-                    progress()
+        for tile, tile_latents in zip(tiles, latents):
+            tile_rgb = model.synthesis(tile_latents.y_hat.to(device) * inverse_gain)[0].float().cpu()
+            weights = blend_weights(tile, extent, header.overlap, scale=2)
+            rows = slice(2 * tile.top, 2 * (tile.top + tile.height))
+            cols = slice(2 * tile.left, 2 * (tile.left + tile.width))
+            canvas[:, rows, cols] += tile_rgb * weights
+            weight_sum[rows, cols] += weights
+            if progress:
+                progress()
     image = canvas / weight_sum
     image = image[:, header.pad_top : header.pad_top + header.sensor_height, header.pad_left : header.pad_left + header.sensor_width]
     image = image.clamp(0.0, 1.0).permute(1, 2, 0).numpy()

@@ -137,6 +137,8 @@ def read(data: bytes) -> tuple[Header, list[bytes]]:
      tile_height, tile_width, overlap, tile_rows, tile_cols, stream_count) = _GEOMETRY.unpack(fields.take(_GEOMETRY.size, "header"))  # fmt: skip
     if stream_count != tile_rows * tile_cols:
         raise RcamError(f"bad header: {stream_count} streams for a {tile_rows}x{tile_cols} tile grid")
+    if stream_count > MAX_STREAMS:
+        raise RcamError(f"bad header: {stream_count} streams ({tile_rows}x{tile_cols} tiles), at most {MAX_STREAMS}")
     entries = [_STREAM_ENTRY.unpack(fields.take(_STREAM_ENTRY.size, "stream table")) for _ in range(stream_count)]
     if fields.offset != len(body):
         raise RcamError("bad header: unexpected bytes after the stream table")

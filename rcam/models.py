@@ -8,13 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import warnings
-
 import torch
 import torch.nn.functional as F
-
-# compressai 1.2.8 still calls torch.jit.script at import; torch 2.14 warns about it on every CLI run.
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from torch import nn
 

@@ -96,6 +96,10 @@ def write_atomic(path: Path, data: bytes) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
+            # mkstemp creates the file 0600; give the output the usual permissions (0666 less the umask).
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(file.fileno(), 0o666 & ~umask)
             file.write(data)
             file.flush()
             os.fsync(file.fileno())

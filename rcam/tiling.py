@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +42,9 @@ def plan_axis(length: int, tile: int, overlap: int) -> tuple[int, int]:
     count = max(1, math.ceil((length - overlap) / (tile - overlap)))
     # Spread the frame evenly over `count` tiles instead of leaving a mostly empty last tile.
     size = _round_up(math.ceil((length + (count - 1) * overlap) / count), TILE_MULTIPLE)
+    # A single tile over a frame no longer than the overlap would come out no larger than the overlap,
+    # which the container (rightly) rejects: the tile must exceed the overlap, reflection fills the rest.
+    size = max(size, overlap + TILE_MULTIPLE)
     return count, size
 
 
@@ -106,7 +108,3 @@ def thumbnail(planes: torch.Tensor, size: int) -> torch.Tensor:
     """Whole-image (4, H, W) -> (4, size, size) area-averaged thumbnail for the global prior (computed once)."""
     return F.adaptive_avg_pool2d(planes[None], size)[0]
 
-
-def as_tensor(array: np.ndarray) -> torch.Tensor:
-    """A float32 CPU tensor view of a numpy array."""
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))

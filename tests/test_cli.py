@@ -1,0 +1,391 @@
+"""The rcam command line: exit statuses, error lines, safe outputs, many inputs, image formats.
+
+Most tests run `rcam.cli.main` in-process (argv patched, SystemExit caught) to stay fast; two run the
+installed console script in a subprocess to check the real process's exit status and stderr.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from rcam import cli, codec, container
+from rcam.dng import write_bayer_dng, write_cfa_dng, write_linear_dng
+from rcam.output import quantize, srgb_icc_profile
+from rcam.rawio import reference_render
+from rcam.zoo import load_codec
+
+RCAM = Path(sys.executable).parent / "rcam"
+
+XTRANS_PATTERN = [
+    [1, 1, 0, 1, 1, 2],
+    [1, 1, 2, 1, 1, 0],
+    [2, 0, 1, 0, 2, 1],
+    [1, 1, 2, 1, 1, 0],
+    [1, 1, 0, 1, 1, 2],
+    [0, 2, 1, 2, 0, 1],
+]
+
+
+@pytest.fixture
+def run(monkeypatch, capsys):
+    """run(*args) -> (exit status, stdout, stderr) of `rcam args...`, in-process."""
+
+    def invoke(*args):
+        monkeypatch.setattr(sys, "argv", ["rcam", *(str(a) for a in args)])
+        capsys.readouterr()  # drop anything printed before
+        with pytest.raises(SystemExit) as done:
+            cli.main()
+        captured = capsys.readouterr()
+        return done.value.code, captured.out, captured.err
+
+    return invoke
+
+
+def run_script(*args):
+    """The installed console script in a subprocess (one torch thread: the test machine is busy)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.run([str(RCAM), *(str(a) for a in args)], capture_output=True, text=True, env=env, timeout=300)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("rcam: error:")]
+
+
+def part_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in Path(folder).iterdir() if p.name.endswith(".part"))
+
+
+def random_mosaic(shape, seed=0):
+    return np.random.default_rng(seed).integers(64, 4095, shape).astype(np.uint16)
+
+
+# Bad inputs: each factory writes one file into a folder and returns its path.
+def _text(folder):
+    path = folder / "notes.dng"
+    path.write_text("this is not a raw file\n")
+    return path
+
+
+def _empty(folder):
+    path = folder / "empty.dng"
+    path.write_bytes(b"")
+    return path
+
+
+def _jpeg(folder):
+    path = folder / "photo.dng"
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(buffer, format="JPEG")
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def _linear(folder):
+    rgb = np.random.default_rng(1).integers(64, 4095, (32, 40, 3)).astype(np.uint16)
+    return write_linear_dng(folder / "linear.dng", rgb, black_level=64, white_level=4095)
+
+
+def _xtrans(folder):
+    pattern = sum(XTRANS_PATTERN, [])
+    return write_cfa_dng(folder / "xtrans.dng", random_mosaic((36, 48)), repeat_dim=(6, 6), pattern=pattern, white_level=4095)
+
+
+def _cmyg(folder):
+    cyan, magenta, yellow, green = 3, 4, 5, 1
+    return write_cfa_dng(
+        folder / "cmyg.dng",
+        random_mosaic((30, 40)),
+        repeat_dim=(2, 2),
+        pattern=[cyan, yellow, magenta, green],
+        cfa_plane_color=(cyan, magenta, yellow, green),
+        xyz_to_camera=[[0.6, 0.3, 0.1], [0.4, 0.5, 0.2], [0.3, 0.6, 0.5], [0.2, 0.8, 0.1]],
+        as_shot_neutral=(1, 1, 1, 1),
+        white_level=4095,
+    )
+
+
+def _too_small(folder):
+    # A valid Bayer DNG, but LibRaw refuses anything under 22 pixels a side.
+    return write_bayer_dng(folder / "tiny.dng", random_mosaic((16, 16)), white_level=4095)
+
+
+BAD_INPUTS = {
+    "text": _text,
+    "empty": _empty,
+    "jpeg": _jpeg,
+    "linear": _linear,
+    "xtrans": _xtrans,
+    "cmyg": _cmyg,
+    "too-small": _too_small,
+}
+
+
+def check_one_error_line(stderr: str, path: Path) -> str:
+    assert "Traceback" not in stderr
+    lines = error_lines(stderr)
+    assert len(lines) == 1, stderr
+    assert str(path) in lines[0]
+    assert stderr.strip().splitlines() == lines, stderr  # nothing else on stderr (no warnings either)
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exit statuses and error lines
+
+
+def test_script_missing_file_exits_2_with_one_line(tmp_path, tiny_model_path):
+    missing = tmp_path / "missing.dng"
+    result = run_script("encode", missing, "--model", tiny_model_path, "-o", tmp_path / "out.rcb")
+    assert result.returncode == 2
+    line = check_one_error_line(result.stderr, missing)
+    assert "no such file" in line
+    assert not (tmp_path / "out.rcb").exists()
+    assert part_files(tmp_path) == []
+
+
+def test_script_encode_exits_0_with_clean_stderr(tmp_path, make_dng, tiny_model_path):
+    source = make_dng("scene.dng", 48, 64, cfa="GBRG")
+    encoded = tmp_path / "scene.rcb"
+    result = run_script("encode", source, "--model", tiny_model_path, "-o", encoded, "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no warnings from the libraries either
+    assert str(encoded) in result.stdout
+    header, _ = container.read(encoded.read_bytes())
+    assert (header.output_height, header.output_width) == (48, 64)
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line(run, tmp_path, tiny_model_path, kind):
+    source = BAD_INPUTS[kind](tmp_path)
+    target = tmp_path / "out.rcb"
+    status, out, err = run("encode", source, "--model", tiny_model_path, "-o", target)
+    assert status == 2
+    check_one_error_line(err, source)
+    assert out == ""
+    assert not target.exists()
+    assert part_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["bayer", "linear", "xtrans", "cmyg"])
+def test_non_bayer_errors_say_why(run, tmp_path, tiny_model_path, kind):
+    source = {"bayer": _too_small, "linear": _linear, "xtrans": _xtrans, "cmyg": _cmyg}[kind](tmp_path)
+    status, _, err = run("encode", source, "--model", tiny_model_path, "-o", tmp_path / "out.rcb")
+    assert status == 2
+    line = check_one_error_line(err, source)
+    expected = {"bayer": "LibRaw", "linear": "Bayer", "xtrans": "6x6", "cmyg": "Bayer"}[kind]
+    assert expected in line
+
+
+@pytest.mark.parametrize("command", ["decode", "info"])
+def test_bad_bitstream_exits_2(run, tmp_path, tiny_model_path, command):
+    source = tmp_path / "junk.rcb"
+    source.write_bytes(b"definitely not an rcam bitstream")
+    args = [command, source] + (["--model", tiny_model_path, "-o", tmp_path / "junk.png"] if command == "decode" else [])
+    status, _, err = run(*args)
+    assert status == 2
+    check_one_error_line(err, source)
+    assert not (tmp_path / "junk.png").exists()
+    assert part_files(tmp_path) == []
+
+
+def test_usage_errors_exit_2(run, tmp_path, make_dng, tiny_model_path):
+    source = make_dng()
+    status, _, err = run("encode")  # no inputs
+    assert status == 2 and "Traceback" not in err
+    status, _, err = run("encode", source, "--model", tiny_model_path, "--lambda", "5", "-o", tmp_path / "x.rcb")
+    assert status == 2 and "lambda" in err and "Traceback" not in err
+    status, _, err = run("encode", source, "--model", tmp_path / "nope.safetensors")
+    assert status == 2 and "nope.safetensors" in err and "Traceback" not in err
+    assert not (tmp_path / "x.rcb").exists()
+
+
+def test_internal_error_exits_1(run, tmp_path, make_dng, tiny_model_path, monkeypatch):
+    source = make_dng()
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("simulated bug")
+
+    monkeypatch.setattr(cli, "encode_file", broken)
+    status, _, err = run("encode", source, "--model", tiny_model_path, "-o", tmp_path / "out.rcb")
+    assert status == 1
+    assert "internal error" in err and str(source) in err
+    assert not (tmp_path / "out.rcb").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Successful runs and output safety
+
+
+def test_encode_decode_info_round_trip(run, tmp_path, make_dng, tiny_model_path):
+    source = make_dng("scene.dng", 64, 96, cfa="BGGR", orientation=6)
+    encoded, image = tmp_path / "scene.rcb", tmp_path / "scene.png"
+    status, out, err = run("encode", source, "--model", tiny_model_path, "-o", encoded, "--lambda", "0.025")
+    assert (status, err) == (0, "")
+    assert encoded.is_file() and str(encoded) in out and "bpp" in out
+    status, out, err = run("decode", encoded, "--model", tiny_model_path, "-o", image)
+    assert (status, err) == (0, "")
+    reference = reference_render(source)
+    assert Image.open(image).size == (reference.shape[1], reference.shape[0])
+    status, out, err = run("info", encoded)
+    assert (status, err) == (0, "")
+    assert "tiny" in out and "0.025" in out and "bpp" in out and "checksums" in out
+    assert f"{reference.shape[1]}x{reference.shape[0]}" in out
+    assert part_files(tmp_path) == []
+
+
+def test_outputs_get_normal_permissions(run, tmp_path, make_dng, tiny_model_path):
+    source = make_dng()
+    target = tmp_path / "out.rcb"
+    assert run("encode", source, "--model", tiny_model_path, "-o", target)[0] == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_existing_output_needs_force(run, tmp_path, make_dng, tiny_model_path):
+    source = make_dng()
+    target = tmp_path / "out.rcb"
+    target.write_bytes(b"precious")
+    status, _, err = run("encode", source, "--model", tiny_model_path, "-o", target)
+    assert status == 2
+    line = check_one_error_line(err, source)
+    assert "already exists" in line and str(target) in line
+    assert target.read_bytes() == b"precious"
+    status, _, err = run("encode", source, "--model", tiny_model_path, "-o", target, "--force")
+    assert (status, err) == (0, "")
+    assert target.read_bytes().startswith(b"\x89RCB")
+    assert part_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_never_overwrites_the_input(run, tmp_path, make_dng, tiny_model_path, force):
+    source = make_dng()
+    before = source.read_bytes()
+    status, _, err = run("encode", source, "--model", tiny_model_path, "-o", source, *(["--force"] if force else []))
+    assert status == 2
+    assert "input" in check_one_error_line(err, source)
+    assert source.read_bytes() == before
+    assert part_files(tmp_path) == []
+
+
+def test_many_inputs_keep_going_past_a_bad_one(run, tmp_path, make_dng, tiny_model_path):
+    inputs = tmp_path / "in"
+    outputs = tmp_path / "out"
+    inputs.mkdir()
+    outputs.mkdir()
+    first = make_dng("a.dng", 48, 64, folder=inputs, seed=1)
+    bad = _text(inputs)
+    second = make_dng("z.dng", 48, 64, cfa="GRBG", folder=inputs, seed=2)
+    status, out, err = run("encode", first, bad, second, "--model", tiny_model_path, "--out-dir", outputs)
+    assert status == 2
+    assert "Traceback" not in err
+    assert (outputs / "a.rcb").is_file() and (outputs / "z.rcb").is_file()
+    assert not (outputs / "notes.rcb").exists()
+    report = err[err.index("1 of 3 inputs failed") :]
+    assert str(bad) in report
+    assert str(first) not in report and str(second) not in report
+    assert len(error_lines(err)) == 1
+    assert part_files(outputs) == [] and part_files(inputs) == []
+    # A folder as input: its RAW files, sorted; the bad one fails again, the good ones already exist.
+    status, out, err = run("encode", inputs, "--model", tiny_model_path, "--out-dir", outputs)
+    assert status == 2
+    assert "3 of 3 inputs failed" in err and "already exists" in err
+    # Decoding several bitstreams into a folder.
+    status, out, err = run("decode", outputs / "a.rcb", outputs / "z.rcb", "--model", tiny_model_path, "--out-dir", outputs, "--format", "jpg")
+    assert (status, err) == (0, "")
+    assert (outputs / "a.jpg").is_file() and (outputs / "z.jpg").is_file()
+
+
+def test_failed_write_leaves_no_partial_file(run, tmp_path, make_dng, tiny_model_path, monkeypatch):
+    source = make_dng()
+    target = tmp_path / "out.rcb"
+
+    def disk_full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("rcam.output.os.replace", disk_full)
+    status, _, err = run("encode", source, "--model", tiny_model_path, "-o", target)
+    assert status == 2
+    assert "cannot write" in check_one_error_line(err, source)
+    assert not target.exists()
+    assert part_files(tmp_path) == []
+
+
+def test_decode_with_another_model_is_refused(run, tmp_path, make_dng, tiny_model_path, other_model_path):
+    source = make_dng()
+    encoded = tmp_path / "a.rcb"
+    assert run("encode", source, "--model", tiny_model_path, "-o", encoded)[0] == 0
+    status, _, err = run("decode", encoded, "--model", other_model_path, "-o", tmp_path / "a.png")
+    assert status == 2
+    assert "made with model" in check_one_error_line(err, encoded)
+    assert not (tmp_path / "a.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output image formats
+
+
+@pytest.fixture
+def encoded_scene(run, tmp_path, make_dng, tiny_model_path):
+    source = make_dng("scene.dng", 45, 67, cfa="GRBG", orientation=8)
+    encoded = tmp_path / "scene.rcb"
+    assert run("encode", source, "--model", tiny_model_path, "-o", encoded)[0] == 0
+    return source, encoded
+
+
+@pytest.mark.parametrize(
+    "name, bits",
+    [("out.png", 8), ("out16.png", 16), ("out.jpg", 8), ("out.jpeg", 8), ("out.tif", 8), ("out16.tiff", 16)],
+)
+def test_decode_formats_with_icc_profile(run, tmp_path, encoded_scene, tiny_model_path, tiny_codec, name, bits):
+    source, encoded = encoded_scene
+    target = tmp_path / name
+    status, _, err = run("decode", encoded, "--model", tiny_model_path, "-o", target, "--bits", bits)
+    assert (status, err) == (0, "")
+    reference = reference_render(source)
+    height, width = reference.shape[:2]
+    expected = quantize(codec.decode_bytes(tiny_codec, encoded.read_bytes()), bits)
+    data = target.read_bytes()
+    if target.suffix == ".png":
+        pixels = imagecodecs.png_decode(data)
+        assert pixels.dtype == (np.uint16 if bits == 16 else np.uint8)
+        np.testing.assert_array_equal(pixels, expected)  # lossless: exactly the decoded image
+        with Image.open(target) as image:
+            assert image.size == (width, height)
+            assert image.info.get("icc_profile") == srgb_icc_profile()
+    elif target.suffix in (".jpg", ".jpeg"):
+        with Image.open(target) as image:
+            assert image.format == "JPEG" and image.mode == "RGB"
+            assert image.size == (width, height)
+            assert image.info.get("icc_profile") == srgb_icc_profile()
+            pixels = np.asarray(image)
+        assert np.abs(pixels.astype(int) - expected).mean() < 8  # lossy, but the same picture
+    else:
+        with tifffile.TiffFile(target) as tiff:
+            page = tiff.pages[0]
+            pixels = page.asarray()
+            assert 34675 in page.tags
+            assert bytes(page.tags[34675].value) == srgb_icc_profile()
+        assert pixels.dtype == (np.uint16 if bits == 16 else np.uint8)
+        np.testing.assert_array_equal(pixels, expected)
+    assert pixels.shape == reference.shape
+    assert part_files(tmp_path) == []
+
+
+def test_decode_16_bit_jpeg_is_refused(run, tmp_path, encoded_scene, tiny_model_path):
+    _, encoded = encoded_scene
+    status, _, err = run("decode", encoded, "--model", tiny_model_path, "-o", tmp_path / "x.jpg", "--bits", "16")
+    assert status == 2
+    assert "8-bit" in check_one_error_line(err, encoded)
+    assert not (tmp_path / "x.jpg").exists()
+    assert part_files(tmp_path) == []

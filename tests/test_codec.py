@@ -1,0 +1,290 @@
+"""End-to-end codec tests with a tiny random model: geometry round trips, exact latents, determinism, CADR.
+
+The tiny model's images look like nothing, so these tests check geometry, exactness and invariants, not
+quality. Images are small and the model has ~16 channels to keep the suite fast on a loaded 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rcam import codec, container
+from rcam.dng import write_bayer_dng
+from rcam.models import CONFIGS, build_model, parameter_count
+from rcam.rawio import apply_flip, read_raw, reference_render
+from rcam.tiling import Tile, coordinate_map, plan_tiles
+from rcam.zoo import DEFAULT_MODEL, load_codec, read_manifest
+
+from conftest import BLACK_LEVEL, WHITE_LEVEL, smooth_mosaic
+
+RAW_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "raw"
+REAL_DNGS = sorted(RAW_DIR.glob("*.dng")) if RAW_DIR.is_dir() else []
+
+# LibRaw flip code for each EXIF orientation.
+LIBRAW_FLIP = {1: 0, 3: 3, 6: 6, 8: 5}
+
+
+def round_trip(codec_, path, **options):
+    """Encode then decode a file; returns (decoded float image, reference render, Encoded)."""
+    encoded = codec.encode_file(codec_, path, 0.01, **options)
+    decoded = codec.decode_bytes(codec_, encoded.data)
+    return decoded, reference_render(path), encoded
+
+
+def check_image(decoded, reference):
+    assert decoded.shape == reference.shape
+    assert decoded.dtype == np.float32
+    assert np.all(np.isfinite(decoded))
+    assert decoded.min() >= 0.0 and decoded.max() <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Round trips on synthetic DNGs
+
+
+@pytest.mark.parametrize("cfa", ["RGGB", "BGGR", "GRBG", "GBRG"])
+def test_round_trip_every_cfa_phase(tiny_codec, make_dng, cfa):
+    path = make_dng(f"{cfa}.dng", 64, 96, cfa=cfa)
+    decoded, reference, encoded = round_trip(tiny_codec, path)
+    check_image(decoded, reference)
+    assert encoded.header.sensor_height == 64 and encoded.header.sensor_width == 96
+    # Bayer unification pads one row at the top for a mosaic whose first row holds no red, one column
+    # at the left when red sits in the second column.
+    expected_pad = {"RGGB": (0, 0), "BGGR": (1, 1), "GRBG": (0, 1), "GBRG": (1, 0)}[cfa]
+    assert (encoded.header.pad_top, encoded.header.pad_left) == expected_pad
+
+
+@pytest.mark.parametrize("cfa", ["RGGB", "BGGR", "GRBG", "GBRG"])
+def test_reader_unifies_cfa_phase_on_odd_sizes(tmp_path, cfa):
+    """R, G1, G2, B planes come out in canonical order whatever the phase, padding included."""
+    height, width = 45, 67
+    values = {"R": 1064, "G": 2064, "B": 3064}
+    cell = np.array([[values[cfa[0]], values[cfa[1]]], [values[cfa[2]], values[cfa[3]]]], dtype=np.uint16)
+    mosaic = np.tile(cell, (height // 2 + 1, width // 2 + 1))[:height, :width]
+    path = write_bayer_dng(tmp_path / "flat.dng", mosaic, cfa=cfa, black_level=BLACK_LEVEL, white_level=WHITE_LEVEL)
+    image = read_raw(path)
+    assert (image.height, image.width) == (height, width)
+    assert image.cfa == cfa
+    scale = WHITE_LEVEL - BLACK_LEVEL
+    expected = np.array([1000, 2000, 2000, 3000]) / scale
+    assert image.planes.shape[0] == 4
+    assert image.planes.shape[1] * 2 == height + image.pad_top + (height + image.pad_top) % 2
+    assert image.planes.shape[2] * 2 == width + image.pad_left + (width + image.pad_left) % 2
+    for plane, value in zip(image.planes, expected):
+        np.testing.assert_allclose(plane, value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_round_trip_orientations(tiny_codec, make_dng, orientation):
+    path = make_dng(f"o{orientation}.dng", 64, 96, cfa="GRBG", orientation=orientation)
+    decoded, reference, encoded = round_trip(tiny_codec, path)
+    check_image(decoded, reference)
+    assert encoded.header.flip == LIBRAW_FLIP[orientation]
+    expected_size = (96, 64) if orientation in (6, 8) else (64, 96)
+    assert decoded.shape[:2] == expected_size
+
+
+def test_orientation_is_the_same_transform_as_libraw(tiny_codec, make_dng, tmp_path):
+    """The sensor data does not depend on the tag, so oriented outputs are flips of the unoriented ones."""
+    upright = make_dng("o1.dng", 64, 96, cfa="BGGR", orientation=1)
+    upright_decoded = codec.decode_bytes(tiny_codec, codec.encode_file(tiny_codec, upright, 0.01).data)
+    upright_reference = reference_render(upright)
+    for orientation in (3, 6, 8):
+        path = make_dng(f"o{orientation}.dng", 64, 96, cfa="BGGR", orientation=orientation)
+        flip = LIBRAW_FLIP[orientation]
+        np.testing.assert_array_equal(reference_render(path), apply_flip(upright_reference, flip))
+        decoded = codec.decode_bytes(tiny_codec, codec.encode_file(tiny_codec, path, 0.01).data)
+        np.testing.assert_array_equal(decoded, apply_flip(upright_decoded, flip))
+
+
+@pytest.mark.parametrize("size", [(22, 22), (24, 30), (64, 96)])
+def test_round_trip_image_smaller_than_one_tile(tiny_codec, make_dng, size):
+    path = make_dng("small.dng", *size, cfa="GBRG")
+    decoded, reference, encoded = round_trip(tiny_codec, path, tile=64, overlap=32)
+    check_image(decoded, reference)
+    assert encoded.header.tile_rows == encoded.header.tile_cols == 1
+
+
+@pytest.mark.parametrize("cfa", ["RGGB", "BGGR", "GRBG", "GBRG"])
+@pytest.mark.parametrize("size", [(45, 67), (67, 45)])
+def test_round_trip_odd_sizes(tiny_codec, make_dng, cfa, size):
+    path = make_dng("odd.dng", *size, cfa=cfa, orientation=6)
+    decoded, reference, _ = round_trip(tiny_codec, path, tile=32, overlap=0)  # several tiles as well
+    check_image(decoded, reference)
+    assert decoded.shape[:2] == (size[1], size[0])
+
+
+def test_round_trip_multi_tile_with_overlap(tiny_codec, make_dng):
+    path = make_dng("multi.dng", 130, 198, cfa="BGGR", orientation=3)
+    decoded, reference, encoded = round_trip(tiny_codec, path, tile=64, overlap=32)
+    check_image(decoded, reference)
+    assert encoded.header.tile_rows * encoded.header.tile_cols > 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Real DNGs
+
+
+@pytest.mark.parametrize("path", REAL_DNGS or [None], ids=[p.name for p in REAL_DNGS] or ["none"])
+def test_real_dng_round_trip(tiny_codec, path):
+    if path is None:
+        pytest.skip(f"no real DNGs in {RAW_DIR}")
+    encoded = codec.encode_file(tiny_codec, path, 0.01, tile=256, tile_batch=4)
+    decoded = codec.decode_bytes(tiny_codec, encoded.data)
+    check_image(decoded, reference_render(path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Entropy decoding reproduces the encoder's latents exactly
+
+
+def test_decoded_latents_are_bit_exact(tiny_codec, make_dng):
+    path = make_dng("grid.dng", 200, 260, cfa="GBRG", seed=3)
+    encoded = codec.encode_file(tiny_codec, path, 0.01, tile=64, overlap=32)
+    header, streams = container.read(encoded.data)
+    assert header.tile_rows > 1 and header.tile_cols > 1
+    assert len(streams) == len(encoded.latents) == header.tile_rows * header.tile_cols
+    decoded = codec.decode_latents(tiny_codec, header, streams)
+    assert len(decoded) == len(encoded.latents)
+    nonzero = 0
+    for sent, received in zip(encoded.latents, decoded):
+        assert sent.y_hat.dtype == received.y_hat.dtype == torch.float32
+        assert sent.y_hat.shape == received.y_hat.shape
+        assert torch.equal(sent.y_hat, received.y_hat)
+        np.testing.assert_array_equal(sent.y_symbols, received.y_symbols)
+        np.testing.assert_array_equal(sent.z_symbols, received.z_symbols)
+        nonzero += int(np.count_nonzero(sent.y_symbols)) + int(np.count_nonzero(sent.z_symbols))
+    assert nonzero > 0  # the comparison is about real symbols, not all-zero latents
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Decoding is deterministic across thread counts and tile batch sizes
+
+
+@pytest.fixture(scope="module")
+def multi_tile_bitstream(tiny_codec, tmp_path_factory):
+    path = write_bayer_dng(
+        tmp_path_factory.mktemp("determinism") / "grid.dng",
+        smooth_mosaic(200, 260, seed=5),
+        cfa="RGGB",
+        black_level=BLACK_LEVEL,
+        white_level=WHITE_LEVEL,
+    )
+    return codec.encode_file(tiny_codec, path, 0.01, tile=64, overlap=32).data
+
+
+def test_decode_identical_across_thread_counts(tiny_codec, multi_tile_bitstream):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = codec.decode_bytes(tiny_codec, multi_tile_bitstream)
+        torch.set_num_threads(2)
+        two = codec.decode_bytes(tiny_codec, multi_tile_bitstream)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(one, two)
+
+
+def test_encoder_tile_batch_gives_the_same_latents_shapes_and_a_decodable_file(tiny_codec, make_dng):
+    # Batched encoding may round a latent differently (oneDNN), but the file it makes is just as valid and
+    # decodes deterministically; decoding itself never batches, so its output cannot depend on batching.
+    path = make_dng("batch.dng", 200, 260, cfa="RGGB", seed=5)
+    single = codec.encode_file(tiny_codec, path, 0.01, tile=64, overlap=32, tile_batch=1)
+    batched = codec.encode_file(tiny_codec, path, 0.01, tile=64, overlap=32, tile_batch=3)
+    geometry = lambda header: dataclasses.replace(header, stream_lengths=(), stream_crcs=())  # noqa: E731
+    assert geometry(single.header) == geometry(batched.header)
+    assert [t.y_hat.shape for t in single.latents] == [t.y_hat.shape for t in batched.latents]
+    first = codec.decode_bytes(tiny_codec, batched.data)
+    np.testing.assert_array_equal(first, codec.decode_bytes(tiny_codec, batched.data))
+    assert first.shape == codec.decode_bytes(tiny_codec, single.data).shape
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. Absolute coordinates (paper Eq. 4)
+
+
+@pytest.mark.parametrize("top, left", [(0, 0), (32, 64), (96, 160)])
+def test_coordinate_map_is_absolute(top, left):
+    frame_height, frame_width = 200, 260
+    tile = Tile(top, left, 64, 96)
+    coords = coordinate_map(tile, frame_height, frame_width, absolute=True)
+    assert coords.shape == (2, 64, 96) and coords.dtype == torch.float32
+    i = torch.arange(64, dtype=torch.float32)[:, None].expand(64, 96)
+    j = torch.arange(96, dtype=torch.float32)[None, :].expand(64, 96)
+    torch.testing.assert_close(coords[0], (i + top) / frame_height, rtol=0, atol=1e-7)
+    torch.testing.assert_close(coords[1], (j + left) / frame_width, rtol=0, atol=1e-7)
+    relative = coordinate_map(tile, frame_height, frame_width, absolute=False)
+    torch.testing.assert_close(relative[0], i / 64, rtol=0, atol=1e-7)
+    torch.testing.assert_close(relative[1], j / 96, rtol=0, atol=1e-7)
+
+
+def test_tile_plan_covers_the_frame():
+    tiles = plan_tiles(100, 130, tile=64, overlap=32)
+    covered = np.zeros((100, 130), dtype=bool)
+    for t in tiles:
+        assert t.top % 32 == 0 and t.left % 32 == 0
+        covered[t.top : t.top + t.height, t.left : t.left + t.width] = True
+    assert covered.all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. CADR sees where a tile sits
+
+
+def test_cadr_depends_on_absolute_position(tiny_codec):
+    cadr = copy.deepcopy(tiny_codec.model.cadr)  # leave the session's model alone
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 4, 32, 32, generator=generator)
+    frame = (128, 160)
+    first = coordinate_map(Tile(0, 0, 32, 32), *frame)[None]
+    second = coordinate_map(Tile(64, 96, 32, 32), *frame)[None]
+    with torch.no_grad():
+        # Zero-initialised modulation: CADR starts as a plain convolution, blind to position.
+        assert torch.equal(cadr(x, first), cadr(x, second))
+        last = cadr.modulation[-1]
+        last.weight.copy_(torch.randn(last.weight.shape, generator=generator) * 0.5)
+        last.bias.copy_(torch.randn(last.bias.shape, generator=generator) * 0.1)
+        out_first, out_second, out_first_again = cadr(x, first), cadr(x, second), cadr(x, first)
+    assert torch.equal(out_first, out_first_again)
+    assert (out_first - out_second).abs().max() > 1e-3
+    # Relative coordinates would give both tiles the same map, and so the same features.
+    relative_first = coordinate_map(Tile(0, 0, 32, 32), *frame, absolute=False)[None]
+    relative_second = coordinate_map(Tile(64, 96, 32, 32), *frame, absolute=False)[None]
+    with torch.no_grad():
+        assert torch.equal(cadr(x, relative_first), cadr(x, relative_second))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. Rate grows with λ for the shipped model
+
+
+def test_rate_is_monotonic_in_lambda_for_shipped_model(make_dng):
+    models = read_manifest().get("models", {})
+    if not models:
+        pytest.skip("weights/manifest.json lists no shipped model")
+    name = DEFAULT_MODEL if DEFAULT_MODEL in models else sorted(models)[0]
+    shipped = load_codec(name)
+    path = make_dng("rate.dng", 192, 256, cfa="RGGB", seed=7)
+    sizes = [len(codec.encode_file(shipped, path, lam).data) for lam in (0.0025, 0.01, 0.1)]
+    assert sizes[0] < sizes[1] < sizes[2], sizes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. Model sizes
+
+
+def test_paper_config_has_paper_scale():
+    with torch.device("meta"):
+        model = build_model("paper")
+    assert 40e6 <= parameter_count(model) <= 60e6
+
+
+def test_small_config_is_small():
+    model = build_model(CONFIGS["small"])
+    assert parameter_count(model) < 5e6

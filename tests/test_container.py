@@ -1,0 +1,275 @@
+"""The .rcb container: parsing never fails with anything but RcamError, and rejects corruption clearly.
+
+Hand-made headers are built from docs/FORMAT.md here (not with rcam.container.write), so these tests also
+check that the reader follows the documented layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import tracemalloc
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rcam import codec, container
+from rcam.dng import write_bayer_dng
+from rcam.errors import RcamError
+from rcam.zoo import load_codec
+
+from conftest import BLACK_LEVEL, WHITE_LEVEL, smooth_mosaic
+
+MAGIC = b"\x89RCB\r\n\x1a\n"
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def valid(tiny_codec, tmp_path_factory):
+    """A valid multi-tile .rcb (bytes) with its header and streams."""
+    path = write_bayer_dng(
+        tmp_path_factory.mktemp("container") / "grid.dng",
+        smooth_mosaic(130, 198, seed=11),
+        cfa="BGGR",
+        black_level=BLACK_LEVEL,
+        white_level=WHITE_LEVEL,
+        orientation=6,
+    )
+    data = codec.encode_file(tiny_codec, path, 0.01, tile=64, overlap=32).data
+    header, streams = container.read(data)
+    assert len(streams) > 1 and all(len(s) > 0 for s in streams)
+    return data, header, streams
+
+
+def header_size(header: container.Header) -> int:
+    """Bytes from the start of the file to the end of the header CRC (FORMAT.md)."""
+    return 14 + 1 + len(header.model_name) + 53 + 8 * len(header.stream_lengths) + 4
+
+
+def build(fields: dict, entries: list[tuple[int, int]], streams: bytes = b"", body_length: int | None = None) -> bytes:
+    """A file laid out as docs/FORMAT.md says, with a correct header CRC and whatever field values we like."""
+    name = fields.get("name", b"tiny")
+    body = bytes([len(name)]) + name
+    body += fields.get("digest", bytes(16))
+    body += struct.pack("<f", fields.get("lam", 0.01))
+    body += struct.pack("<II", fields.get("sensor_height", 64), fields.get("sensor_width", 96))
+    body += bytes([fields.get("pad_top", 0), fields.get("pad_left", 0), fields.get("flip", 0)])
+    body += struct.pack("<II", fields.get("output_height", 64), fields.get("output_width", 96))
+    body += struct.pack(
+        "<HHHHH",
+        fields.get("tile_height", 64),
+        fields.get("tile_width", 64),
+        fields.get("overlap", 32),
+        fields.get("tile_rows", 1),
+        fields.get("tile_cols", 1),
+    )
+    body += struct.pack("<I", fields.get("stream_count", len(entries)))
+    body += b"".join(struct.pack("<II", length, crc) for length, crc in entries)
+    head = MAGIC + struct.pack("<HI", 1, len(body) if body_length is None else body_length) + body
+    return head + struct.pack("<I", zlib.crc32(head)) + streams
+
+
+def reject(data: bytes) -> str:
+    """container.read must raise RcamError (and nothing else); returns the message."""
+    with pytest.raises(RcamError) as error:
+        container.read(data)
+    return str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The layout in FORMAT.md
+
+
+def test_hand_built_file_parses(tiny_codec):
+    stream = b"\x01\x00\x00\x00"
+    data = build({"digest": tiny_codec.digest}, [(len(stream), zlib.crc32(stream))], stream)
+    header, streams = container.read(data)
+    assert header.model_name == "tiny" and header.weights_digest == tiny_codec.digest
+    assert (header.sensor_height, header.sensor_width, header.tile_rows, header.tile_cols) == (64, 96, 1, 1)
+    assert streams == [stream]
+
+
+def test_written_file_round_trips(valid):
+    data, header, streams = valid
+    assert data.startswith(MAGIC)
+    assert container.write(dataclasses.replace(header, stream_lengths=(), stream_crcs=()), streams) == data
+    assert header.stream_lengths == tuple(len(s) for s in streams)
+    assert header.stream_crcs == tuple(zlib.crc32(s) for s in streams)
+    assert len(data) == header_size(header) + sum(header.stream_lengths)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Random and damaged input
+
+
+@FUZZ
+@given(st.binary(max_size=600))
+def test_random_bytes_are_rejected(data):
+    reject(data)
+
+
+@FUZZ
+@given(st.integers(0, 2000), st.binary(max_size=400))
+def test_random_bytes_after_a_valid_prefix_are_rejected(body_length, rest):
+    reject(MAGIC + struct.pack("<HI", 1, body_length) + rest)
+
+
+@FUZZ
+@given(data=st.data())
+def test_random_damage_is_rejected_by_the_decoder(tiny_codec, valid, data):
+    original = bytearray(valid[0])
+    damaged = bytearray(original)
+    positions = data.draw(st.lists(st.integers(0, len(original) - 1), min_size=1, max_size=8, unique=True))
+    for position in positions:
+        damaged[position] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(RcamError):
+        codec.decode_bytes(tiny_codec, bytes(damaged))
+
+
+def test_truncation_at_every_offset(valid):
+    data = valid[0]
+    for length in range(len(data)):
+        message = reject(data[:length])
+        assert any(word in message for word in ("truncated", "signature", "checksum")), (length, message)
+    # Trailing bytes are an error too.
+    assert "unexpected bytes" in reject(data + b"\x00")
+
+
+def test_truncated_file_is_rejected_by_the_decoder(tiny_codec, valid):
+    data = valid[0]
+    for length in (0, 5, 20, len(data) // 2, len(data) - 1):
+        with pytest.raises(RcamError, match="truncated|signature|checksum"):
+            codec.decode_bytes(tiny_codec, data[:length])
+
+
+def test_every_single_bit_flip_in_the_header_is_caught(valid):
+    data, header, _ = valid
+    end = header_size(header)
+    for bit in range(8 * end):
+        damaged = bytearray(data)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        message = reject(bytes(damaged))
+        if bit // 8 >= 14:  # body and CRC: the checksum catches it
+            assert "checksum" in message, (bit, message)
+        else:  # magic, version, body length
+            assert any(w in message for w in ("signature", "version", "header length", "truncated", "checksum")), (bit, message)
+
+
+def test_every_single_bit_flip_in_the_streams_is_caught(valid):
+    data, header, _ = valid
+    start = header_size(header)
+    assert len(data) > start
+    for bit in range(8 * start, 8 * len(data)):
+        damaged = bytearray(data)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        message = reject(bytes(damaged))
+        assert "checksum mismatch in stream" in message, (bit, message)
+
+
+@FUZZ
+@given(data=st.data())
+def test_garbage_streams_with_valid_checksums_fail_cleanly(tiny_codec, valid, data):
+    """Streams that pass the CRC but hold random words: decode to some image of the right size, or RcamError."""
+    _, header, streams = valid
+    garbage = [data.draw(st.binary(max_size=3 * len(s))) for s in streams]
+    forged = container.write(dataclasses.replace(header, stream_lengths=(), stream_crcs=()), garbage)
+    try:
+        image = codec.decode_bytes(tiny_codec, forged)
+    except RcamError as error:
+        assert "stream" in str(error)
+    else:
+        assert image.shape == (header.output_height, header.output_width, 3)
+        assert np.all(np.isfinite(image))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hostile headers: rejected from the numbers alone, without allocating what they declare
+
+
+def rejected_cheaply(data: bytes) -> str:
+    tracemalloc.start()
+    try:
+        message = reject(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * len(data) + (1 << 20), peak
+    return message
+
+
+def test_huge_stream_count_is_rejected():
+    # 65535 x 65535 tiles: a stream count that fits the u32 field and matches the grid, with no table.
+    count = 65535 * 65535
+    message = rejected_cheaply(build({"tile_rows": 65535, "tile_cols": 65535, "stream_count": count}, []))
+    assert "streams" in message and str(count) in message
+
+
+def test_stream_count_not_matching_the_grid_is_rejected():
+    message = rejected_cheaply(build({"tile_rows": 2, "tile_cols": 2, "stream_count": 2**32 - 1}, []))
+    assert "streams" in message and "2x2" in message
+
+
+def test_tile_grid_larger_than_the_image_is_rejected():
+    rows, cols = 20, 30
+    message = rejected_cheaply(build({"tile_rows": rows, "tile_cols": cols}, [(0, 0)] * (rows * cols)))
+    assert "tile grid" in message
+
+
+def test_huge_header_length_is_rejected():
+    data = build({}, [(4, 0)], body_length=2**32 - 1)
+    assert "header length" in rejected_cheaply(data)
+
+
+def test_huge_stream_length_is_rejected():
+    data = build({}, [(2**32 - 16, 0)], b"\x01\x00\x00\x00")
+    message = rejected_cheaply(data)
+    assert "truncated" in message and "stream 0" in message
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        ({"sensor_height": 65535, "sensor_width": 65535, "output_height": 65535, "output_width": 65535}, "200 MP"),
+        ({"sensor_height": 100_000, "output_height": 100_000}, "sensor size"),
+        ({"sensor_height": 1, "output_height": 1}, "sensor size"),
+        ({"output_height": 96, "output_width": 64}, "output size"),
+        ({"flip": 9}, "orientation"),
+        ({"pad_top": 2}, "padding"),
+        ({"tile_height": 48}, "tile size"),
+        ({"tile_width": 8192}, "tile size"),
+        ({"overlap": 64}, "overlap"),
+        ({"lam": float("nan")}, "lambda"),
+        ({"lam": 5.0}, "lambda"),
+        ({"name": b"\xff\xfe"}, "ASCII"),
+    ],
+)
+def test_bad_header_fields_are_named(fields, words):
+    stream = b"\x01\x00\x00\x00"
+    message = rejected_cheaply(build(fields, [(len(stream), zlib.crc32(stream))], stream))
+    assert "bad header" in message and words in message
+
+
+def test_other_format_version_is_rejected(valid):
+    data = bytearray(valid[0])
+    data[8:10] = struct.pack("<H", 2)
+    assert "version 2" in reject(bytes(data))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model identity
+
+
+def test_decoding_with_another_model_is_refused(tiny_codec, other_model_path, valid):
+    other = load_codec(other_model_path)
+    assert other.name == tiny_codec.name and other.digest != tiny_codec.digest
+    with pytest.raises(RcamError, match="made with model"):
+        codec.decode_bytes(other, valid[0])
+
+
+def test_decoding_with_a_model_of_another_name_is_refused(tiny_codec, valid):
+    renamed = dataclasses.replace(tiny_codec, name="something-else")
+    with pytest.raises(RcamError, match="made with model tiny"):
+        codec.decode_bytes(renamed, valid[0])

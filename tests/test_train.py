@@ -1,0 +1,78 @@
+"""Training resumes from its checkpoint, exports to loadable weights, and the demo job runs end to end."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rcam.codec import decode_bytes, encode_file
+from rcam.demo import run_demo, sample_scene
+from rcam.errors import RcamError
+from rcam.synth import build_dataset
+from rcam.train import TrainConfig, load_dataset, train
+from rcam.zoo import export_checkpoint, file_digest, load_codec, read_manifest
+
+TINY = {"channels": 16, "latent_channels": 16, "hyper_channels": 16, "prior_channels": 8, "thumbnail": 32}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Two synthetic pairs made from the procedural scene."""
+    folder = tmp_path_factory.mktemp("photos")
+    Image.fromarray(sample_scene(96, 128, seed=1)).save(folder / "a.png")
+    Image.fromarray(sample_scene(100, 140, seed=2)).save(folder / "b.png")
+    return build_dataset([folder], tmp_path_factory.mktemp("pairs"), 1, seed=0)
+
+
+def test_training_resumes_and_exports(dataset, tmp_path):
+    config = TrainConfig(
+        dataset=str(dataset), run_dir=str(tmp_path / "run"), model_overrides=TINY, steps=3, batch_size=2,
+        patch=32, checkpoint_every=2, log_every=1, threads=1,
+    )  # fmt: skip
+    images = load_dataset(dataset, TINY["thumbnail"])
+    assert len(images) == 2
+    checkpoint = train(config, images)
+    first = torch.load(checkpoint, weights_only=True)
+    assert first["step"] == 3
+    # Running the same config with more steps continues from step 3, not from scratch.
+    train(replace(config, steps=5), images)
+    second = torch.load(checkpoint, weights_only=True)
+    assert second["step"] == 5
+    changed = any(not torch.equal(first["model"][k], second["model"][k]) for k in first["model"] if first["model"][k].is_floating_point())
+    assert changed
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    assert all(np.isfinite(r["loss"]) and r["bpp"] > 0 for r in log)
+
+    weights_dir = tmp_path / "weights"
+    path = export_checkpoint(checkpoint, "tiny", weights_dir)
+    entry = read_manifest(weights_dir)["models"]["tiny"]
+    assert entry["sha256"] == file_digest(path).hex()
+    assert entry["training"]["steps"] == 5 and entry["config"]["channels"] == 16
+    codec = load_codec("tiny", weights_dir=weights_dir)
+    raw = dataset.parent / json.loads(dataset.read_text().splitlines()[0])["degraded"]
+    decoded = decode_bytes(codec, encode_file(codec, raw, 0.01).data)
+    assert decoded.shape[2] == 3 and np.isfinite(decoded).all()
+
+    # A replaced weights file no longer matches the manifest: refused with a clear error.
+    path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    with pytest.raises(RcamError, match="digest does not match"):
+        load_codec("tiny", weights_dir=weights_dir)
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(RcamError, match="not in"):
+        load_codec("no-such-model", weights_dir=tmp_path)
+
+
+def test_demo_reports_bpp_and_psnr(tiny_codec, tmp_path):
+    result = run_demo(tiny_codec, tmp_path)
+    assert result["bytes"] == (tmp_path / "sample_degraded.rcb").stat().st_size
+    assert 0 < result["bpp"] < 24
+    assert 0 < result["psnr"] < 100
+    assert (tmp_path / "sample_degraded.png").exists()
