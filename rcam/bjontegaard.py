@@ -76,6 +76,13 @@ def _overlap(a: np.ndarray, b: np.ndarray, what: str) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def _clean_curves(anchor_rates, anchor_metric, test_rates, test_metric, method: str):
+    """Validate the method and both curves -> (anchor log-rate, anchor metric, test log-rate, test metric)."""
+    if method not in METHODS:
+        raise RcamError(f"unknown Bjøntegaard method {method!r}; choose one of {', '.join(METHODS)}")
+    return (*_clean_curve(anchor_rates, anchor_metric, "anchor", method), *_clean_curve(test_rates, test_metric, "test", method))
+
+
 def bd_rate(
     anchor_rates: Sequence[float],
     anchor_metric: Sequence[float],
@@ -84,10 +91,7 @@ def bd_rate(
     method: str = "pchip",
 ) -> float:
     """BD-rate in percent of the test curve against the anchor (negative = test saves bits at equal quality)."""
-    if method not in METHODS:
-        raise RcamError(f"unknown Bjøntegaard method {method!r}; choose one of {', '.join(METHODS)}")
-    log_a, met_a = _clean_curve(anchor_rates, anchor_metric, "anchor", method)
-    log_t, met_t = _clean_curve(test_rates, test_metric, "test", method)
+    log_a, met_a, log_t, met_t = _clean_curves(anchor_rates, anchor_metric, test_rates, test_metric, method)
     lo, hi = _overlap(met_a, met_t, "metric")
     mean_a = _integral_mean(met_a, log_a, lo, hi, method, "anchor metric")
     mean_t = _integral_mean(met_t, log_t, lo, hi, method, "test metric")
@@ -102,10 +106,7 @@ def bd_metric(
     method: str = "pchip",
 ) -> float:
     """BD-metric (test - anchor) in the metric's unit at equal rate, e.g. BD-PSNR in dB."""
-    if method not in METHODS:
-        raise RcamError(f"unknown Bjøntegaard method {method!r}; choose one of {', '.join(METHODS)}")
-    log_a, met_a = _clean_curve(anchor_rates, anchor_metric, "anchor", method)
-    log_t, met_t = _clean_curve(test_rates, test_metric, "test", method)
+    log_a, met_a, log_t, met_t = _clean_curves(anchor_rates, anchor_metric, test_rates, test_metric, method)
     lo, hi = _overlap(log_a, log_t, "log-rate")
     mean_a = _integral_mean(log_a, met_a, lo, hi, method, "anchor rate")
     mean_t = _integral_mean(log_t, met_t, lo, hi, method, "test rate")

@@ -39,6 +39,7 @@ from rcam import synth
 from rcam.bjontegaard import bd_metric, bd_rate
 from rcam.errors import RcamError
 from rcam.metrics import all_metrics, bits_per_pixel
+from rcam.zoo import file_digest
 from rcam.rawio import reference_render
 
 Codec = Callable[[Path, float], tuple[int, np.ndarray]]
@@ -127,15 +128,6 @@ def _image_names(files: Sequence[Path], root: Path) -> list[str]:
         rel = path.relative_to(root) if root.is_dir() else Path(path.name)
         names.append(str(rel.with_suffix("")).replace(os.sep, "_"))
     return names
-
-
-def file_digest(path: Path) -> str:
-    """sha256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _array_digest(img: np.ndarray) -> str:
@@ -685,7 +677,7 @@ def run_eval(
         for item in items:
             bar.set_postfix_str(item.name)
             height, width = item.reference.shape[:2]
-            input_digest = file_digest(item.cascade_input)
+            input_digest = file_digest(item.cascade_input).hex()
             images.append({"image": item.name, "source": str(item.source), "codec_input": str(item.codec_input),
                            "width": width, "height": height, "input_sha256": input_digest})
             points += _measure_rcam(item, lambdas, codec, bar)

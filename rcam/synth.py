@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import rawpy
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from rcam.dng import BAYER_PATTERNS, write_bayer_dng
 from rcam.errors import RcamError
+from rcam.rawio import reference_render
 
 # Published D65 ColorMatrix (XYZ -> camera) values of real cameras (Adobe DNG Converter / dcraw table, x1e4).
 XYZ_TO_CAMERA_D65: dict[str, np.ndarray] = {
@@ -364,14 +364,6 @@ def load_photo(path, max_side: int | None = None) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def render_reference(path) -> np.ndarray:
-    """LibRaw's reference render of a RAW file (SPEC section 3) -> (H, W, 3) uint8 sRGB."""
-    with rawpy.imread(os.fspath(path)) as raw:
-        return raw.postprocess(
-            use_camera_wb=True, output_color=rawpy.ColorSpace.sRGB, output_bps=8, gamma=(2.4, 12.92)
-        )
-
-
 def _jsonable(value):
     """Dataclass / numpy values -> plain JSON types."""
     if isinstance(value, dict):
@@ -413,7 +405,7 @@ def _write_pair(
         partial = final.with_name(final.name + ".part")
         write_bayer_dng(partial, raw, **dng_tags)
         os.replace(partial, final)
-    target = render_reference(files.clean)
+    target = reference_render(files.clean)
     partial = files.target.with_name(files.target.name + ".part")
     Image.fromarray(target).save(partial, format="PNG")
     os.replace(partial, files.target)
