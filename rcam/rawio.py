@@ -150,7 +150,7 @@ def read_raw(path: Path) -> RawImage:
 
 
 def network_input(image: RawImage) -> np.ndarray:
-    """Metadata-driven normalisation of packed planes: white balance, colour matrix, exposure; (4, Hp, Wp) float32.
+    """Metadata-driven normalisation of packed planes: white balance, colour matrix, exposure, sRGB curve; (4, Hp, Wp) float32.
 
     This mirrors LibRaw's order (scale and clip, colour matrix, auto-brightness) at half resolution so that the
     network sees camera-independent, roughly display-referred data and can spend its capacity on demosaicing,
@@ -167,8 +167,9 @@ def network_input(image: RawImage) -> np.ndarray:
     # LibRaw's auto-brightness: the level that 1% of the pixels of the brightest channel exceed becomes white.
     white = max(float(np.quantile(srgb.reshape(3, -1), 1.0 - AUTO_BRIGHT_FRACTION, axis=1).max()), 256.0 / 65535.0)
     green_shift = srgb[1] - green
-    planes = np.stack([srgb[0], green1 + green_shift, green2 + green_shift, srgb[2]]) / white
-    return np.clip(planes, 0.0, 1.5).astype(np.float32)
+    planes = np.clip(np.stack([srgb[0], green1 + green_shift, green2 + green_shift, srgb[2]]) / white, 0.0, 1.5)
+    # sRGB transfer curve: the target is gamma-encoded, so the network starts from a near-identity mapping.
+    return np.where(planes <= 0.0031308, 12.92 * planes, 1.055 * planes ** (1 / 2.4) - 0.055).astype(np.float32)
 
 
 def reference_render(path: Path) -> np.ndarray:

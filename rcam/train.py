@@ -46,6 +46,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     init_from: str = ""  # start weights from this checkpoint (fine-tuning); ignored when resuming
+    val_every: int = 2500  # steps between validations (0: never)
+    val_pairs: str = ""  # index.jsonl of synthetic pairs made from the val photos (never trained on)
+    val_raw: str = ""  # folder of real DNGs, scored against their own reference render
+    val_lambda: float = 0.01
 
     @staticmethod
     def load(path: Path) -> "TrainConfig":
@@ -133,6 +137,39 @@ def rd_loss(output: dict, target: torch.Tensor, lam: torch.Tensor) -> dict:
     return {"loss": loss, "bpp": bpp.mean(), "mse255": (mse * 255.0**2).mean()}
 
 
+def validate(model: RealCamNet, config: TrainConfig) -> dict:
+    """Real encode/decode of the val pairs and real DNGs at val_lambda: mean bpp and PSNR per set."""
+    from rcam.codec import decode_bytes, encode_file
+    from rcam.metrics import psnr
+    from rcam.output import quantize
+    from rcam.rawio import reference_render
+    from rcam.zoo import codec_from_model
+
+    sets: dict[str, list[tuple[Path, Path | None]]] = {}
+    if config.val_pairs and Path(config.val_pairs).is_file():
+        index = Path(config.val_pairs)
+        entries = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+        sets["val_pairs"] = [(index.parent / e["degraded"], index.parent / e["target"]) for e in entries]
+    if config.val_raw and Path(config.val_raw).is_dir():
+        sets["val_raw"] = [(p, None) for p in sorted(Path(config.val_raw).glob("*.dng"))]
+    was_training = model.training
+    model.eval()
+    codec = codec_from_model(model, device=next(model.parameters()).device)
+    results = {}
+    for name, items in sets.items():
+        bpps, psnrs = [], []
+        for raw_path, target_path in items:
+            reference = np.asarray(Image.open(target_path).convert("RGB")) if target_path else reference_render(raw_path)
+            encoded = encode_file(codec, raw_path, config.val_lambda)
+            decoded = quantize(decode_bytes(codec, encoded.data), 8)
+            bpps.append(8 * len(encoded.data) / (reference.shape[0] * reference.shape[1]))
+            psnrs.append(psnr(decoded, reference))
+        if items:
+            results[name] = {"bpp": float(np.mean(bpps)), "psnr": float(np.mean(psnrs)), "images": len(items)}
+    model.train(was_training)
+    return results
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA when present, else CPU."""
     if name == "auto":
@@ -218,6 +255,11 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
                     sums = dict.fromkeys(sums, 0.0)
                 if step % config.checkpoint_every == 0:
                     save()
+                if config.val_every and step % config.val_every == 0:
+                    scores = validate(model, config)
+                    log.write(json.dumps({"step": step, "val": scores}) + "\n")
+                    log.flush()
+                    progress.write(f"step {step} validation at lambda {config.val_lambda}: {scores}")
     finally:
         save()
         progress.close()

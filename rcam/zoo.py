@@ -88,6 +88,12 @@ def resolve_weights(name_or_path: str | None, weights_dir: Path = WEIGHTS_DIR) -
     return name_or_path, path
 
 
+def codec_from_model(model: RealCamNet, name: str = "in-training", device: str | torch.device = "cpu") -> Codec:
+    """Wrap a model in memory (e.g. during training) as a Codec; its digest is zero (not a shipped file)."""
+    coder = LatentCoder(IntegerHyperSynthesis(model.hyper_synthesis), z_tables(model.entropy_bottleneck))
+    return Codec(name=name, digest=bytes(16), model=model, coder=coder, device=torch.device(device))
+
+
 def load_codec(name_or_path: str | None = None, device: str | torch.device = "cpu", weights_dir: Path = WEIGHTS_DIR) -> Codec:
     """Load a shipped model (by manifest name) or a .safetensors file into a ready-to-use Codec."""
     name, path = resolve_weights(name_or_path, weights_dir)

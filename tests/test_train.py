@@ -32,7 +32,7 @@ def dataset(tmp_path_factory):
 def test_training_resumes_and_exports(dataset, tmp_path):
     config = TrainConfig(
         dataset=str(dataset), run_dir=str(tmp_path / "run"), model_overrides=TINY, steps=3, batch_size=2,
-        patch=32, checkpoint_every=2, log_every=1, threads=1,
+        patch=32, checkpoint_every=2, log_every=1, threads=1, val_every=5, val_pairs=str(dataset),
     )  # fmt: skip
     images = load_dataset(dataset, TINY["thumbnail"])
     assert len(images) == 2
@@ -46,8 +46,13 @@ def test_training_resumes_and_exports(dataset, tmp_path):
     changed = any(not torch.equal(first["model"][k], second["model"][k]) for k in first["model"] if first["model"][k].is_floating_point())
     assert changed
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
-    assert all(np.isfinite(r["loss"]) and r["bpp"] > 0 for r in log)
+    training_records = [r for r in log if "val" not in r]
+    assert [r["step"] for r in training_records] == [1, 2, 3, 4, 5]
+    assert all(np.isfinite(r["loss"]) and r["bpp"] > 0 for r in training_records)
+    # Validation ran once, at step 5, with the real codec on both val pairs.
+    (validation,) = [r for r in log if "val" in r]
+    assert validation["step"] == 5 and validation["val"]["val_pairs"]["images"] == 2
+    assert validation["val"]["val_pairs"]["bpp"] > 0 and 0 < validation["val"]["val_pairs"]["psnr"] < 100
 
     weights_dir = tmp_path / "weights"
     path = export_checkpoint(checkpoint, "tiny", weights_dir)
