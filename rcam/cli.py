@@ -260,11 +260,12 @@ def train(config, steps, device) -> None:
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--name", default=DEFAULT_MODEL, show_default=True, help="Model name in weights/manifest.json.")
 @click.option("--half", is_flag=True, help="Store fp16 tensors (half the size).")
-def export(checkpoint, name, half) -> None:
+@click.option("--weights-dir", type=click.Path(file_okay=False), default=None, help="Folder for the weights and manifest (default: the shipped weights/).")
+def export(checkpoint, name, half, weights_dir) -> None:
     """Turn a training checkpoint into shipped weights (safetensors + manifest entry)."""
-    from rcam.zoo import export_checkpoint
+    from rcam.zoo import WEIGHTS_DIR, export_checkpoint
 
-    click.echo(f"weights: {export_checkpoint(Path(checkpoint), name, half=half)}")
+    click.echo(f"weights: {export_checkpoint(Path(checkpoint), name, Path(weights_dir) if weights_dir else WEIGHTS_DIR, half=half)}")
 
 
 @cli.command("eval")

@@ -1,0 +1,64 @@
+"""Ablations of RealCamNet's claims on our data: train each variant with the same budget, compare on protocol S.
+
+Variants (configs/ablation_*.json): without CADR, CADR with relative (per-tile) coordinates, without the
+global prior. Each is trained (or resumed) with `rcam train`, exported under its own name, evaluated with
+`rcam eval --protocol S` on the val photos, and compared with the full model by BD-PSNR (averaged curves).
+
+    .venv/bin/python bench/ablations.py [--photos ../shared/data/photos/val/McMaster] [--skip-train]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from rcam.bjontegaard import bd_metric, bd_rate
+from rcam.errors import RcamError
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {"full": "configs/small.json", "no_cadr": "configs/ablation_no_cadr.json",
+            "relative_coords": "configs/ablation_relative_coords.json", "no_global_prior": "configs/ablation_no_global_prior.json"}  # fmt: skip
+LAMBDAS = "0.005,0.01,0.025,0.1"
+
+
+def run(*argv: str) -> None:
+    """Run an rcam command from the repository root, failing loudly."""
+    subprocess.run([str(Path(sys.executable).parent / "rcam"), *argv], cwd=ROOT, check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--photos", default=str(ROOT.parent / "shared/data/photos/val/McMaster"))
+    parser.add_argument("--skip-train", action="store_true", help="Use the runs' existing checkpoints.")
+    parser.add_argument("--out-dir", default="out/ablations")
+    args = parser.parse_args()
+
+    curves = {}
+    for name, config in VARIANTS.items():
+        run_dir = json.loads((ROOT / config).read_text())["run_dir"]
+        if not args.skip_train:
+            run("train", config)
+        # Ablation weights stay out of the shipped weights/ and its manifest.
+        out = f"{args.out_dir}/{name}"
+        run("export", f"{run_dir}/last.pt", "--name", f"ablation-{name}", "--weights-dir", out)
+        model = f"{out}/ablation-{name}.safetensors"
+        run("eval", args.photos, "--protocol", "S", "--lambdas", LAMBDAS, "--baselines", "jpeg", "--no-speed", "--model", model, "--out-dir", out)
+        curves[name] = json.loads((ROOT / out / "results.json").read_text())["curves"]["rcam"]
+
+    full = curves["full"]
+    print(f"{'variant':18s} {'BD-PSNR vs full (dB)':>22s} {'BD-rate vs full (%)':>21s}")
+    for name, curve in curves.items():
+        if name == "full":
+            continue
+        try:
+            args_ = ([p["bpp"] for p in full], [p["psnr"] for p in full], [p["bpp"] for p in curve], [p["psnr"] for p in curve])
+            print(f"{name:18s} {bd_metric(*args_):22.3f} {bd_rate(*args_):21.2f}")
+        except RcamError as error:
+            print(f"{name:18s} {'-':>22s} {'-':>21s}  ({error})")
+
+
+if __name__ == "__main__":
+    main()
