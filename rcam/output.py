@@ -93,7 +93,10 @@ def check_output_path(path: Path, force: bool, inputs: tuple[Path, ...] = ()) ->
 def write_atomic(path: Path, data: bytes) -> None:
     """Write bytes to `path` via a temporary file in the same folder and a rename; no partial file on failure."""
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as error:  # e.g. a read-only or unwritable folder: the user's problem, not an rcam bug
+        raise RcamError(f"{path}: cannot write in {path.parent} ({error.strerror})") from None
     try:
         with os.fdopen(handle, "wb") as file:
             # mkstemp creates the file 0600; give the output the usual permissions (0666 less the umask).

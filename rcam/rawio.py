@@ -9,6 +9,11 @@ or column at the bottom/right. The decoder crops the same amounts off again.
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,20 +58,53 @@ def _open(path: Path) -> rawpy.RawPy:
     if path.stat().st_size == 0:
         raise RcamError(f"{path}: empty file")
     raw = rawpy.RawPy()
-    try:
-        raw.open_file(str(path))
-        sizes = raw.sizes
-        if sizes.raw_height * sizes.raw_width > MAX_SENSOR_PIXELS:
+    with _libraw_remarks(path) as remarks:
+        try:
+            raw.open_file(str(path))
+            sizes = raw.sizes
+            if sizes.raw_height * sizes.raw_width > MAX_SENSOR_PIXELS:
+                raise RcamError(
+                    f"{path}: declares a {sizes.raw_width}x{sizes.raw_height} sensor, "
+                    f"over the {MAX_SENSOR_PIXELS // 1_000_000} MP rcam accepts"
+                )
+            raw.unpack()
+        except (rawpy.LibRawFileUnsupportedError, rawpy.LibRawIOError):
+            if remark := remarks():
+                raise RcamError(f"{path}: truncated or damaged (LibRaw: {remark})") from None
             raise RcamError(
-                f"{path}: declares a {sizes.raw_width}x{sizes.raw_height} sensor, "
-                f"over the {MAX_SENSOR_PIXELS // 1_000_000} MP rcam accepts"
-            )
-        raw.unpack()
-    except (rawpy.LibRawFileUnsupportedError, rawpy.LibRawIOError):
-        raise RcamError(f"{path}: not a RAW file LibRaw can read (or truncated)") from None
-    except rawpy.LibRawError as error:
-        raise RcamError(f"{path}: LibRaw cannot read it ({_libraw_message(error)})") from None
+                f"{path}: not a RAW file LibRaw can read (unknown format, truncated, or a side under 22 or over 64000 pixels)"
+            ) from None
+        except rawpy.LibRawError as error:
+            raise RcamError(f"{path}: LibRaw cannot read it ({_libraw_message(error)})") from None
+        if remark := remarks():  # LibRaw went on past a data error: the pixels are not what the camera recorded
+            raise RcamError(f"{path}: damaged RAW data (LibRaw: {remark})")
     return raw
+
+
+@contextmanager
+def _libraw_remarks(path: Path) -> Iterator[Callable[[], str]]:
+    """Keep what LibRaw prints on stderr (e.g. "Unexpected end of file") off the terminal; yields a callable giving it.
+
+    LibRaw reports data errors with fprintf(stderr) from C, which would add a second, unprefixed line to rcam's
+    one-line error. File descriptor 2 goes to a temporary file while LibRaw reads; the text becomes part of the
+    RcamError instead.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+
+        def remarks() -> str:
+            sink.seek(0)
+            lines = sink.read().decode("utf-8", "replace").splitlines()
+            # LibRaw starts each remark with the file name; drop it, the RcamError names the file already.
+            return "; ".join(line.removeprefix(f"{path}: ").strip() for line in lines if line.strip())
+
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield remarks
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _libraw_message(error: Exception) -> str:

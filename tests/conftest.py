@@ -1,19 +1,30 @@
-"""Shared fixtures: a tiny random RealCamNet saved as a checkpoint, and small synthetic Bayer DNGs.
+"""Shared fixtures and helpers: a tiny random RealCamNet saved as a checkpoint, small synthetic Bayer DNGs,
+bad and hostile RAW inputs, and running the `rcam` command line in-process or as the real console script.
 
 Everything here is sized for a loaded 2-core CPU: the tiny model has a few tens of thousands of parameters
-and the DNGs are a few thousand pixels.
+and the DNGs are a few thousand pixels. bench/hostile_inputs.py and bench/fuzz_bitstream.py import the
+model and file builders from here too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
+from PIL import Image
 
-from rcam.dng import write_bayer_dng
+from rcam import cli
+from rcam.dng import write_bayer_dng, write_cfa_dng, write_linear_dng
 from rcam.models import CONFIGS, RealCamNet
 from rcam.zoo import load_codec, save_checkpoint
 
@@ -31,7 +42,8 @@ GAIN_BOOST = 30.0
 torch.set_num_threads(1)
 
 
-def _tiny_checkpoint(path, seed: int):
+def save_tiny_model(path, seed: int = 0) -> Path:
+    """Save a tiny random model (with boosted gains, see GAIN_BOOST) as a .safetensors checkpoint."""
     torch.manual_seed(seed)
     model = RealCamNet(TINY_CONFIG).eval()
     with torch.no_grad():
@@ -43,13 +55,13 @@ def _tiny_checkpoint(path, seed: int):
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
     """A tiny random model's .safetensors file (model A)."""
-    return _tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny.safetensors", seed=0)
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny.safetensors", seed=0)
 
 
 @pytest.fixture(scope="session")
 def other_model_path(tmp_path_factory):
     """Model B: same config and file name as model A (so the same model name), different weights."""
-    return _tiny_checkpoint(tmp_path_factory.mktemp("models_b") / "tiny.safetensors", seed=1)
+    return save_tiny_model(tmp_path_factory.mktemp("models_b") / "tiny.safetensors", seed=1)
 
 
 @pytest.fixture(scope="session")
@@ -80,14 +92,187 @@ def make_dng(tmp_path):
 
     def make(name="image.dng", height=64, width=96, *, cfa="RGGB", orientation=1, seed=0, folder=None):
         folder = tmp_path if folder is None else folder
-        return write_bayer_dng(
-            folder / name,
-            smooth_mosaic(height, width, seed),
-            cfa=cfa,
-            black_level=BLACK_LEVEL,
-            white_level=WHITE_LEVEL,
-            as_shot_neutral=(0.5, 1.0, 0.7),
-            orientation=orientation,
-        )
+        return bayer_dng_of_size(folder / name, height, width, cfa=cfa, orientation=orientation, seed=seed)
 
     return make
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running the command line
+
+RCAM = Path(sys.executable).parent / "rcam"
+
+
+@pytest.fixture
+def run(monkeypatch, capfd):
+    """run(*args) -> (exit status, stdout, stderr) of `rcam args...`, in-process.
+
+    Output is captured at the file descriptors, so what C libraries (LibRaw, torch) print counts too.
+    """
+
+    def invoke(*args):
+        monkeypatch.setattr(sys, "argv", ["rcam", *(str(a) for a in args)])
+        capfd.readouterr()  # drop anything printed before
+        with pytest.raises(SystemExit) as done:
+            cli.main()
+        captured = capfd.readouterr()
+        return done.value.code, captured.out, captured.err
+
+    return invoke
+
+
+def script_env() -> dict[str, str]:
+    """Environment for the console script: one torch thread (the test machine is busy)."""
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def run_script(*args):
+    """The installed console script in a subprocess."""
+    return subprocess.run([str(RCAM), *(str(a) for a in args)], capture_output=True, text=True, env=script_env(), timeout=300)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("rcam: error:")]
+
+
+def part_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in Path(folder).iterdir() if p.name.endswith(".part"))
+
+
+def check_one_error_line(stderr: str, path: Path) -> str:
+    """stderr is exactly one `rcam: error:` line naming `path` (no traceback, no other output); returns it."""
+    assert "Traceback" not in stderr
+    lines = error_lines(stderr)
+    assert len(lines) == 1, stderr
+    assert str(path) in lines[0]
+    assert stderr.strip().splitlines() == lines, stderr  # nothing else on stderr (no warnings either)
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad inputs: each factory writes one file into a folder and returns its path.
+
+XTRANS_PATTERN = [
+    [1, 1, 0, 1, 1, 2],
+    [1, 1, 2, 1, 1, 0],
+    [2, 0, 1, 0, 2, 1],
+    [1, 1, 2, 1, 1, 0],
+    [1, 1, 0, 1, 1, 2],
+    [0, 2, 1, 2, 0, 1],
+]
+
+
+def random_mosaic(shape, seed=0):
+    return np.random.default_rng(seed).integers(64, 4095, shape).astype(np.uint16)
+
+
+def text_file(folder):
+    path = folder / "notes.dng"
+    path.write_text("this is not a raw file\n")
+    return path
+
+
+def empty_file(folder):
+    path = folder / "empty.dng"
+    path.write_bytes(b"")
+    return path
+
+
+def jpeg_file(folder):
+    path = folder / "photo.dng"
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(buffer, format="JPEG")
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def linear_dng(folder):
+    rgb = np.random.default_rng(1).integers(64, 4095, (32, 40, 3)).astype(np.uint16)
+    return write_linear_dng(folder / "linear.dng", rgb, black_level=64, white_level=4095)
+
+
+def xtrans_dng(folder):
+    pattern = sum(XTRANS_PATTERN, [])
+    return write_cfa_dng(folder / "xtrans.dng", random_mosaic((36, 48)), repeat_dim=(6, 6), pattern=pattern, white_level=4095)
+
+
+def cmyg_dng(folder):
+    cyan, magenta, yellow, green = 3, 4, 5, 1
+    return write_cfa_dng(
+        folder / "cmyg.dng",
+        random_mosaic((30, 40)),
+        repeat_dim=(2, 2),
+        pattern=[cyan, yellow, magenta, green],
+        cfa_plane_color=(cyan, magenta, yellow, green),
+        xyz_to_camera=[[0.6, 0.3, 0.1], [0.4, 0.5, 0.2], [0.3, 0.6, 0.5], [0.2, 0.8, 0.1]],
+        as_shot_neutral=(1, 1, 1, 1),
+        white_level=4095,
+    )
+
+
+def too_small_dng(folder):
+    # A valid Bayer DNG, but LibRaw refuses anything under 22 pixels a side.
+    return write_bayer_dng(folder / "tiny.dng", random_mosaic((16, 16)), white_level=4095)
+
+
+BAD_INPUTS = {
+    "text": text_file,
+    "empty": empty_file,
+    "jpeg": jpeg_file,
+    "linear": linear_dng,
+    "xtrans": xtrans_dng,
+    "cmyg": cmyg_dng,
+    "too-small": too_small_dng,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hostile DNGs: valid files with edited TIFF fields
+
+TAG_IMAGE_WIDTH, TAG_IMAGE_LENGTH, TAG_ROWS_PER_STRIP, TAG_STRIP_BYTE_COUNTS = 256, 257, 278, 279
+
+
+def patch_tiff_tags(path, values: dict[int, int]) -> Path:
+    """Overwrite single-value SHORT/LONG tags of a little-endian classic TIFF's first IFD, in place."""
+    path = Path(path)
+    data = bytearray(path.read_bytes())
+    assert data[:4] == b"II*\x00", "little-endian classic TIFF expected"
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    remaining = dict(values)
+    for number in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * number
+        code, kind, count = struct.unpack_from("<HHI", data, entry)
+        if code in remaining:
+            assert count == 1 and kind in (3, 4), (code, kind, count)
+            struct.pack_into("<H" if kind == 3 else "<I", data, entry + 8, remaining.pop(code))
+    assert not remaining, f"tags not found: {sorted(remaining)}"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def bayer_dng_of_size(path, height: int, width: int, cfa: str = "RGGB", orientation: int = 1, seed: int = 0) -> Path:
+    """A Bayer DNG of any size, 1x1 included (the DNG writer needs 2x2: smaller ones get their size tags edited)."""
+    mosaic = smooth_mosaic(max(height, 2), max(width, 2), seed)
+    path = write_bayer_dng(
+        path, mosaic, cfa=cfa, black_level=BLACK_LEVEL, white_level=WHITE_LEVEL, as_shot_neutral=(0.5, 1.0, 0.7), orientation=orientation
+    )
+    if (height, width) != mosaic.shape:
+        patch_tiff_tags(path, {TAG_IMAGE_WIDTH: width, TAG_IMAGE_LENGTH: height, TAG_ROWS_PER_STRIP: height, TAG_STRIP_BYTE_COUNTS: 2 * height * width})
+    return path
+
+
+def truncation_points(path) -> dict[str, int]:
+    """File lengths that cut a DNG inside its TIFF header, IFD, tag values, image data, and just before the end."""
+    path = Path(path)
+    with tifffile.TiffFile(path) as tiff:
+        page = tiff.pages[0]
+        ifd, data_start, data_length = page.offset, page.dataoffsets[0], page.databytecounts[0]
+    size = path.stat().st_size
+    assert ifd + 200 < data_start and data_start + data_length == size  # the layout tifffile writes
+    return {
+        "header": 5,
+        "ifd": ifd + 2 + 12 * 4 + 6,
+        "tag values": data_start - 40,
+        "image data": data_start + data_length // 2,
+        "last byte": size - 1,
+    }

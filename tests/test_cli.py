@@ -6,11 +6,7 @@ installed console script in a subprocess to check the real process's exit status
 
 from __future__ import annotations
 
-import io
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import imagecodecs
 import numpy as np
@@ -19,125 +15,12 @@ import tifffile
 from PIL import Image
 
 from rcam import cli, codec, container
-from rcam.dng import write_bayer_dng, write_cfa_dng, write_linear_dng
 from rcam.output import quantize, srgb_icc_profile
 from rcam.rawio import reference_render
-from rcam.zoo import load_codec
 
-RCAM = Path(sys.executable).parent / "rcam"
-
-XTRANS_PATTERN = [
-    [1, 1, 0, 1, 1, 2],
-    [1, 1, 2, 1, 1, 0],
-    [2, 0, 1, 0, 2, 1],
-    [1, 1, 2, 1, 1, 0],
-    [1, 1, 0, 1, 1, 2],
-    [0, 2, 1, 2, 0, 1],
-]
-
-
-@pytest.fixture
-def run(monkeypatch, capsys):
-    """run(*args) -> (exit status, stdout, stderr) of `rcam args...`, in-process."""
-
-    def invoke(*args):
-        monkeypatch.setattr(sys, "argv", ["rcam", *(str(a) for a in args)])
-        capsys.readouterr()  # drop anything printed before
-        with pytest.raises(SystemExit) as done:
-            cli.main()
-        captured = capsys.readouterr()
-        return done.value.code, captured.out, captured.err
-
-    return invoke
-
-
-def run_script(*args):
-    """The installed console script in a subprocess (one torch thread: the test machine is busy)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run([str(RCAM), *(str(a) for a in args)], capture_output=True, text=True, env=env, timeout=300)
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("rcam: error:")]
-
-
-def part_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in Path(folder).iterdir() if p.name.endswith(".part"))
-
-
-def random_mosaic(shape, seed=0):
-    return np.random.default_rng(seed).integers(64, 4095, shape).astype(np.uint16)
-
-
-# Bad inputs: each factory writes one file into a folder and returns its path.
-def _text(folder):
-    path = folder / "notes.dng"
-    path.write_text("this is not a raw file\n")
-    return path
-
-
-def _empty(folder):
-    path = folder / "empty.dng"
-    path.write_bytes(b"")
-    return path
-
-
-def _jpeg(folder):
-    path = folder / "photo.dng"
-    buffer = io.BytesIO()
-    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(buffer, format="JPEG")
-    path.write_bytes(buffer.getvalue())
-    return path
-
-
-def _linear(folder):
-    rgb = np.random.default_rng(1).integers(64, 4095, (32, 40, 3)).astype(np.uint16)
-    return write_linear_dng(folder / "linear.dng", rgb, black_level=64, white_level=4095)
-
-
-def _xtrans(folder):
-    pattern = sum(XTRANS_PATTERN, [])
-    return write_cfa_dng(folder / "xtrans.dng", random_mosaic((36, 48)), repeat_dim=(6, 6), pattern=pattern, white_level=4095)
-
-
-def _cmyg(folder):
-    cyan, magenta, yellow, green = 3, 4, 5, 1
-    return write_cfa_dng(
-        folder / "cmyg.dng",
-        random_mosaic((30, 40)),
-        repeat_dim=(2, 2),
-        pattern=[cyan, yellow, magenta, green],
-        cfa_plane_color=(cyan, magenta, yellow, green),
-        xyz_to_camera=[[0.6, 0.3, 0.1], [0.4, 0.5, 0.2], [0.3, 0.6, 0.5], [0.2, 0.8, 0.1]],
-        as_shot_neutral=(1, 1, 1, 1),
-        white_level=4095,
-    )
-
-
-def _too_small(folder):
-    # A valid Bayer DNG, but LibRaw refuses anything under 22 pixels a side.
-    return write_bayer_dng(folder / "tiny.dng", random_mosaic((16, 16)), white_level=4095)
-
-
-BAD_INPUTS = {
-    "text": _text,
-    "empty": _empty,
-    "jpeg": _jpeg,
-    "linear": _linear,
-    "xtrans": _xtrans,
-    "cmyg": _cmyg,
-    "too-small": _too_small,
-}
-
-
-def check_one_error_line(stderr: str, path: Path) -> str:
-    assert "Traceback" not in stderr
-    lines = error_lines(stderr)
-    assert len(lines) == 1, stderr
-    assert str(path) in lines[0]
-    assert stderr.strip().splitlines() == lines, stderr  # nothing else on stderr (no warnings either)
-    return lines[0]
-
+from conftest import (
+    BAD_INPUTS, check_one_error_line, cmyg_dng, error_lines, linear_dng, part_files, run_script, text_file, too_small_dng, xtrans_dng,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Exit statuses and error lines
@@ -178,7 +61,7 @@ def test_bad_input_exits_2_with_one_line(run, tmp_path, tiny_model_path, kind):
 
 @pytest.mark.parametrize("kind", ["bayer", "linear", "xtrans", "cmyg"])
 def test_non_bayer_errors_say_why(run, tmp_path, tiny_model_path, kind):
-    source = {"bayer": _too_small, "linear": _linear, "xtrans": _xtrans, "cmyg": _cmyg}[kind](tmp_path)
+    source = {"bayer": too_small_dng, "linear": linear_dng, "xtrans": xtrans_dng, "cmyg": cmyg_dng}[kind](tmp_path)
     status, _, err = run("encode", source, "--model", tiny_model_path, "-o", tmp_path / "out.rcb")
     assert status == 2
     line = check_one_error_line(err, source)
@@ -284,7 +167,7 @@ def test_many_inputs_keep_going_past_a_bad_one(run, tmp_path, make_dng, tiny_mod
     inputs.mkdir()
     outputs.mkdir()
     first = make_dng("a.dng", 48, 64, folder=inputs, seed=1)
-    bad = _text(inputs)
+    bad = text_file(inputs)
     second = make_dng("z.dng", 48, 64, cfa="GRBG", folder=inputs, seed=2)
     status, out, err = run("encode", first, bad, second, "--model", tiny_model_path, "--out-dir", outputs)
     assert status == 2
