@@ -219,7 +219,9 @@ def demo(raw_path, out_dir, lam, model_name, device, threads) -> None:
     click.echo(f"input   {result['input']} ({result['size']})")
     click.echo(f"model   {codec.name}, lambda {lam}")
     click.echo(f"rcb     {result['bytes']} bytes = {result['bpp']:.4f} bpp")
-    click.echo(f"PSNR    {result['psnr']:.2f} dB against the reference render")
+    click.echo(f"PSNR    {result['psnr']:.2f} dB against the reference render of the input")
+    if "psnr_clean" in result:
+        click.echo(f"PSNR    {result['psnr_clean']:.2f} dB against the render of its defect-free twin")
     click.echo(f"decoded {result['output']}")
 
 

@@ -51,21 +51,21 @@ def sample_scene(height: int = 480, width: int = 640, seed: int = 7) -> np.ndarr
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def make_sample_dng(out_dir: Path, seed: int = 7) -> Path:
-    """Write the sample scene as a synthetic camera DNG (with defects) into out_dir; returns its path."""
+def make_sample_dng(out_dir: Path, seed: int = 7):
+    """Write the sample scene as a synthetic camera DNG (with defects) and its clean twin; returns the PairFiles."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scene = out_dir / "sample_scene.png"
     Image.fromarray(sample_scene(seed=seed)).save(scene)
-    files = make_pair(scene, out_dir, np.random.default_rng(seed), "sample")
-    return files.degraded
+    return make_pair(scene, out_dir, np.random.default_rng(seed), "sample")
 
 
 def run_demo(codec: Codec, out_dir: Path, raw_path: Path | None = None, lam: float = 0.01) -> dict:
     """Encode and decode `raw_path` (default: the generated sample); write .rcb and PNG; return bpp and PSNR."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    raw_path = Path(raw_path) if raw_path else make_sample_dng(out_dir)
+    sample = None if raw_path else make_sample_dng(out_dir)
+    raw_path = Path(raw_path) if raw_path else sample.degraded
     encoded = encode_file(codec, raw_path, lam)
     write_atomic(out_dir / (raw_path.stem + ".rcb"), encoded.data)
     decoded = decode_bytes(codec, encoded.data)
@@ -73,7 +73,7 @@ def run_demo(codec: Codec, out_dir: Path, raw_path: Path | None = None, lam: flo
     reference = reference_render(raw_path)
     decoded_8bit = np.round(decoded * 255).astype(np.uint8)
     pixels = reference.shape[0] * reference.shape[1]
-    return {
+    result = {
         "input": str(raw_path),
         "bytes": len(encoded.data),
         "bpp": 8 * len(encoded.data) / pixels,
@@ -81,3 +81,6 @@ def run_demo(codec: Codec, out_dir: Path, raw_path: Path | None = None, lam: flo
         "size": f"{reference.shape[1]}x{reference.shape[0]}",
         "output": str(out_dir / (raw_path.stem + ".png")),
     }
+    if sample is not None:  # the generated sample has a defect-free twin: the codec's real target
+        result["psnr_clean"] = psnr(decoded_8bit, np.asarray(Image.open(sample.target).convert("RGB")))
+    return result
