@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,20 +20,9 @@ import numpy as np
 from PIL import Image
 
 from rcam.demo import sample_scene
+from rcam.evaluate import timed_command
 from rcam.rawio import reference_render
 from rcam.synth import make_pair
-
-
-def run_measured(argv: list[str], threads: int) -> tuple[float, float]:
-    """Run a command; return (wall seconds, peak RSS in MiB) of that process alone (os.wait4)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    start = time.perf_counter()
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"{' '.join(argv)} failed:\n{process.stderr.read().decode()}")
-    return seconds, usage.ru_maxrss / 1024
 
 
 def main() -> None:
@@ -57,8 +44,8 @@ def main() -> None:
         dng = make_pair(folder / "scene.png", folder, np.random.default_rng(0), "bench").degraded
 
         common = ["--threads", str(args.threads), "--model", args.model, "--device", "cpu", "-q"]
-        encode_s, encode_mib = run_measured([rcam, "encode", str(dng), "-o", str(folder / "b.rcb"), "--lambda", str(args.lam), "--tile", str(args.tile), *common], args.threads)
-        decode_s, decode_mib = run_measured([rcam, "decode", str(folder / "b.rcb"), "-o", str(folder / "b.png"), *common], args.threads)
+        encode_s, encode_mib = timed_command([rcam, "encode", str(dng), "-o", str(folder / "b.rcb"), "--lambda", str(args.lam), "--tile", str(args.tile), *common])
+        decode_s, decode_mib = timed_command([rcam, "decode", str(folder / "b.rcb"), "-o", str(folder / "b.png"), *common])
         size = (folder / "b.rcb").stat().st_size
 
         start = time.perf_counter()

@@ -290,20 +290,37 @@ def _measure_speed(
     return row
 
 
+def _high_water_mib(pid: int) -> float:
+    """VmHWM (peak resident memory since exec) of a running process in MiB, 0 when unavailable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
 def timed_command(argv: Sequence[str]) -> tuple[float, float]:
-    """Run a command; return (wall seconds, peak resident memory MiB of that process). RcamError if it fails."""
+    """Run a command; return (wall seconds, peak resident memory MiB of that process). RcamError if it fails.
+
+    The peak is the child's own VmHWM, polled while it runs: ru_maxrss of a forked child also counts the
+    parent's memory at fork time, which made every command look as big as the evaluating process.
+    """
     start = time.perf_counter()
-    process = subprocess.Popen([str(arg) for arg in argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # wait4 gives this child's own resource usage; RUSAGE_CHILDREN would mix in every earlier child.
-    stderr_read = process.stderr.read()
-    _pid, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    process.stderr.close()
+    peak = 0.0
+    with tempfile.TemporaryFile() as stderr_file:
+        process = subprocess.Popen([str(arg) for arg in argv], stdout=subprocess.DEVNULL, stderr=stderr_file)
+        while process.poll() is None:
+            peak = max(peak, _high_water_mib(process.pid))
+            time.sleep(0.005)
+        seconds = time.perf_counter() - start
+        stderr_file.seek(0)
+        stderr_text = stderr_file.read().decode(errors="replace")
     if process.returncode != 0:
-        tail = stderr_read.decode(errors="replace").strip().splitlines()[-1:] or ["(no message)"]
+        tail = stderr_text.strip().splitlines()[-1:] or ["(no message)"]
         raise RcamError(f"command failed with status {process.returncode}: {' '.join(map(str, argv))}: {tail[0]}")
-    return seconds, usage.ru_maxrss * _MAXRSS_TO_MIB
+    return seconds, peak
 
 
 def make_command_timer(rcam_argv: Sequence[str], extra_args: Sequence[str] = ()) -> CommandTimer:
