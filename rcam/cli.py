@@ -87,9 +87,9 @@ def run_batch(sources: list[Path], work: Callable[[Path], str], quiet: bool) -> 
         raise BatchFailed(1 if internal else 2)
 
 
-def tile_progress(total: int, label: str):
-    """A tqdm bar over tiles, shown only on a terminal."""
-    return tqdm(total=total, desc=label, unit="tile", leave=False, disable=None)
+def tile_progress(label: str):
+    """A tqdm tile counter, shown only on a terminal."""
+    return tqdm(desc=label, unit="tile", leave=False, disable=None)
 
 
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where the network runs.")
@@ -132,7 +132,7 @@ def encode(inputs, output, out_dir, lam, model_name, tile, overlap, tile_batch, 
     def work(source: Path) -> str:
         target = output_path(source, output, out_dir, ".rcb", len(sources) > 1)
         check_output_path(target, force, tuple(sources))
-        with tile_progress(0, source.name) as bar:
+        with tile_progress(source.name) as bar:
             encoded = encode_file(codec, source, lam, tile=tile, overlap=overlap, tile_batch=tile_batch, progress=lambda: bar.update(1))
         write_atomic(target, encoded.data)
         pixels = encoded.header.output_height * encoded.header.output_width
@@ -166,7 +166,7 @@ def decode(inputs, output, out_dir, image_format, bits, quality, model_name, dev
             data = source.read_bytes()
         except OSError as error:
             raise RcamError(f"cannot read ({error.strerror})") from None
-        with tile_progress(0, source.name) as bar:
+        with tile_progress(source.name) as bar:
             image = decode_bytes(codec, data, progress=lambda: bar.update(1))
         write_atomic(target, encode_image(image, kind, int(bits), quality))
         return f"{source} -> {target}: {image.shape[1]}x{image.shape[0]}"

@@ -66,6 +66,17 @@ BAYER_PATTERNS: dict[str, tuple[int, int, int, int]] = {
 CANON_5D_MARK_II_XYZ_TO_CAMERA = np.array(
     [[4716, 603, -830], [-7798, 15474, 2480], [-1496, 1937, 6651]], dtype=np.float64
 ) / 10000.0
+
+# Fujifilm's 6x6 X-Trans layout (0 R, 1 G, 2 B): used to write non-Bayer test files that rcam must refuse.
+XTRANS_PATTERN = [
+    [1, 1, 0, 1, 1, 2],
+    [1, 1, 2, 1, 1, 0],
+    [2, 0, 1, 0, 2, 1],
+    [1, 1, 2, 1, 1, 0],
+    [1, 1, 0, 1, 1, 2],
+    [0, 2, 1, 2, 0, 1],
+]
+
 DEFAULT_XYZ_TO_CAMERA = CANON_5D_MARK_II_XYZ_TO_CAMERA
 
 # Rationals are written with this fixed denominator: 1e-6 precision, and |value| < 2147 fits in 32 bits.

@@ -38,6 +38,7 @@ SCALE_TABLE_Q10 = (
     29201, 32306, 35741, 39541, 43746, 48398, 53544, 59237, 65536,
 )  # fmt: skip
 _SCALE_TABLE = np.asarray(SCALE_TABLE_Q10, dtype=np.float64) / 2**FIXED_POINT_BITS
+_SCALE_TABLE_Q10 = torch.tensor(SCALE_TABLE_Q10, dtype=torch.float64)  # built once, searched per tile
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,8 @@ class IntegerHyperSynthesis:
                 activation = activation.clamp_min(0)
             activation = activation.clamp(-ACTIVATION_LIMIT, ACTIVATION_LIMIT)
         means, scales = activation.chunk(2, dim=1)
-        table = torch.tensor(SCALE_TABLE_Q10, dtype=torch.float64)
         # Smallest table entry >= the predicted scale (as compressai's build_indexes), compared as integers.
-        index = torch.searchsorted(table, scales.contiguous()).clamp_max(len(SCALE_TABLE_Q10) - 1)
+        index = torch.searchsorted(_SCALE_TABLE_Q10, scales.contiguous()).clamp_max(len(SCALE_TABLE_Q10) - 1)
         return means.to(torch.int64), index
 
 

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from rcam import cli
-from rcam.dng import write_bayer_dng, write_cfa_dng, write_linear_dng
+from rcam.dng import XTRANS_PATTERN, write_bayer_dng, write_cfa_dng, write_linear_dng
 from rcam.models import CONFIGS, RealCamNet
 from rcam.zoo import load_codec, save_checkpoint
 
@@ -152,14 +152,6 @@ def check_one_error_line(stderr: str, path: Path) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Bad inputs: each factory writes one file into a folder and returns its path.
 
-XTRANS_PATTERN = [
-    [1, 1, 0, 1, 1, 2],
-    [1, 1, 2, 1, 1, 0],
-    [2, 0, 1, 0, 2, 1],
-    [1, 1, 2, 1, 1, 0],
-    [1, 1, 0, 1, 1, 2],
-    [0, 2, 1, 2, 0, 1],
-]
 
 
 def random_mosaic(shape, seed=0):

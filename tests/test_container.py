@@ -17,13 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rcam import codec, container
+from rcam.container import MAGIC
 from rcam.dng import write_bayer_dng
 from rcam.errors import RcamError
 from rcam.zoo import load_codec
 
 from conftest import BLACK_LEVEL, WHITE_LEVEL, smooth_mosaic
 
-MAGIC = b"\x89RCB\r\n\x1a\n"
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

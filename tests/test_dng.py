@@ -5,20 +5,12 @@ import pytest
 import rawpy
 import tifffile
 
-from rcam.dng import BAYER_PATTERNS, DEFAULT_XYZ_TO_CAMERA, write_bayer_dng, write_cfa_dng, write_linear_dng
+from rcam.dng import BAYER_PATTERNS, DEFAULT_XYZ_TO_CAMERA, XTRANS_PATTERN, write_bayer_dng, write_cfa_dng, write_linear_dng
 from rcam.errors import RcamError
 
 # LibRaw's flip for each EXIF orientation (measured with LibRaw 0.22; it is "50132467"[orientation & 7]).
 LIBRAW_FLIP = {1: 0, 2: 1, 3: 3, 4: 2, 5: 4, 6: 6, 7: 7, 8: 5}
 
-XTRANS_PATTERN = [
-    [1, 1, 0, 1, 1, 2],
-    [1, 1, 2, 1, 1, 0],
-    [2, 0, 1, 0, 2, 1],
-    [1, 1, 2, 1, 1, 0],
-    [1, 1, 0, 1, 1, 2],
-    [0, 2, 1, 2, 0, 1],
-]
 
 
 def reference_render(path):
