@@ -58,6 +58,12 @@ def output_path(source: Path, output: str | None, out_dir: str | None, suffix: s
     return folder / (source.stem + suffix)
 
 
+def check_out_dir(out_dir: str | None) -> None:
+    """An --out-dir must exist: checked once, before any work, so a batch fails with one line, not one per input."""
+    if out_dir and not Path(out_dir).is_dir():
+        raise RcamError(f"--out-dir {out_dir}: folder does not exist")
+
+
 def run_batch(sources: list[Path], work: Callable[[Path], str], quiet: bool) -> None:
     """Apply `work` to every source, printing its summary; report failures at the end (exit 2, or 1 if internal)."""
     failed: list[tuple[Path, str]] = []
@@ -127,6 +133,7 @@ def cli() -> None:
 def encode(inputs, output, out_dir, lam, model_name, tile, overlap, tile_batch, device, threads, force, quiet) -> None:
     """Encode RAW files (or folders of them) into .rcb bitstreams."""
     sources = expand_inputs(inputs, RAW_SUFFIXES)
+    check_out_dir(out_dir)
     codec = load_codec(model_name, _setup(device, threads))
 
     def work(source: Path) -> str:
@@ -156,6 +163,7 @@ def encode(inputs, output, out_dir, lam, model_name, tile, overlap, tile_batch, 
 def decode(inputs, output, out_dir, image_format, bits, quality, model_name, device, threads, force, quiet) -> None:
     """Decode .rcb bitstreams into sRGB images with an embedded sRGB profile."""
     sources = expand_inputs(inputs, {".rcb"})
+    check_out_dir(out_dir)
     codec = load_codec(model_name, _setup(device, threads))
 
     def work(source: Path) -> str:

@@ -217,16 +217,18 @@ def test_ctrl_c_leaves_only_complete_outputs(tmp_path, make_dng, tiny_model_path
 
 @pytest.mark.parametrize("command", ["encode", "decode"])
 def test_missing_output_folder(run, tmp_path, make_dng, tiny_model_path, command):
-    source = make_dng()
+    sources = [make_dng("a.dng"), make_dng("b.dng", seed=1)]
     missing = tmp_path / "no" / "such" / "folder"
     if command == "decode":
-        encoded = tmp_path / "image.rcb"
-        assert run("encode", source, "--model", tiny_model_path, "-o", encoded)[0] == 0
-        source = encoded
-    status, out, err = run(command, source, "--model", tiny_model_path, "--out-dir", missing)
+        for index, source in enumerate(sources):
+            encoded = tmp_path / f"image{index}.rcb"
+            assert run("encode", source, "--model", tiny_model_path, "-o", encoded)[0] == 0
+            sources[index] = encoded
+    status, out, err = run(command, *sources, "--model", tiny_model_path, "--out-dir", missing)
     assert (status, out) == (2, "")
-    line = check_one_error_line(err, source)
-    assert "does not exist" in line and str(missing) in line
+    # One line for the whole batch, naming the folder, not one per input.
+    line = check_one_error_line(err, missing)
+    assert "does not exist" in line
     assert not (tmp_path / "no").exists()  # not created either
 
 
