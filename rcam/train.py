@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from rcam.errors import RcamError
 from rcam.models import CONFIGS, LAMBDA_RANGE, ModelConfig, RealCamNet, rate_bits
-from rcam.rawio import network_input, read_raw
+from rcam.rawio import RawImage, network_input, read_raw
 from rcam.tiling import Tile, coordinate_map, thumbnail
 
 
@@ -50,6 +50,9 @@ class TrainConfig:
     val_pairs: str = ""  # index.jsonl of synthetic pairs made from the val photos (never trained on)
     val_raw: str = ""  # folder of real DNGs, scored against their own reference render
     val_lambda: float = 0.01
+    # Share of patches taken from the clean twin instead of the degraded RAW. Real files carry no synthetic
+    # defects; a model that only ever saw them "corrects" vignetting that is not there.
+    clean_fraction: float = 0.0
 
     @staticmethod
     def load(path: Path) -> "TrainConfig":
@@ -67,17 +70,23 @@ class TrainConfig:
 
 @dataclass
 class TrainingImage:
-    """One training pair in memory: network input planes, target render, thumbnail."""
+    """One training pair in memory: network input planes, target render, thumbnail (and the clean twin's)."""
 
     planes: torch.Tensor  # (4, Hp, Wp) float16
     target: torch.Tensor  # (3, 2Hp, 2Wp) uint8, aligned with the padded mosaic
     thumbnail: torch.Tensor  # (4, S, S) float32
+    clean_planes: torch.Tensor | None = None  # (4, Hp, Wp) float16, the defect-free twin's input
+    clean_thumbnail: torch.Tensor | None = None  # (4, S, S) float32
 
 
-def load_pair(degraded: Path, target: Path, thumbnail_size: int) -> TrainingImage:
-    """Read a degraded DNG and its target render (orientation 1) into aligned training tensors."""
-    image = read_raw(degraded)
-    planes = torch.from_numpy(network_input(image))
+def _input_planes(raw_path: Path) -> tuple[torch.Tensor, RawImage]:
+    image = read_raw(raw_path)
+    return torch.from_numpy(network_input(image)), image
+
+
+def load_pair(degraded: Path, target: Path, thumbnail_size: int, clean: Path | None = None) -> TrainingImage:
+    """Read a degraded DNG, its target render (orientation 1) and optionally its clean twin into aligned tensors."""
+    planes, image = _input_planes(degraded)
     render = np.asarray(Image.open(target).convert("RGB"))
     if render.shape[:2] != (image.height, image.width):
         raise RcamError(f"{target}: size {render.shape[:2]} does not match {degraded} ({image.height}, {image.width})")
@@ -87,14 +96,21 @@ def load_pair(degraded: Path, target: Path, thumbnail_size: int) -> TrainingImag
         ((image.pad_top, padded_height - image.height - image.pad_top), (image.pad_left, padded_width - image.width - image.pad_left), (0, 0)),
         mode="edge",
     )
-    return TrainingImage(
+    pair = TrainingImage(
         planes=planes.half(),
         target=torch.from_numpy(render).permute(2, 0, 1).contiguous(),
         thumbnail=thumbnail(planes, thumbnail_size),
     )
+    if clean is not None:
+        clean_planes, _ = _input_planes(clean)
+        if clean_planes.shape != planes.shape:
+            raise RcamError(f"{clean}: clean twin size {tuple(clean_planes.shape)} does not match {degraded}")
+        pair.clean_planes = clean_planes.half()
+        pair.clean_thumbnail = thumbnail(clean_planes, thumbnail_size)
+    return pair
 
 
-def load_dataset(index: Path, thumbnail_size: int, limit: int | None = None) -> list[TrainingImage]:
+def load_dataset(index: Path, thumbnail_size: int, limit: int | None = None, with_clean: bool = False) -> list[TrainingImage]:
     """All pairs listed in an index.jsonl (paths relative to the index's folder), with a progress bar."""
     index = Path(index)
     if not index.is_file():
@@ -102,23 +118,31 @@ def load_dataset(index: Path, thumbnail_size: int, limit: int | None = None) -> 
     entries = [json.loads(line) for line in index.read_text().splitlines() if line.strip()][:limit]
     images = []
     for entry in tqdm(entries, desc="loading pairs", unit="pair"):
-        images.append(load_pair(index.parent / entry["degraded"], index.parent / entry["target"], thumbnail_size))
+        clean = index.parent / entry["clean"] if with_clean else None
+        images.append(load_pair(index.parent / entry["degraded"], index.parent / entry["target"], thumbnail_size, clean))
     return images
 
 
-def sample_batch(images: list[TrainingImage], batch_size: int, patch: int, absolute: bool, rng: np.random.Generator) -> dict:
-    """Random patches with their absolute offsets, thumbnails and λ values."""
+def sample_batch(
+    images: list[TrainingImage], batch_size: int, patch: int, absolute: bool, rng: np.random.Generator, clean_fraction: float = 0.0
+) -> dict:
+    """Random patches with their absolute offsets and thumbnails; a clean_fraction share comes from clean twins."""
     inputs, targets, coords, thumbs = [], [], [], []
     for _ in range(batch_size):
         image = images[rng.integers(len(images))]
-        _, height, width = image.planes.shape
+        planes, image_thumbnail = image.planes, image.thumbnail
+        if clean_fraction > 0 and rng.random() < clean_fraction:
+            if image.clean_planes is None:
+                raise RcamError("clean_fraction > 0 needs the clean twins loaded (load_dataset(..., with_clean=True))")
+            planes, image_thumbnail = image.clean_planes, image.clean_thumbnail
+        _, height, width = planes.shape
         top = int(rng.integers(0, max(height - patch, 0) + 1))
         left = int(rng.integers(0, max(width - patch, 0) + 1))
         tile = Tile(top, left, patch, patch)
-        inputs.append(image.planes[:, top : top + patch, left : left + patch].float())
+        inputs.append(planes[:, top : top + patch, left : left + patch].float())
         targets.append(image.target[:, 2 * top : 2 * (top + patch), 2 * left : 2 * (left + patch)].float() / 255.0)
         coords.append(coordinate_map(tile, height, width, absolute=absolute))
-        thumbs.append(image.thumbnail)
+        thumbs.append(image_thumbnail)
     return {"x": torch.stack(inputs), "target": torch.stack(targets), "coords": torch.stack(coords), "thumbnail": torch.stack(thumbs)}
 
 
@@ -208,7 +232,7 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
         state = torch.load(config.init_from, map_location=device, weights_only=True)
         model.load_state_dict(state["model"] if "model" in state else state)
     if images is None:
-        images = load_dataset(Path(config.dataset), model_config.thumbnail)
+        images = load_dataset(Path(config.dataset), model_config.thumbnail, with_clean=config.clean_fraction > 0)
 
     def save() -> None:
         tmp = checkpoint_path.with_suffix(".tmp")
@@ -233,7 +257,7 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
             while step < config.steps and not interrupted:
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(config, step)
-                batch = sample_batch(images, config.batch_size, config.patch, absolute, rng)
+                batch = sample_batch(images, config.batch_size, config.patch, absolute, rng, config.clean_fraction)
                 lam = sample_lambdas(config.batch_size, config.lambda_min, config.lambda_max, rng)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 output = model(batch["x"], batch["coords"], batch["thumbnail"], lam.to(device))

@@ -14,7 +14,7 @@ from rcam.codec import decode_bytes, encode_file
 from rcam.demo import run_demo, sample_scene
 from rcam.errors import RcamError
 from rcam.synth import build_dataset
-from rcam.train import TrainConfig, load_dataset, train
+from rcam.train import TrainConfig, load_dataset, sample_batch, train
 from rcam.zoo import export_checkpoint, file_digest, load_codec, read_manifest
 
 TINY = {"channels": 16, "latent_channels": 16, "hyper_channels": 16, "prior_channels": 8, "thumbnail": 32}
@@ -81,3 +81,21 @@ def test_demo_reports_bpp_and_psnr(tiny_codec, tmp_path):
     assert 0 < result["bpp"] < 24
     assert 0 < result["psnr"] < 100
     assert (tmp_path / "sample_degraded.png").exists()
+
+
+def test_clean_fraction_draws_patches_from_the_clean_twin(dataset):
+    images = load_dataset(dataset, TINY["thumbnail"], with_clean=True)
+    image = images[0]
+    assert image.clean_planes.shape == image.planes.shape
+    # The degraded RAW carries vignetting, shading and noise: its input differs from the clean twin's.
+    assert not torch.equal(image.clean_planes, image.planes)
+    whole = image.planes.shape[1]  # patch as tall as the image: offsets along rows are fixed at 0
+    for fraction, source in ((0.0, image.planes), (1.0, image.clean_planes)):
+        batch = sample_batch(images[:1], 3, whole, True, np.random.default_rng(0), clean_fraction=fraction)
+        width = batch["x"].shape[-1]
+        # Each patch must be a crop of the expected source, wherever along the columns it was taken.
+        for patch in batch["x"]:
+            crops = [source[:, :, left : left + width].float() for left in range(source.shape[2] - width + 1)]
+            assert any(torch.equal(patch, crop) for crop in crops)
+    with pytest.raises(RcamError, match="clean twins"):
+        sample_batch(load_dataset(dataset, TINY["thumbnail"])[:1], 2, 16, True, np.random.default_rng(0), clean_fraction=1.0)
