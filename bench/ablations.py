@@ -5,6 +5,10 @@ global prior. Each is trained (or resumed) with `rcam train`, exported under its
 `rcam eval --protocol S` on the val photos, and compared with the full model by BD-PSNR (averaged curves).
 
     .venv/bin/python bench/ablations.py [--photos ../shared/data/photos/val/McMaster] [--skip-train]
+        [--steps N --threads T --limit K]
+
+--steps gives every variant, the full model included, the same smaller budget in runs/ablation-N/ (so a
+short comparison never mixes with the shipped model's run); without it the configs' own budget is used.
 """
 
 from __future__ import annotations
@@ -34,18 +38,28 @@ def main() -> None:
     parser.add_argument("--photos", default=str(ROOT.parent / "shared/data/photos/val/McMaster"))
     parser.add_argument("--skip-train", action="store_true", help="Use the runs' existing checkpoints.")
     parser.add_argument("--out-dir", default="out/ablations")
+    parser.add_argument("--steps", type=int, default=None, help="Same reduced budget for every variant.")
+    parser.add_argument("--threads", type=int, default=2, help="Torch threads for training and eval.")
+    parser.add_argument("--limit", type=int, default=None, help="Evaluate on the first N photos only.")
     args = parser.parse_args()
 
     curves = {}
-    for name, config in VARIANTS.items():
-        run_dir = json.loads((ROOT / config).read_text())["run_dir"]
-        if not args.skip_train:
-            run("train", config)
-        # Ablation weights stay out of the shipped weights/ and its manifest.
+    for name, config_path in VARIANTS.items():
+        config = json.loads((ROOT / config_path).read_text())
+        config["threads"] = args.threads
+        if args.steps:
+            config.update(steps=args.steps, run_dir=f"runs/ablation-{args.steps}/{name}", val_every=0)
         out = f"{args.out_dir}/{name}"
-        run("export", f"{run_dir}/last.pt", "--name", f"ablation-{name}", "--weights-dir", out)
+        (ROOT / out).mkdir(parents=True, exist_ok=True)
+        (ROOT / out / "train.json").write_text(json.dumps(config, indent=2))
+        if not args.skip_train:
+            run("train", f"{out}/train.json")
+        # Ablation weights stay out of the shipped weights/ and its manifest.
+        run("export", f"{config['run_dir']}/last.pt", "--name", f"ablation-{name}", "--weights-dir", out)
         model = f"{out}/ablation-{name}.safetensors"
-        run("eval", args.photos, "--protocol", "S", "--lambdas", LAMBDAS, "--baselines", "jpeg", "--no-speed", "--model", model, "--out-dir", out)
+        limit = ["--limit", str(args.limit)] if args.limit else []
+        run("eval", args.photos, "--protocol", "S", "--lambdas", LAMBDAS, "--baselines", "jpeg", "--no-speed",
+            "--model", model, "--out-dir", out, "--threads", str(args.threads), *limit)  # fmt: skip
         curves[name] = json.loads((ROOT / out / "results.json").read_text())["curves"]["rcam"]
 
     full = curves["full"]
