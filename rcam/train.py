@@ -221,22 +221,26 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     checkpoint_path = run_dir / "last.pt"
     step = 0
+    earlier_steps = 0  # steps behind the starting weights (fine-tuning), so exports state the whole budget
     rng = np.random.default_rng(config.seed)
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
+        earlier_steps = int(state.get("earlier_steps", 0))
         rng = np.random.default_rng([config.seed, step])  # a fresh stream per resume, reproducible
     elif config.init_from:
         state = torch.load(config.init_from, map_location=device, weights_only=True)
         model.load_state_dict(state["model"] if "model" in state else state)
+        earlier_steps = int(state.get("step", 0)) + int(state.get("earlier_steps", 0))
     if images is None:
         images = load_dataset(Path(config.dataset), model_config.thumbnail, with_clean=config.clean_fraction > 0)
 
     def save() -> None:
         tmp = checkpoint_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "model_config": model_config.to_dict()}, tmp)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "earlier_steps": earlier_steps}
+        torch.save(state | {"model_config": model_config.to_dict()}, tmp)
         tmp.replace(checkpoint_path)
 
     interrupted = False

@@ -141,7 +141,9 @@ def export_checkpoint(checkpoint: Path, name: str = DEFAULT_MODEL, weights_dir: 
     model.load_state_dict(state["model"])
     path = save_checkpoint(model, Path(weights_dir) / f"{name}.safetensors", half=half)
     run_config = checkpoint.parent / "config.json"
-    training = {"steps": int(state["step"]), "checkpoint": str(checkpoint)}
+    steps = int(state["step"])
+    earlier = int(state.get("earlier_steps", 0))  # fine-tuned runs: the steps of the weights they started from
+    training = {"steps": steps, "earlier_steps": earlier, "total_steps": steps + earlier, "checkpoint": str(checkpoint)}
     if run_config.exists():
         training["config"] = json.loads(run_config.read_text())
     write_manifest_entry(

@@ -99,3 +99,13 @@ def test_clean_fraction_draws_patches_from_the_clean_twin(dataset):
             assert any(torch.equal(patch, crop) for crop in crops)
     with pytest.raises(RcamError, match="clean twins"):
         sample_batch(load_dataset(dataset, TINY["thumbnail"])[:1], 2, 16, True, np.random.default_rng(0), clean_fraction=1.0)
+
+
+def test_fine_tuning_counts_the_steps_of_its_starting_weights(dataset, tmp_path):
+    images = load_dataset(dataset, TINY["thumbnail"])
+    common = dict(dataset=str(dataset), model_overrides=TINY, batch_size=2, patch=32, threads=1, val_every=0)
+    first = train(TrainConfig(run_dir=str(tmp_path / "first"), steps=3, **common), images)
+    second = train(TrainConfig(run_dir=str(tmp_path / "second"), steps=2, init_from=str(first), **common), images)
+    path = export_checkpoint(second, "tuned", tmp_path / "weights")
+    training = read_manifest(path.parent)["models"]["tuned"]["training"]
+    assert (training["steps"], training["earlier_steps"], training["total_steps"]) == (2, 3, 5)
