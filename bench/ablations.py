@@ -5,7 +5,7 @@ global prior. Each is trained (or resumed) with `rcam train`, exported under its
 `rcam eval --protocol S` on the val photos, and compared with the full model by BD-PSNR (averaged curves).
 
     .venv/bin/python bench/ablations.py [--photos ../shared/data/photos/val/McMaster] [--skip-train]
-        [--steps N --threads T --limit K]
+        [--steps N --threads T --limit K] [--table-only]
 
 --steps gives every variant, the full model included, the same smaller budget in runs/ablation-N/ (so a
 short comparison never mixes with the shipped model's run); without it the configs' own budget is used.
@@ -41,15 +41,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="Same reduced budget for every variant.")
     parser.add_argument("--threads", type=int, default=2, help="Torch threads for training and eval.")
     parser.add_argument("--limit", type=int, default=None, help="Evaluate on the first N photos only.")
+    parser.add_argument("--table-only", action="store_true", help="Print the table from the existing results.json files.")
     args = parser.parse_args()
 
     curves = {}
     for name, config_path in VARIANTS.items():
+        out = f"{args.out_dir}/{name}"
+        if args.table_only:
+            curves[name] = json.loads((ROOT / out / "results.json").read_text())["curves"]["rcam"]
+            continue
         config = json.loads((ROOT / config_path).read_text())
         config["threads"] = args.threads
         if args.steps:
             config.update(steps=args.steps, run_dir=f"runs/ablation-{args.steps}/{name}", val_every=0)
-        out = f"{args.out_dir}/{name}"
         (ROOT / out).mkdir(parents=True, exist_ok=True)
         (ROOT / out / "train.json").write_text(json.dumps(config, indent=2))
         if not args.skip_train:
@@ -62,17 +66,34 @@ def main() -> None:
             "--model", model, "--out-dir", out, "--threads", str(args.threads), *limit)  # fmt: skip
         curves[name] = json.loads((ROOT / out / "results.json").read_text())["curves"]["rcam"]
 
+    print_table(curves)
+
+
+def _bd_or_reason(function, *args) -> tuple[float | None, str]:
+    try:
+        return function(*args), ""
+    except RcamError as error:
+        return None, str(error)
+
+
+def print_table(curves: dict[str, list[dict]]) -> None:
+    """BD-PSNR and BD-rate of each variant against the full model; each is reported where it is defined.
+
+    BD-PSNR needs the curves to overlap in rate, BD-rate needs them to overlap in PSNR: a variant that is
+    worse everywhere by more than the curve's PSNR span still has a BD-PSNR.
+    """
     full = curves["full"]
     print(f"{'variant':18s} {'BD-PSNR vs full (dB)':>22s} {'BD-rate vs full (%)':>21s}")
     for name, curve in curves.items():
         if name == "full":
             continue
-        try:
-            args_ = ([p["bpp"] for p in full], [p["psnr"] for p in full], [p["bpp"] for p in curve], [p["psnr"] for p in curve])
-            print(f"{name:18s} {bd_metric(*args_):22.3f} {bd_rate(*args_):21.2f}")
-        except RcamError as error:
-            print(f"{name:18s} {'-':>22s} {'-':>21s}  ({error})")
-
+        args_ = ([p["bpp"] for p in full], [p["psnr"] for p in full], [p["bpp"] for p in curve], [p["psnr"] for p in curve])
+        delta, delta_reason = _bd_or_reason(bd_metric, *args_)
+        rate, rate_reason = _bd_or_reason(bd_rate, *args_)
+        reasons = "; ".join(reason for reason in (delta_reason, rate_reason) if reason)
+        delta_text = "-" if delta is None else f"{delta:.3f}"
+        rate_text = "-" if rate is None else f"{rate:.2f}"
+        print(f"{name:18s} {delta_text:>22s} {rate_text:>21s}" + (f"  ({reasons})" if reasons else ""))
 
 if __name__ == "__main__":
     main()
