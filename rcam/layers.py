@@ -45,11 +45,14 @@ class CoordinateEmbedding(nn.Module):
 class CADR(nn.Module):
     """Coordinate-Aware Distortion Restoration (paper Eq. 5): first features x_h modulated by coordinates.
 
-    x_o = x_h · s(c) + t(c), with s, t from an embedding of the absolute coordinates: the multiplicative part
-    undoes vignetting, the additive part dark shading. s starts at 1 and t at 0, so CADR starts as a plain conv.
+    x_o = x_h · s(c, g) + t(c, g), with s, t from an embedding of the absolute coordinates c: the
+    multiplicative part undoes vignetting, the additive part dark shading. The paper's camera has one fixed
+    lens; ours must serve any camera, so the modulation also sees the global prior g of the whole frame
+    (when `prior_channels` is set) and can tell a vignetted frame from a clean one. s starts at 1 and t at 0,
+    and the prior's weights at 0, so CADR starts as a plain conv and older weights load unchanged.
     """
 
-    def __init__(self, in_channels: int, channels: int, hidden: int = 32):
+    def __init__(self, in_channels: int, channels: int, hidden: int = 32, prior_channels: int | None = None):
         super().__init__()
         self.features = conv(in_channels, channels)
         self.embedding = CoordinateEmbedding()
@@ -62,16 +65,37 @@ class CADR(nn.Module):
         )
         nn.init.zeros_(self.modulation[-1].weight)
         nn.init.zeros_(self.modulation[-1].bias)
+        self.prior_modulation = nn.Linear(prior_channels, hidden) if prior_channels else None
+        if self.prior_modulation is not None:
+            nn.init.zeros_(self.prior_modulation.weight)
+            nn.init.zeros_(self.prior_modulation.bias)
 
-    def forward(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.modulation(torch.cat([coords, self.embedding(coords)], dim=1)).chunk(2, dim=1)
+    def forward(self, x: torch.Tensor, coords: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W), coords (B, 2, H, W) in [0, 1], prior (B, D) or None -> features (B, channels, H, W)."""
+        hidden = self.modulation[0](torch.cat([coords, self.embedding(coords)], dim=1))
+        if self.prior_modulation is not None and prior is not None:
+            hidden = hidden + self.prior_modulation(prior)[:, :, None, None]
+        scale, shift = self.modulation[1:](hidden).chunk(2, dim=1)
         return self.features(x) * (1.0 + scale) + shift
+
+
+def brightness_layout(thumbnail: torch.Tensor, cells: int = 4) -> torch.Tensor:
+    """Log mean brightness of a cells×cells grid over the frame, minus the frame's: (B, 4, S, S) -> (B, cells²).
+
+    Pooling forgets where things are; this keeps the coarse layout (dark corners, a bright centre), which is
+    what tells a vignetted frame from an evenly lit one.
+    """
+    luminance = thumbnail.clamp(min=0.0).mean(dim=1, keepdim=True)
+    log_cells = torch.log(F.adaptive_avg_pool2d(luminance, cells).flatten(1) + 1e-3)
+    return log_cells - log_cells.mean(dim=1, keepdim=True)
 
 
 class GlobalPrior(nn.Module):
     """CPE global branch F_g: whole-image thumbnail (B, 4, S, S) -> colour prior vector (B, D)."""
 
-    def __init__(self, prior_channels: int):
+    LAYOUT_CELLS = 4
+
+    def __init__(self, prior_channels: int, layout: bool = False):
         super().__init__()
         self.net = nn.Sequential(
             conv(4, prior_channels, 3, 2),
@@ -82,12 +106,22 @@ class GlobalPrior(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.head = nn.Linear(2 * prior_channels, prior_channels)
+        # The brightness layout (optional, zero-initialised so a model fine-tuned from weights without it
+        # starts out as they were).
+        self.layout_head = nn.Linear(self.LAYOUT_CELLS**2, prior_channels) if layout else None
+        if self.layout_head is not None:
+            nn.init.zeros_(self.layout_head.weight)
+            nn.init.zeros_(self.layout_head.bias)
 
     def forward(self, thumbnail: torch.Tensor) -> torch.Tensor:
+        """Thumbnail (B, 4, S, S) -> prior (B, D)."""
         features = self.net(thumbnail)
         # Mean and max: the max keeps track of highlights, which drive LibRaw's auto-brightness.
         pooled = torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
-        return F.relu(self.head(pooled))
+        prior = self.head(pooled)
+        if self.layout_head is not None:
+            prior = prior + self.layout_head(brightness_layout(thumbnail, self.LAYOUT_CELLS))
+        return F.relu(prior)
 
 
 class LocalPrior(nn.Module):

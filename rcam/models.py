@@ -39,13 +39,16 @@ class ModelConfig:
     cadr: bool = True  # ablation: without CADR the first layer is a plain conv
     coordinates: str = "absolute"  # ablation: "relative" gives each tile coordinates from 0 to 1
     global_prior: bool = True  # ablation: without the global prior GFT is the identity
+    # CADR's modulation also sees the global prior, which also gets the frame's brightness layout (off for
+    # weights trained before these existed).
+    cadr_prior: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 CONFIGS = {
-    "small": ModelConfig(name="small"),
+    "small": ModelConfig(name="small", cadr_prior=True),
     # Paper scale: about 49 M parameters (RealCamNet reports 49.01 M); this one has 50.6 M.
     "paper": ModelConfig(
         name="paper",
@@ -58,6 +61,7 @@ CONFIGS = {
         heads=6,
         window=8,
         thumbnail=256,
+        cadr_prior=True,
     ),
 }
 
@@ -94,9 +98,10 @@ class RealCamNet(nn.Module):
         n, m, nh, d = config.channels, config.latent_channels, config.hyper_channels, config.prior_channels
         heads, window = config.heads, config.window
 
-        self.global_prior = GlobalPrior(d) if config.global_prior else None
+        self.global_prior = GlobalPrior(d, layout=config.cadr_prior) if config.global_prior else None
         self.local_prior = LocalPrior(d)
-        self.cadr = CADR(4, n) if config.cadr else None
+        cadr_prior = d if config.cadr_prior and config.global_prior else None
+        self.cadr = CADR(4, n, prior_channels=cadr_prior) if config.cadr else None
         self.first = None if config.cadr else conv(4, n)
         self.down1 = conv(n, n, 3, 2)
         self.encoder_stage1 = nn.ModuleList(CSA(n, heads, window, d) for _ in range(config.encoder_blocks))
@@ -126,7 +131,8 @@ class RealCamNet(nn.Module):
     def analysis(self, x: torch.Tensor, coords: torch.Tensor, thumbnail: torch.Tensor) -> torch.Tensor:
         """Encoder E: packed tile (B,4,h,w), coordinates (B,2,h,w), thumbnail (B,4,S,S) -> y (B,M,h/8,w/8), before gains."""
         half_prior, quarter_prior = self.local_prior(x)
-        features = self.cadr(x, coords) if self.cadr is not None else self.first(x)
+        global_prior = self.global_prior(thumbnail) if self.global_prior is not None else None
+        features = self.cadr(x, coords, global_prior) if self.cadr is not None else self.first(x)
         features = self.down1(features)
         for block in self.encoder_stage1:
             features = block(features, half_prior)
@@ -134,8 +140,8 @@ class RealCamNet(nn.Module):
         for block in self.encoder_stage2:
             features = block(features, quarter_prior)
         y = self.down3(features)
-        if self.global_prior is not None:
-            y = self.gft(y, self.global_prior(thumbnail))
+        if global_prior is not None:
+            y = self.gft(y, global_prior)
         return y
 
     def synthesis(self, y_hat: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 
 from rcam import codec, container
 from rcam.dng import write_bayer_dng
+from rcam.layers import brightness_layout
 from rcam.models import CONFIGS, build_model, parameter_count
 from rcam.rawio import apply_flip, read_raw, reference_render
 from rcam.tiling import Tile, coordinate_map, plan_tiles
@@ -258,6 +259,42 @@ def test_cadr_depends_on_absolute_position(tiny_codec):
     relative_second = coordinate_map(Tile(64, 96, 32, 32), *frame, absolute=False)[None]
     with torch.no_grad():
         assert torch.equal(cadr(x, relative_first), cadr(x, relative_second))
+
+
+def test_cadr_modulation_follows_the_global_prior(tiny_codec):
+    cadr = copy.deepcopy(tiny_codec.model.cadr)
+    assert cadr.prior_modulation is not None  # the shipped configs give CADR the global prior
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 4, 32, 32, generator=generator)
+    coords = coordinate_map(Tile(32, 0, 32, 32), 96, 96)[None]
+    vignetted_prior = torch.rand(1, cadr.prior_modulation.in_features, generator=generator)
+    clean_prior = torch.zeros_like(vignetted_prior)
+    with torch.no_grad():
+        last = cadr.modulation[-1]
+        last.weight.copy_(torch.randn(last.weight.shape, generator=generator) * 0.5)
+        # Zero-initialised prior input: the prior changes nothing until training gives it weight.
+        assert torch.equal(cadr(x, coords, vignetted_prior), cadr(x, coords, clean_prior))
+        cadr.prior_modulation.weight.copy_(torch.randn(cadr.prior_modulation.weight.shape, generator=generator))
+        difference = (cadr(x, coords, vignetted_prior) - cadr(x, coords, clean_prior)).abs().max()
+    # The same position is corrected differently for frames whose priors differ.
+    assert difference > 1e-3
+
+
+def test_brightness_layout_sees_dark_corners():
+    size = 32
+    rows, cols = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    falloff = 1.0 / (1.0 + 0.8 * (rows**2 + cols**2) / 2) ** 2
+    flat = torch.full((1, 4, size, size), 0.4)
+    layout_flat = brightness_layout(flat)
+    layout_vignetted = brightness_layout(flat * falloff)
+    assert layout_flat.shape == (1, 16)
+    assert torch.allclose(layout_flat, torch.zeros(1, 16), atol=1e-6)
+    grid = layout_vignetted.view(4, 4)
+    # Corners darker than the centre cells, and the grid is symmetric like the falloff.
+    assert grid[[0, 0, 3, 3], [0, 3, 0, 3]].max() < grid[1:3, 1:3].min() - 0.3
+    assert torch.allclose(grid, grid.flip(0), atol=1e-5) and torch.allclose(grid, grid.T, atol=1e-5)
+    # Overall exposure does not matter, only the layout.
+    assert torch.allclose(brightness_layout(flat * falloff * 0.25), layout_vignetted, atol=1e-2)
 
 
 # ---------------------------------------------------------------------------------------------------------
