@@ -209,6 +209,37 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.final_learning_rate + 0.5 * (config.learning_rate - config.final_learning_rate) * (1 + math.cos(math.pi * progress))
 
 
+def load_starting_weights(model: RealCamNet, path: Path) -> int:
+    """Fine-tuning start: weights from a training checkpoint (.pt) or a shipped .safetensors file; returns their steps.
+
+    Modules the starting weights lack are allowed only where they start at zero (CADR's and the global
+    prior's new inputs), so the fine-tuned model starts out exactly as the weights it came from.
+    """
+    from rcam.zoo import read_weights
+
+    if path.suffix == ".safetensors":
+        tensors, steps = read_weights(path)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as error:
+            raise RcamError(f"{path}: cannot read starting weights ({error})") from None
+        tensors = state["model"] if "model" in state else state
+        steps = int(state.get("step", 0)) + int(state.get("earlier_steps", 0))
+    try:
+        result = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as error:  # tensor shapes differ
+        raise RcamError(f"{path}: weights do not fit model '{model.config.name}' ({str(error).splitlines()[-1].strip()})") from None
+    missing = [key for key in result.missing_keys if not key.startswith(ZERO_STARTED_MODULES)]
+    if missing or result.unexpected_keys or any(model.state_dict()[key].any() for key in result.missing_keys):
+        raise RcamError(f"{path}: weights do not fit model '{model.config.name}' (missing {missing}, unexpected {result.unexpected_keys})")
+    return steps
+
+
+# Modules added after rcam-small v1 was trained; zero-initialised, so older weights still define the model.
+ZERO_STARTED_MODULES = ("cadr.prior_modulation.", "global_prior.layout_head.")
+
+
 def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Path:
     """Run (or resume) training; returns the path of the last checkpoint."""
     torch.set_num_threads(config.threads)
@@ -231,9 +262,7 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
         earlier_steps = int(state.get("earlier_steps", 0))
         rng = np.random.default_rng([config.seed, step])  # a fresh stream per resume, reproducible
     elif config.init_from:
-        state = torch.load(config.init_from, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"] if "model" in state else state)
-        earlier_steps = int(state.get("step", 0)) + int(state.get("earlier_steps", 0))
+        earlier_steps = load_starting_weights(model, Path(config.init_from))
     if images is None:
         images = load_dataset(Path(config.dataset), model_config.thumbnail, with_clean=config.clean_fraction > 0)
 

@@ -44,8 +44,8 @@ def file_digest(path: Path) -> bytes:
     return sha.digest()
 
 
-def save_checkpoint(model: RealCamNet, path: Path, half: bool = False) -> Path:
-    """Write weights + z tables + config as safetensors (fp16 tensors when `half`)."""
+def save_checkpoint(model: RealCamNet, path: Path, half: bool = False, total_steps: int | None = None) -> Path:
+    """Write weights + z tables + config (+ training steps) as safetensors (fp16 tensors when `half`)."""
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     if half:
         state = {key: value.half() if value.is_floating_point() else value for key, value in state.items()}
@@ -56,7 +56,10 @@ def save_checkpoint(model: RealCamNet, path: Path, half: bool = False) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"config": json.dumps(model.config.to_dict())})
+    metadata = {"config": json.dumps(model.config.to_dict())}
+    if total_steps is not None:
+        metadata["total_steps"] = str(total_steps)
+    save_file(state, str(tmp), metadata=metadata)
     tmp.replace(path)
     return path
 
@@ -92,6 +95,27 @@ def codec_from_model(model: RealCamNet, name: str = "in-training", device: str |
     """Wrap a model in memory (e.g. during training) as a Codec; its digest is zero (not a shipped file)."""
     coder = LatentCoder(IntegerHyperSynthesis(model.hyper_synthesis), z_tables(model.entropy_bottleneck))
     return Codec(name=name, digest=bytes(16), model=model, coder=coder, device=torch.device(device))
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """A .safetensors weights file -> (float32 model tensors without the coding tables, training steps behind them)."""
+    path = Path(path)
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise RcamError(f"{path}: not a valid rcam weights file ({error})") from None
+    tensors.pop(Z_TABLE_KEY, None)
+    steps = metadata.get("total_steps")
+    if steps is None:  # files exported before the steps were stored: the manifest entry with the same digest
+        digest = file_digest(path).hex()
+        for entry in read_manifest(path.parent).get("models", {}).values():
+            if entry.get("sha256") == digest:
+                training = entry.get("training", {})
+                steps = training.get("total_steps", training.get("steps"))
+    tensors = {key: value.float() if value.is_floating_point() else value for key, value in tensors.items()}
+    return tensors, int(steps or 0)
 
 
 def load_codec(name_or_path: str | None = None, device: str | torch.device = "cpu", weights_dir: Path = WEIGHTS_DIR) -> Codec:
@@ -139,10 +163,10 @@ def export_checkpoint(checkpoint: Path, name: str = DEFAULT_MODEL, weights_dir: 
         raise RcamError(f"{checkpoint}: not an rcam training checkpoint ({error})") from None
     model = RealCamNet(config)
     model.load_state_dict(state["model"])
-    path = save_checkpoint(model, Path(weights_dir) / f"{name}.safetensors", half=half)
-    run_config = checkpoint.parent / "config.json"
     steps = int(state["step"])
     earlier = int(state.get("earlier_steps", 0))  # fine-tuned runs: the steps of the weights they started from
+    path = save_checkpoint(model, Path(weights_dir) / f"{name}.safetensors", half=half, total_steps=steps + earlier)
+    run_config = checkpoint.parent / "config.json"
     training = {"steps": steps, "earlier_steps": earlier, "total_steps": steps + earlier, "checkpoint": str(checkpoint)}
     if run_config.exists():
         training["config"] = json.loads(run_config.read_text())

@@ -14,8 +14,9 @@ from rcam.codec import decode_bytes, encode_file
 from rcam.demo import run_demo, sample_scene
 from rcam.errors import RcamError
 from rcam.synth import build_dataset
-from rcam.train import TrainConfig, load_dataset, sample_batch, train
-from rcam.zoo import export_checkpoint, file_digest, load_codec, read_manifest
+from rcam.models import CONFIGS, build_model
+from rcam.train import TrainConfig, load_dataset, load_starting_weights, sample_batch, train
+from rcam.zoo import export_checkpoint, file_digest, load_codec, read_manifest, read_weights, save_checkpoint, write_manifest_entry
 
 TINY = {"channels": 16, "latent_channels": 16, "hyper_channels": 16, "prior_channels": 8, "thumbnail": 32}
 
@@ -109,3 +110,31 @@ def test_fine_tuning_counts_the_steps_of_its_starting_weights(dataset, tmp_path)
     path = export_checkpoint(second, "tuned", tmp_path / "weights")
     training = read_manifest(path.parent)["models"]["tuned"]["training"]
     assert (training["steps"], training["earlier_steps"], training["total_steps"]) == (2, 3, 5)
+
+
+def test_fine_tuning_from_shipped_weights_without_the_prior_inputs(tmp_path):
+    # Weights made before CADR saw the global prior (the shipped rcam-small v1 is such a file).
+    older = build_model(replace(CONFIGS["small"], cadr_prior=False, **TINY))
+    path = save_checkpoint(older, tmp_path / "older.safetensors", total_steps=7)
+    newer = build_model(replace(CONFIGS["small"], **TINY))
+    assert load_starting_weights(newer, path) == 7
+    generator = torch.Generator().manual_seed(0)
+    x, coords, thumb = torch.rand(2, 4, 32, 32, generator=generator), torch.rand(2, 2, 32, 32, generator=generator), torch.rand(2, 4, 32, 32, generator=generator)
+    with torch.no_grad():
+        # The new inputs start at zero: the fine-tuned model starts out exactly as the weights it came from.
+        assert torch.allclose(newer.analysis(x, coords, thumb), older.analysis(x, coords, thumb), atol=1e-6)
+    # Weights of another shape or with keys the model lacks are refused, not half-loaded.
+    wider = save_checkpoint(build_model(replace(CONFIGS["small"], **(TINY | {"channels": 24}))), tmp_path / "wider.safetensors")
+    with pytest.raises(RcamError, match="do not fit"):
+        load_starting_weights(build_model(replace(CONFIGS["small"], **TINY)), wider)
+    no_cadr = save_checkpoint(build_model(replace(CONFIGS["small"], cadr=False, **TINY)), tmp_path / "no_cadr.safetensors")
+    with pytest.raises(RcamError, match="do not fit"):
+        load_starting_weights(build_model(replace(CONFIGS["small"], **TINY)), no_cadr)
+
+
+def test_steps_of_older_weights_come_from_the_manifest(tmp_path):
+    model = build_model(replace(CONFIGS["small"], cadr_prior=False, **TINY))
+    path = save_checkpoint(model, tmp_path / "v1.safetensors")  # no steps in the file itself
+    write_manifest_entry("v1", {"file": path.name, "sha256": file_digest(path).hex(), "training": {"steps": 12000}}, tmp_path)
+    tensors, steps = read_weights(path)
+    assert steps == 12000 and "coding.z_table" not in tensors
