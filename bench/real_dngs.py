@@ -1,13 +1,22 @@
-"""bpp and PSNR (against the reference render) of rcam on every DNG in a folder, at several λ.
+"""bpp and PSNR of rcam at several λ: real DNGs against their reference render, synthetic pairs against their target.
 
     .venv/bin/python bench/real_dngs.py [../shared/data/raw] [--lambdas 0.005,0.01,0.025] [--model rcam-small]
+        [--pairs cache/synth_val/index.jsonl] [--no-raw]
+
+--pairs adds synthetic pairs made by `rcam synth` (e.g. from the val photos): each degraded DNG is scored
+against the render of its clean twin (protocol S's reference). Means per λ and set close the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from collections import defaultdict
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from rcam.codec import decode_bytes, encode_file
 from rcam.metrics import psnr
@@ -16,17 +25,33 @@ from rcam.rawio import reference_render
 from rcam.zoo import load_codec
 
 
+def items(args) -> list[tuple[str, Path, Path | None]]:
+    """(set name, RAW path, target path or None for the file's own reference render)."""
+    found = []
+    if not args.no_raw:
+        found += [("real", path, None) for path in sorted(Path(args.folder).glob("*.dng"))]
+    if args.pairs:
+        index = Path(args.pairs)
+        for line in index.read_text().splitlines():
+            entry = json.loads(line)
+            found.append(("pairs", index.parent / entry["degraded"], index.parent / entry["target"]))
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", nargs="?", default=str(Path(__file__).resolve().parents[2] / "shared/data/raw"))
     parser.add_argument("--lambdas", default="0.005,0.01,0.025")
     parser.add_argument("--model", default="rcam-small")
+    parser.add_argument("--pairs", default=None, help="index.jsonl of synthetic pairs to score as well")
+    parser.add_argument("--no-raw", action="store_true", help="Skip the real DNG folder.")
     args = parser.parse_args()
     codec = load_codec(args.model)
     print(f"model {codec.name} ({codec.digest.hex()[:12]})")
     print(f"{'file':45s} {'lambda':>7s} {'bytes':>8s} {'bpp':>7s} {'PSNR dB':>8s} {'enc s':>6s} {'dec s':>6s}")
-    for path in sorted(Path(args.folder).glob("*.dng")):
-        reference = reference_render(path)
+    scores = defaultdict(list)
+    for set_name, path, target in items(args):
+        reference = np.asarray(Image.open(target).convert("RGB")) if target else reference_render(path)
         for lam in (float(v) for v in args.lambdas.split(",")):
             start = time.perf_counter()
             encoded = encode_file(codec, path, lam)
@@ -34,7 +59,13 @@ def main() -> None:
             decoded = quantize(decode_bytes(codec, encoded.data), 8)
             end = time.perf_counter()
             bpp = 8 * len(encoded.data) / (reference.shape[0] * reference.shape[1])
-            print(f"{path.name:45s} {lam:7.4f} {len(encoded.data):8d} {bpp:7.4f} {psnr(decoded, reference):8.2f} {middle - start:6.1f} {end - middle:6.1f}")
+            quality = psnr(decoded, reference)
+            scores[set_name, lam].append((bpp, quality))
+            print(f"{path.name:45s} {lam:7.4f} {len(encoded.data):8d} {bpp:7.4f} {quality:8.2f} {middle - start:6.1f} {end - middle:6.1f}")
+    print(f"\n{'set':8s} {'lambda':>7s} {'images':>6s} {'mean bpp':>9s} {'mean PSNR':>10s}")
+    for (set_name, lam), values in scores.items():
+        bpps, psnrs = zip(*values)
+        print(f"{set_name:8s} {lam:7.4f} {len(values):6d} {np.mean(bpps):9.4f} {np.mean(psnrs):10.2f}")
 
 
 if __name__ == "__main__":
