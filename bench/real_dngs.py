@@ -5,12 +5,15 @@
 
 --pairs adds synthetic pairs made by `rcam synth` (e.g. from the val photos): each degraded DNG is scored
 against the render of its clean twin (protocol S's reference). Means per λ and set close the table.
+--record writes the figures into the model's entry in weights/manifest.json (its "evaluation").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -22,7 +25,7 @@ from rcam.codec import decode_bytes, encode_file
 from rcam.metrics import psnr
 from rcam.output import quantize
 from rcam.rawio import reference_render
-from rcam.zoo import load_codec
+from rcam.zoo import file_digest, load_codec, read_manifest, resolve_weights, write_manifest_entry
 
 
 def items(args) -> list[tuple[str, Path, Path | None]]:
@@ -45,11 +48,13 @@ def main() -> None:
     parser.add_argument("--model", default="rcam-small")
     parser.add_argument("--pairs", default=None, help="index.jsonl of synthetic pairs to score as well")
     parser.add_argument("--no-raw", action="store_true", help="Skip the real DNG folder.")
+    parser.add_argument("--record", action="store_true", help="Store the figures in weights/manifest.json.")
     args = parser.parse_args()
     codec = load_codec(args.model)
     print(f"model {codec.name} ({codec.digest.hex()[:12]})")
     print(f"{'file':45s} {'lambda':>7s} {'bytes':>8s} {'bpp':>7s} {'PSNR dB':>8s} {'enc s':>6s} {'dec s':>6s}")
     scores = defaultdict(list)
+    per_file: dict[str, dict] = {}
     for set_name, path, target in items(args):
         reference = np.asarray(Image.open(target).convert("RGB")) if target else reference_render(path)
         for lam in (float(v) for v in args.lambdas.split(",")):
@@ -61,11 +66,26 @@ def main() -> None:
             bpp = 8 * len(encoded.data) / (reference.shape[0] * reference.shape[1])
             quality = psnr(decoded, reference)
             scores[set_name, lam].append((bpp, quality))
+            per_file.setdefault(path.name, {})[f"{lam:g}"] = [round(bpp, 4), round(quality, 2)]
             print(f"{path.name:45s} {lam:7.4f} {len(encoded.data):8d} {bpp:7.4f} {quality:8.2f} {middle - start:6.1f} {end - middle:6.1f}")
     print(f"\n{'set':8s} {'lambda':>7s} {'images':>6s} {'mean bpp':>9s} {'mean PSNR':>10s}")
+    means: dict[str, dict] = {}
     for (set_name, lam), values in scores.items():
         bpps, psnrs = zip(*values)
         print(f"{set_name:8s} {lam:7.4f} {len(values):6d} {np.mean(bpps):9.4f} {np.mean(psnrs):10.2f}")
+        means.setdefault(set_name, {})[f"{lam:g}"] = {"images": len(values), "bpp": round(float(np.mean(bpps)), 4), "psnr": round(float(np.mean(psnrs)), 2)}
+    if args.record:
+        record(args.model, per_file, means)
+
+
+def record(model: str, per_file: dict, means: dict) -> None:
+    """Store the measured figures as the model's manifest "evaluation" (only for a model named in the manifest)."""
+    name, path = resolve_weights(model)
+    if name not in read_manifest().get("models", {}):
+        raise SystemExit(f"--record: {model} is not a model in weights/manifest.json")
+    command = "python bench/real_dngs.py " + shlex.join(sys.argv[1:])
+    evaluation = {"command": command, "weights_sha256": file_digest(path).hex(), "bpp_psnr_per_file": per_file, "means": means}
+    print(f"recorded in {write_manifest_entry(name, {'evaluation': evaluation})}")
 
 
 if __name__ == "__main__":

@@ -141,11 +141,11 @@ def load_codec(name_or_path: str | None = None, device: str | torch.device = "cp
     return Codec(name=name, digest=file_digest(path)[:16], model=model.to(device), coder=coder, device=device)
 
 
-def write_manifest_entry(name: str, fields: dict, weights_dir: Path = WEIGHTS_DIR) -> Path:
-    """Create or update one model's entry in weights/manifest.json (atomically); returns the manifest path."""
+def write_manifest_entry(name: str, fields: dict, weights_dir: Path = WEIGHTS_DIR, replace: bool = False) -> Path:
+    """Create, update or (`replace`) rewrite one model's entry in weights/manifest.json (atomically); returns its path."""
     manifest = read_manifest(weights_dir)
-    entry = manifest.setdefault("models", {}).setdefault(name, {})
-    entry.update(fields)
+    models = manifest.setdefault("models", {})
+    models[name] = dict(fields) if replace else models.get(name, {}) | fields
     path = Path(weights_dir) / "manifest.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -170,9 +170,11 @@ def export_checkpoint(checkpoint: Path, name: str = DEFAULT_MODEL, weights_dir: 
     training = {"steps": steps, "earlier_steps": earlier, "total_steps": steps + earlier, "checkpoint": str(checkpoint)}
     if run_config.exists():
         training["config"] = json.loads(run_config.read_text())
+    # A new file replaces the whole entry: figures measured for the previous weights do not carry over.
     write_manifest_entry(
         name,
         {"file": path.name, "sha256": file_digest(path).hex(), "config": config.to_dict(), "lambda_range": list(LAMBDA_RANGE), "training": training},
         weights_dir,
+        replace=True,
     )
     return path

@@ -138,3 +138,20 @@ def test_steps_of_older_weights_come_from_the_manifest(tmp_path):
     write_manifest_entry("v1", {"file": path.name, "sha256": file_digest(path).hex(), "training": {"steps": 12000}}, tmp_path)
     tensors, steps = read_weights(path)
     assert steps == 12000 and "coding.z_table" not in tensors
+
+
+def test_export_drops_figures_measured_for_earlier_weights(dataset, tmp_path):
+    images = load_dataset(dataset, TINY["thumbnail"])
+    common = dict(dataset=str(dataset), model_overrides=TINY, batch_size=2, patch=32, threads=1, val_every=0)
+    checkpoint = train(TrainConfig(run_dir=str(tmp_path / "run"), steps=1, **common), images)
+    weights_dir = tmp_path / "weights"
+    weights_dir.mkdir()
+    write_manifest_entry("tiny", {"file": "old.safetensors", "evaluation": {"psnr": 99.0}}, weights_dir)
+    write_manifest_entry("other", {"file": "other.safetensors"}, weights_dir)
+    export_checkpoint(checkpoint, "tiny", weights_dir)
+    models = read_manifest(weights_dir)["models"]
+    assert "evaluation" not in models["tiny"] and models["tiny"]["file"] == "tiny.safetensors"
+    assert models["other"] == {"file": "other.safetensors"}  # other entries are left alone
+    # Updating (not replacing) keeps what the entry had.
+    write_manifest_entry("tiny", {"evaluation": {"psnr": 30.0}}, weights_dir)
+    assert read_manifest(weights_dir)["models"]["tiny"]["file"] == "tiny.safetensors"
