@@ -209,6 +209,10 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.final_learning_rate + 0.5 * (config.learning_rate - config.final_learning_rate) * (1 + math.cos(math.pi * progress))
 
 
+# Modules added after rcam-small v1 was trained; zero-initialised, so older weights still define the model.
+ZERO_STARTED_MODULES = ("cadr.prior_modulation.", "global_prior.layout_head.")
+
+
 def load_starting_weights(model: RealCamNet, path: Path) -> int:
     """Fine-tuning start: weights from a training checkpoint (.pt) or a shipped .safetensors file; returns their steps.
 
@@ -235,9 +239,6 @@ def load_starting_weights(model: RealCamNet, path: Path) -> int:
         raise RcamError(f"{path}: weights do not fit model '{model.config.name}' (missing {missing}, unexpected {result.unexpected_keys})")
     return steps
 
-
-# Modules added after rcam-small v1 was trained; zero-initialised, so older weights still define the model.
-ZERO_STARTED_MODULES = ("cadr.prior_modulation.", "global_prior.layout_head.")
 
 
 def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Path:
