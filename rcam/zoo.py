@@ -51,7 +51,7 @@ def save_checkpoint(model: RealCamNet, path: Path, half: bool = False, total_ste
         state = {key: value.half() if value.is_floating_point() else value for key, value in state.items()}
     # The tables come from the weights as they will be loaded, so fp16 rounding is included.
     reloaded = RealCamNet(model.config)
-    reloaded.load_state_dict({key: value.float() if value.is_floating_point() else value for key, value in state.items()}, strict=True)
+    reloaded.load_state_dict(_as_float32(state), strict=True)
     state[Z_TABLE_KEY] = torch.from_numpy(z_tables(reloaded.entropy_bottleneck))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,15 +97,26 @@ def codec_from_model(model: RealCamNet, name: str = "in-training", device: str |
     return Codec(name=name, digest=bytes(16), model=model, coder=coder, device=torch.device(device))
 
 
-def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], int]:
-    """A .safetensors weights file -> (float32 model tensors without the coding tables, training steps behind them)."""
-    path = Path(path)
+def _open_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A .safetensors file -> (all its tensors as stored, its metadata); unreadable files raise RcamError."""
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError) as error:
         raise RcamError(f"{path}: not a valid rcam weights file ({error})") from None
+    return tensors, metadata
+
+
+def _as_float32(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fp16 weights (shipped files may be half precision) -> float32; integer tensors unchanged."""
+    return {key: value.float() if value.is_floating_point() else value for key, value in tensors.items()}
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """A .safetensors weights file -> (float32 model tensors without the coding tables, training steps behind them)."""
+    path = Path(path)
+    tensors, metadata = _open_weights(path)
     tensors.pop(Z_TABLE_KEY, None)
     steps = metadata.get("total_steps")
     if steps is None:  # files exported before the steps were stored: the manifest entry with the same digest
@@ -114,23 +125,21 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], int]:
             if entry.get("sha256") == digest:
                 training = entry.get("training", {})
                 steps = training.get("total_steps", training.get("steps"))
-    tensors = {key: value.float() if value.is_floating_point() else value for key, value in tensors.items()}
-    return tensors, int(steps or 0)
+    return _as_float32(tensors), int(steps or 0)
 
 
 def load_codec(name_or_path: str | None = None, device: str | torch.device = "cpu", weights_dir: Path = WEIGHTS_DIR) -> Codec:
     """Load a shipped model (by manifest name) or a .safetensors file into a ready-to-use Codec."""
     name, path = resolve_weights(name_or_path, weights_dir)
+    tensors, metadata = _open_weights(path)
     try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as handle:
-            config = ModelConfig(**json.loads(handle.metadata()["config"]))
-    except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as error:
-        raise RcamError(f"{path}: not a valid rcam weights file ({error})") from None
+        config = ModelConfig(**json.loads(metadata["config"]))
+    except (KeyError, TypeError, json.JSONDecodeError) as error:
+        raise RcamError(f"{path}: not a valid rcam weights file (no usable model config: {error})") from None
     z_table = tensors.pop(Z_TABLE_KEY, None)
     model = RealCamNet(config)
     try:
-        model.load_state_dict({key: value.float() if value.is_floating_point() else value for key, value in tensors.items()})
+        model.load_state_dict(_as_float32(tensors))
     except RuntimeError as error:
         raise RcamError(f"{path}: weights do not fit model config '{config.name}' ({str(error).splitlines()[0]})") from None
     model.eval()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from rcam.codec import decode_bytes, encode_file
 from rcam.demo import run_demo, sample_scene
@@ -74,6 +75,20 @@ def test_training_resumes_and_exports(dataset, tmp_path):
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(RcamError, match="not in"):
         load_codec("no-such-model", weights_dir=tmp_path)
+
+
+def test_weights_files_that_are_not_rcam_weights_are_clear_errors(tmp_path):
+    not_safetensors = tmp_path / "garbage.safetensors"
+    not_safetensors.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(RcamError, match="not a valid rcam weights file"):
+        load_codec(str(not_safetensors))
+    with pytest.raises(RcamError, match="not a valid rcam weights file"):
+        read_weights(not_safetensors)
+    # A valid safetensors file without rcam's config metadata (e.g. some other project's weights).
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(2, 2)}, str(foreign))
+    with pytest.raises(RcamError, match="no usable model config"):
+        load_codec(str(foreign))
 
 
 def test_demo_reports_bpp_and_psnr(tiny_codec, tmp_path):
