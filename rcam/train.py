@@ -194,6 +194,17 @@ def validate(model: RealCamNet, config: TrainConfig) -> dict:
     return results
 
 
+def validation_cost(scores: dict, lam: float) -> float:
+    """Held-out rate-distortion cost: mean over val sets of bpp + λ·MSE (8-bit scale), the training objective's form.
+
+    Lower is better; each set (synthetic pairs, real DNGs) counts once, however many images it holds.
+    """
+    if not scores:
+        raise RcamError("validation found no images: set val_pairs or val_raw to existing paths")
+    costs = [result["bpp"] + lam * 255.0**2 * 10.0 ** (-result["psnr"] / 10.0) for result in scores.values()]
+    return float(np.mean(costs))
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA when present, else CPU."""
     if name == "auto":
@@ -243,6 +254,10 @@ def load_starting_weights(model: RealCamNet, path: Path) -> int:
 
 def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Path:
     """Run (or resume) training; returns the path of the last checkpoint."""
+    if config.val_every and not (Path(config.val_pairs).is_file() if config.val_pairs else False) and not (
+        Path(config.val_raw).is_dir() if config.val_raw else False
+    ):
+        raise RcamError(f"val_every is {config.val_every} but neither val_pairs nor val_raw exists: make them or set val_every to 0")
     torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     run_dir = Path(config.run_dir)
@@ -252,6 +267,8 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
     model = RealCamNet(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     checkpoint_path = run_dir / "last.pt"
+    best_path = run_dir / "best.pt"  # the checkpoint with the lowest validation cost so far
+    best_cost = math.inf
     step = 0
     earlier_steps = 0  # steps behind the starting weights (fine-tuning), so exports state the whole budget
     rng = np.random.default_rng(config.seed)
@@ -261,17 +278,18 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
         earlier_steps = int(state.get("earlier_steps", 0))
+        best_cost = float(state.get("best_cost", math.inf))
         rng = np.random.default_rng([config.seed, step])  # a fresh stream per resume, reproducible
     elif config.init_from:
         earlier_steps = load_starting_weights(model, Path(config.init_from))
     if images is None:
         images = load_dataset(Path(config.dataset), model_config.thumbnail, with_clean=config.clean_fraction > 0)
 
-    def save() -> None:
-        tmp = checkpoint_path.with_suffix(".tmp")
+    def save(path: Path = checkpoint_path) -> None:
+        tmp = path.with_suffix(".tmp")
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "earlier_steps": earlier_steps}
-        torch.save(state | {"model_config": model_config.to_dict()}, tmp)
-        tmp.replace(checkpoint_path)
+        torch.save(state | {"model_config": model_config.to_dict(), "best_cost": best_cost}, tmp)
+        tmp.replace(path)
 
     interrupted = False
 
@@ -315,9 +333,14 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
                     save()
                 if config.val_every and step % config.val_every == 0:
                     scores = validate(model, config)
-                    log.write(json.dumps({"step": step, "val": scores}) + "\n")
+                    cost = validation_cost(scores, config.val_lambda)
+                    improved = cost < best_cost
+                    if improved:  # later steps can be worse on held-out data: keep the best one to export
+                        best_cost = cost
+                        save(best_path)
+                    log.write(json.dumps({"step": step, "val": scores, "val_cost": cost, "best": improved}) + "\n")
                     log.flush()
-                    progress.write(f"step {step} validation at lambda {config.val_lambda}: {scores}")
+                    progress.write(f"step {step} validation at lambda {config.val_lambda}: {scores}, cost {cost:.4f}" + (" (best so far, saved best.pt)" if improved else ""))
     finally:
         save()
         progress.close()

@@ -16,7 +16,7 @@ from rcam.demo import run_demo, sample_scene
 from rcam.errors import RcamError
 from rcam.synth import build_dataset
 from rcam.models import CONFIGS, build_model
-from rcam.train import TrainConfig, load_dataset, load_starting_weights, sample_batch, train
+from rcam.train import TrainConfig, load_dataset, load_starting_weights, sample_batch, train, validation_cost
 from rcam.zoo import export_checkpoint, file_digest, load_codec, read_manifest, read_weights, save_checkpoint, write_manifest_entry
 
 TINY = {"channels": 16, "latent_channels": 16, "hyper_channels": 16, "prior_channels": 8, "thumbnail": 32}
@@ -55,6 +55,8 @@ def test_training_resumes_and_exports(dataset, tmp_path):
     (validation,) = [r for r in log if "val" in r]
     assert validation["step"] == 5 and validation["val"]["val_pairs"]["images"] == 2
     assert validation["val"]["val_pairs"]["bpp"] > 0 and 0 < validation["val"]["val_pairs"]["psnr"] < 100
+    assert validation["best"] and validation["val_cost"] == pytest.approx(validation_cost(validation["val"], config.val_lambda))
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["step"] == 5
 
     weights_dir = tmp_path / "weights"
     path = export_checkpoint(checkpoint, "tiny", weights_dir)
@@ -75,6 +77,46 @@ def test_training_resumes_and_exports(dataset, tmp_path):
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(RcamError, match="not in"):
         load_codec("no-such-model", weights_dir=tmp_path)
+
+
+def test_validation_cost_prefers_fewer_bits_and_less_error():
+    base = {"val_pairs": {"bpp": 0.5, "psnr": 25.0, "images": 18}, "val_raw": {"bpp": 0.4, "psnr": 30.0, "images": 2}}
+    sharper = base | {"val_raw": {"bpp": 0.4, "psnr": 31.0, "images": 2}}
+    cheaper = base | {"val_pairs": {"bpp": 0.45, "psnr": 25.0, "images": 18}}
+    assert validation_cost(sharper, 0.01) < validation_cost(base, 0.01)
+    assert validation_cost(cheaper, 0.01) < validation_cost(base, 0.01)
+    # bpp + λ·255²·10^(-PSNR/10), averaged over the two sets.
+    expected = (0.5 + 0.01 * 255**2 * 10**-2.5 + 0.4 + 0.01 * 255**2 * 10**-3.0) / 2
+    assert validation_cost(base, 0.01) == pytest.approx(expected)
+
+
+def test_best_checkpoint_is_kept_across_worse_validations_and_resumes(dataset, tmp_path, monkeypatch):
+    psnr_by_step = {2: 20.0, 4: 18.0, 6: 19.0, 8: 24.0}  # step 4 and 6 are worse than step 2, step 8 best
+    monkeypatch.setattr("rcam.train.validate", lambda model, config: {"val_pairs": {"bpp": 0.5, "psnr": psnr_by_step[seen.pop(0)], "images": 2}})
+    seen = [2, 4]
+    config = TrainConfig(
+        dataset=str(dataset), run_dir=str(tmp_path / "run"), model_overrides=TINY, steps=4, batch_size=2,
+        patch=32, checkpoint_every=2, log_every=1, threads=1, val_every=2, val_pairs=str(dataset),
+    )  # fmt: skip
+    images = load_dataset(dataset, TINY["thumbnail"])
+    train(config, images)
+    best = tmp_path / "run" / "best.pt"
+    assert torch.load(best, weights_only=True)["step"] == 2
+    seen.extend([6, 8])
+    train(replace(config, steps=6), images)  # resumed: step 6 is still worse than the best from before the resume
+    assert torch.load(best, weights_only=True)["step"] == 2
+    train(replace(config, steps=8), images)
+    assert torch.load(best, weights_only=True)["step"] == 8
+    marks = [(r["step"], r["best"]) for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if "val" in r]
+    assert marks == [(2, True), (4, False), (6, False), (8, True)]
+
+
+def test_validation_without_val_data_is_refused_before_training(dataset, tmp_path):
+    config = TrainConfig(dataset=str(dataset), run_dir=str(tmp_path / "run"), model_overrides=TINY, steps=2, val_every=1,
+                         val_pairs=str(tmp_path / "missing.jsonl"), val_raw=str(tmp_path / "no-dir"))  # fmt: skip
+    with pytest.raises(RcamError, match="neither val_pairs nor val_raw"):
+        train(config, load_dataset(dataset, TINY["thumbnail"]))
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_weights_files_that_are_not_rcam_weights_are_clear_errors(tmp_path):
