@@ -1,11 +1,13 @@
 """bpp and PSNR of rcam at several λ: real DNGs against their reference render, synthetic pairs against their target.
 
     .venv/bin/python bench/real_dngs.py [../shared/data/raw] [--lambdas 0.005,0.01,0.025] [--model rcam-small]
-        [--pairs cache/synth_val/index.jsonl] [--no-raw]
+        [--pairs cache/synth_val/index.jsonl] [--no-raw] [--no-tone-fit] [--threads N]
 
 --pairs adds synthetic pairs made by `rcam synth` (e.g. from the val photos): each degraded DNG is scored
 against the render of its clean twin (protocol S's reference). Means per λ and set close the table.
---record writes the figures into the model's entry in weights/manifest.json (its "evaluation").
+--record writes the figures into the model's entry in weights/manifest.json (its "evaluation"; other figures
+stored there for the same weights, e.g. the protocol BD tables, are kept). --no-tone-fit encodes without the
+encoder's tone correction (rcam/tone.py), to see what it brings.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from rcam.codec import decode_bytes, encode_file
@@ -49,7 +52,11 @@ def main() -> None:
     parser.add_argument("--pairs", default=None, help="index.jsonl of synthetic pairs to score as well")
     parser.add_argument("--no-raw", action="store_true", help="Skip the real DNG folder.")
     parser.add_argument("--record", action="store_true", help="Store the figures in weights/manifest.json.")
+    parser.add_argument("--no-tone-fit", action="store_true", help="Encode without the tone correction.")
+    parser.add_argument("--threads", type=int, default=None, help="Torch threads (default: torch's choice).")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     codec = load_codec(args.model)
     print(f"model {codec.name} ({codec.digest.hex()[:12]})")
     print(f"{'file':45s} {'lambda':>7s} {'bytes':>8s} {'bpp':>7s} {'PSNR dB':>8s} {'enc s':>6s} {'dec s':>6s}")
@@ -59,7 +66,7 @@ def main() -> None:
         reference = np.asarray(Image.open(target).convert("RGB")) if target else reference_render(path)
         for lam in (float(v) for v in args.lambdas.split(",")):
             start = time.perf_counter()
-            encoded = encode_file(codec, path, lam)
+            encoded = encode_file(codec, path, lam, tone_fit=not args.no_tone_fit)
             middle = time.perf_counter()
             decoded = quantize(decode_bytes(codec, encoded.data), 8)
             end = time.perf_counter()
@@ -84,7 +91,11 @@ def record(model: str, per_file: dict, means: dict) -> None:
     if name not in read_manifest().get("models", {}):
         raise SystemExit(f"--record: {model} is not a model in weights/manifest.json")
     command = "python bench/real_dngs.py " + shlex.join(sys.argv[1:])
-    evaluation = {"command": command, "weights_sha256": file_digest(path).hex(), "bpp_psnr_per_file": per_file, "means": means}
+    digest = file_digest(path).hex()
+    evaluation = {"command": command, "weights_sha256": digest, "bpp_psnr_per_file": per_file, "means": means}
+    earlier = read_manifest()["models"][name].get("evaluation", {})
+    if earlier.get("weights_sha256") == digest:  # figures measured otherwise for these same weights stay
+        evaluation = earlier | evaluation
     print(f"recorded in {write_manifest_entry(name, {'evaluation': evaluation})}")
 
 

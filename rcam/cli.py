@@ -20,6 +20,7 @@ from rcam.codec import decode_bytes, encode_file
 from rcam.errors import RcamError
 from rcam.output import check_output_path, encode_image, image_kind, write_atomic
 from rcam.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
+from rcam.tone import IDENTITY
 from rcam.train import resolve_device
 from rcam.zoo import DEFAULT_MODEL, load_codec
 
@@ -126,11 +127,12 @@ def cli() -> None:
 @click.option("--tile", type=int, default=DEFAULT_TILE, show_default=True, help="Tile side in packed pixels (multiple of 32): memory/speed knob.")
 @click.option("--overlap", type=int, default=DEFAULT_OVERLAP, show_default=True, help="Tile overlap in packed pixels (multiple of 32).")
 @click.option("--tile-batch", type=click.IntRange(1, 64), default=1, show_default=True, help="Tiles run through the encoder at once (speed only).")
+@click.option("--tone-fit/--no-tone-fit", default=True, show_default=True, help="Fit a per-channel tone correction against LibRaw's render of the file (24 header bytes; the centre tiles are synthesised once more).")
 @device_option
 @threads_option
 @force_option
 @quiet_option
-def encode(inputs, output, out_dir, lam, model_name, tile, overlap, tile_batch, device, threads, force, quiet) -> None:
+def encode(inputs, output, out_dir, lam, model_name, tile, overlap, tile_batch, tone_fit, device, threads, force, quiet) -> None:
     """Encode RAW files (or folders of them) into .rcb bitstreams."""
     sources = expand_inputs(inputs, RAW_SUFFIXES)
     check_out_dir(out_dir)
@@ -140,7 +142,9 @@ def encode(inputs, output, out_dir, lam, model_name, tile, overlap, tile_batch, 
         target = output_path(source, output, out_dir, ".rcb", len(sources) > 1)
         check_output_path(target, force, tuple(sources))
         with tile_progress(source.name) as bar:
-            encoded = encode_file(codec, source, lam, tile=tile, overlap=overlap, tile_batch=tile_batch, progress=lambda: bar.update(1))
+            encoded = encode_file(
+                codec, source, lam, tone_fit=tone_fit, tile=tile, overlap=overlap, tile_batch=tile_batch, progress=lambda: bar.update(1)
+            )  # fmt: skip
         write_atomic(target, encoded.data)
         pixels = encoded.header.output_height * encoded.header.output_width
         return f"{source} -> {target}: {len(encoded.data)} bytes, {8 * len(encoded.data) / pixels:.4f} bpp"
@@ -197,11 +201,12 @@ def info(inputs) -> None:
         pixels = header.output_height * header.output_width
         lines = [
             f"{source}",
-            f"  format       rcb v{container.FORMAT_VERSION}, {len(data)} bytes, {8 * len(data) / pixels:.4f} bpp",
+            f"  format       rcb v{header.format_version}, {len(data)} bytes, {8 * len(data) / pixels:.4f} bpp",
             f"  model        {header.model_name} (weights {header.weights_digest.hex()})",
             f"  lambda       {header.lam:.6g}",
             f"  sensor       {header.sensor_width}x{header.sensor_height} visible, CFA padding top {header.pad_top} left {header.pad_left}",
             f"  output       {header.output_width}x{header.output_height}, orientation flip code {header.flip}",
+            "  tone         " + ("none" if header.tone == IDENTITY else "gain R %.4f G %.4f B %.4f, offset R %+.4f G %+.4f B %+.4f" % header.tone),
             f"  tiles        {header.tile_cols}x{header.tile_rows} of {header.tile_width}x{header.tile_height} packed px, overlap {header.overlap}",
             f"  streams      {len(streams)}, {sum(header.stream_lengths)} bytes, smallest {min(header.stream_lengths)}, largest {max(header.stream_lengths)}",
             "  checksums    header and all streams OK",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +12,9 @@ from rcam import container
 from rcam.entropy import TileLatents
 from rcam.errors import RcamError
 from rcam.models import LAMBDA_RANGE
-from rcam.rawio import RawImage, apply_flip, network_input, read_raw
+from rcam.rawio import RawImage, apply_flip, network_input, read_raw, reference_render
 from rcam.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, blend_weights, coordinate_map, crop_tile, plan_tiles, thumbnail
+from rcam.tone import central_box, fit_tone, apply_tone
 from rcam.zoo import Codec
 
 DEFAULT_TILE_BATCH = 1
@@ -43,9 +44,13 @@ def _batches(tiles: list[Tile], size: int):
 
 def encode_image(
     codec: Codec, image: RawImage, lam: float, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
-    tile_batch: int = DEFAULT_TILE_BATCH, progress=None,
+    tile_batch: int = DEFAULT_TILE_BATCH, progress=None, reference: np.ndarray | None = None,
 ) -> Encoded:  # fmt: skip
-    """RawImage -> Encoded (.rcb bytes + latents); `progress` is called once per tile."""
+    """RawImage -> Encoded (.rcb bytes + latents); `progress` is called once per tile.
+
+    With `reference` ((H, W, 3) uint8, the reference render of the same file) the encoder also synthesises
+    the frame's centre as the decoder will and stores a fitted tone correction (rcam.tone) in the header.
+    """
     lam = check_lambda(lam)
     model, device = codec.model, codec.device
     planes = torch.from_numpy(network_input(image))
@@ -75,12 +80,31 @@ def encode_image(
         tile_height=tiles[0].height, tile_width=tiles[0].width, overlap=overlap,
         tile_rows=rows, tile_cols=len(tiles) // rows,
     )  # fmt: skip
+    if reference is not None:
+        header = replace(header, tone=fit_header_tone(codec, header, latents, reference))
     return Encoded(container.write(header, streams), header, latents)
 
 
-def encode_file(codec: Codec, path: Path, lam: float, **options) -> Encoded:
-    """Read a RAW file and encode it (options as for encode_image)."""
-    return encode_image(codec, read_raw(path), lam, **options)
+def fit_header_tone(codec: Codec, header: container.Header, latents: list[TileLatents], reference: np.ndarray) -> tuple[float, ...]:
+    """Synthesise only the tiles under the fit region, exactly as the decoder will, and fit the tone there."""
+    if reference.shape[:2] != (header.output_height, header.output_width):
+        raise RcamError(f"reference render is {reference.shape[1]}x{reference.shape[0]}, the encoded frame {header.output_width}x{header.output_height}")
+    rows, cols = central_box(header.sensor_height, header.sensor_width)
+    # The box in padded packed coordinates; a tile is needed if it overlaps it.
+    top, bottom = (rows.start + header.pad_top) // 2, (rows.stop + header.pad_top + 1) // 2
+    left, right = (cols.start + header.pad_left) // 2, (cols.stop + header.pad_left + 1) // 2
+    wanted = [t.top < bottom and t.top + t.height > top and t.left < right and t.left + t.width > left for t in header_tiles(header)]
+    image, complete = synthesize(codec, header, latents, wanted)
+    decoded = apply_flip(image.clamp(0.0, 1.0).permute(1, 2, 0).numpy(), header.flip)
+    usable = apply_flip(complete.numpy()[..., None], header.flip)[..., 0]
+    return fit_tone(decoded, reference, usable)
+
+
+def encode_file(codec: Codec, path: Path, lam: float, tone_fit: bool = True, **options) -> Encoded:
+    """Read a RAW file and encode it (options as for encode_image); `tone_fit` renders the reference to fit the tone."""
+    image = read_raw(path)  # first: its checks give the precise reason a file is refused
+    reference = reference_render(path) if tone_fit else None
+    return encode_image(codec, image, lam, reference=reference, **options)
 
 
 def header_tiles(header: container.Header) -> list[Tile]:
@@ -116,35 +140,50 @@ def decode_latents(codec: Codec, header: container.Header, streams: list[bytes])
     return latents
 
 
-def decode_bytes(codec: Codec, data: bytes, progress=None) -> np.ndarray:
-    """.rcb bytes -> (H, W, 3) float32 sRGB in [0, 1], oriented, the reference render's size.
+def synthesize(
+    codec: Codec, header: container.Header, latents: list[TileLatents], wanted: list[bool] | None = None, progress=None
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Tiles' latents -> ((3, H, W) blended sensor-oriented RGB, unclamped; (H, W) bool: pixels whose tiles all ran).
 
-    Tiles go through the synthesis one at a time: oneDNN's batched convolutions round differently from
-    single ones, and a file must decode to the same pixels however it is run.
+    `wanted` picks the tiles to synthesise (all by default). Tiles go through the synthesis one at a time:
+    oneDNN's batched convolutions round differently from single ones, and a file must decode to the same
+    pixels however it is run.
     """
-    header, streams = container.read(data)
-    check_model(codec, header)
-    latents = decode_latents(codec, header, streams)
     tiles = header_tiles(header)
+    wanted = wanted or [True] * len(tiles)
     model, device = codec.model, codec.device
     extent = (tiles[-1].top + tiles[-1].height, tiles[-1].left + tiles[-1].width)
     canvas = torch.zeros(3, 2 * extent[0], 2 * extent[1])
     weight_sum = torch.zeros(2 * extent[0], 2 * extent[1])
+    missing_weight = torch.zeros(2 * extent[0], 2 * extent[1])  # blend weight of tiles left out
     with torch.inference_mode():
         _, inverse_gain = model.gains(torch.tensor([header.lam], device=device))
-        for tile, tile_latents in zip(tiles, latents):
-            tile_rgb = model.synthesis(tile_latents.y_hat.to(device) * inverse_gain)[0].float().cpu()
+        for tile, tile_latents, run in zip(tiles, latents, wanted):
             weights = blend_weights(tile, extent, header.overlap, scale=2)
             rows = slice(2 * tile.top, 2 * (tile.top + tile.height))
             cols = slice(2 * tile.left, 2 * (tile.left + tile.width))
+            if not run:
+                missing_weight[rows, cols] += weights
+                continue
+            tile_rgb = model.synthesis(tile_latents.y_hat.to(device) * inverse_gain)[0].float().cpu()
             canvas[:, rows, cols] += tile_rgb * weights
             weight_sum[rows, cols] += weights
             if progress:
                 progress()
-    image = canvas / weight_sum
-    image = image[:, header.pad_top : header.pad_top + header.sensor_height, header.pad_left : header.pad_left + header.sensor_width]
-    image = image.clamp(0.0, 1.0).permute(1, 2, 0).numpy()
-    return apply_flip(image, header.flip)
+    image = canvas / weight_sum.clamp_min(1e-12)
+    complete = (missing_weight == 0) & (weight_sum > 0)
+    visible = (slice(header.pad_top, header.pad_top + header.sensor_height), slice(header.pad_left, header.pad_left + header.sensor_width))
+    return image[:, visible[0], visible[1]], complete[visible[0], visible[1]]
+
+
+def decode_bytes(codec: Codec, data: bytes, progress=None) -> np.ndarray:
+    """.rcb bytes -> (H, W, 3) float32 sRGB in [0, 1], oriented, the reference render's size, tone-corrected."""
+    header, streams = container.read(data)
+    check_model(codec, header)
+    latents = decode_latents(codec, header, streams)
+    image, _ = synthesize(codec, header, latents, progress=progress)
+    image = apply_tone(image.clamp(0.0, 1.0), header.tone)
+    return apply_flip(image.permute(1, 2, 0).numpy(), header.flip)
 
 
 def decode_file(codec: Codec, path: Path, **options) -> np.ndarray:

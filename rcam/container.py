@@ -1,4 +1,5 @@
-"""The .rcb container, version 1 (docs/FORMAT.md): header, stream table, checksums, then one stream per tile.
+"""The .rcb container, version 2 (docs/FORMAT.md): header, tone correction, stream table, checksums, then one
+stream per tile. Version 1 files (no tone correction) are still read.
 
 Parsing reads fixed-size little-endian fields with explicit bounds checks, never unpickles or evaluates
 anything, and checks every declared size against both a fixed limit and the bytes actually present before
@@ -12,9 +13,11 @@ import zlib
 from dataclasses import dataclass
 
 from rcam.errors import RcamError
+from rcam.tone import IDENTITY, check_tone
 
 MAGIC = b"\x89RCB\r\n\x1a\n"  # like PNG's: catches text-mode transfers and truncation to a few bytes
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written
+READABLE_VERSIONS = (1, 2)  # 1: before the tone correction existed
 MAX_SIDE = 65535  # sensor rows / columns
 MAX_PIXELS = 200_000_000  # same bound as the RAW reader
 MAX_TILE = 4096  # packed pixels per tile side
@@ -23,6 +26,7 @@ MAX_NAME = 64
 
 _PREFIX = struct.Struct("<8sHI")  # magic, version, header body length
 _GEOMETRY = struct.Struct("<16sfIIBBBIIHHHHHI")
+_TONE = struct.Struct("<6f")  # gains R, G, B, offsets R, G, B (version 2 on)
 _STREAM_ENTRY = struct.Struct("<II")  # length, crc32
 _CRC = struct.Struct("<I")
 
@@ -46,8 +50,10 @@ class Header:
     overlap: int
     tile_rows: int
     tile_cols: int
+    tone: tuple[float, ...] = IDENTITY  # encoder-fitted per-channel gain and offset (rcam.tone)
     stream_lengths: tuple[int, ...] = ()
     stream_crcs: tuple[int, ...] = ()
+    format_version: int = FORMAT_VERSION  # of the file it was read from
 
 
 def _check_geometry(header: Header) -> None:
@@ -82,6 +88,7 @@ def write(header: Header, streams: list[bytes]) -> bytes:
     if len(streams) != header.tile_rows * header.tile_cols:
         raise ValueError("one stream per tile")
     _check_geometry(header)
+    check_tone(header.tone)
     name = header.model_name.encode("ascii")
     if not 1 <= len(name) <= MAX_NAME or len(header.weights_digest) != 16:
         raise ValueError("model name must be 1-64 ASCII bytes and the digest 16 bytes")
@@ -91,6 +98,7 @@ def write(header: Header, streams: list[bytes]) -> bytes:
         header.pad_left, header.flip, header.output_height, header.output_width, header.tile_height,
         header.tile_width, header.overlap, header.tile_rows, header.tile_cols, len(streams),
     )  # fmt: skip
+    body += _TONE.pack(*header.tone)
     for stream in streams:
         body += _STREAM_ENTRY.pack(len(stream), zlib.crc32(stream))
     head = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(body)) + bytes(body)
@@ -117,9 +125,10 @@ def read(data: bytes) -> tuple[Header, list[bytes]]:
     magic, version, body_length = _PREFIX.unpack(reader.take(_PREFIX.size, "file signature"))
     if magic != MAGIC:
         raise RcamError("not an rcam bitstream (bad signature)")
-    if version != FORMAT_VERSION:
-        raise RcamError(f"format version {version} is not supported (this rcam reads version {FORMAT_VERSION})")
-    max_body = 1 + MAX_NAME + _GEOMETRY.size + MAX_STREAMS * _STREAM_ENTRY.size
+    if version not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
+        raise RcamError(f"format version {version} is not supported (this rcam reads versions {readable})")
+    max_body = 1 + MAX_NAME + _GEOMETRY.size + _TONE.size + MAX_STREAMS * _STREAM_ENTRY.size
     if body_length > max_body:
         raise RcamError(f"bad header: declared header length {body_length} is too large")
     body = reader.take(body_length, "header")
@@ -139,13 +148,15 @@ def read(data: bytes) -> tuple[Header, list[bytes]]:
         raise RcamError(f"bad header: {stream_count} streams for a {tile_rows}x{tile_cols} tile grid")
     if stream_count > MAX_STREAMS:
         raise RcamError(f"bad header: {stream_count} streams ({tile_rows}x{tile_cols} tiles), at most {MAX_STREAMS}")
+    tone = _TONE.unpack(fields.take(_TONE.size, "header")) if version >= 2 else IDENTITY
+    check_tone(tone)
     entries = [_STREAM_ENTRY.unpack(fields.take(_STREAM_ENTRY.size, "stream table")) for _ in range(stream_count)]
     if fields.offset != len(body):
         raise RcamError("bad header: unexpected bytes after the stream table")
     header = Header(
         model_name, digest, lam, sensor_height, sensor_width, pad_top, pad_left, flip, output_height, output_width,
-        tile_height, tile_width, overlap, tile_rows, tile_cols,
-        tuple(length for length, _ in entries), tuple(crc for _, crc in entries),
+        tile_height, tile_width, overlap, tile_rows, tile_cols, tuple(tone),
+        tuple(length for length, _ in entries), tuple(crc for _, crc in entries), version,
     )  # fmt: skip
     _check_geometry(header)
     streams = []

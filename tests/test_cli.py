@@ -17,6 +17,7 @@ from PIL import Image
 from rcam import cli, codec, container
 from rcam.output import quantize, srgb_icc_profile
 from rcam.rawio import reference_render
+from rcam.tone import IDENTITY
 
 from conftest import (
     BAD_INPUTS, check_one_error_line, cmyg_dng, error_lines, linear_dng, part_files, run_script, text_file, too_small_dng, xtrans_dng,
@@ -123,7 +124,16 @@ def test_encode_decode_info_round_trip(run, tmp_path, make_dng, tiny_model_path)
     assert (status, err) == (0, "")
     assert "tiny" in out and "0.025" in out and "bpp" in out and "checksums" in out
     assert f"{reference.shape[1]}x{reference.shape[0]}" in out
+    assert "rcb v2" in out and "tone         gain R" in out
     assert part_files(tmp_path) == []
+
+
+def test_encode_without_tone_fit(run, tmp_path, make_dng, tiny_model_path):
+    source, encoded = make_dng(), tmp_path / "plain.rcb"
+    assert run("encode", source, "--model", tiny_model_path, "-o", encoded, "--no-tone-fit")[0] == 0
+    assert container.read(encoded.read_bytes())[0].tone == IDENTITY
+    status, out, _ = run("info", encoded)
+    assert status == 0 and "tone         none" in out
 
 
 def test_outputs_get_normal_permissions(run, tmp_path, make_dng, tiny_model_path):

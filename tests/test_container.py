@@ -20,6 +20,7 @@ from rcam import codec, container
 from rcam.container import MAGIC
 from rcam.dng import write_bayer_dng
 from rcam.errors import RcamError
+from rcam.tone import IDENTITY
 from rcam.zoo import load_codec
 
 from conftest import BLACK_LEVEL, WHITE_LEVEL, smooth_mosaic
@@ -46,10 +47,12 @@ def valid(tiny_codec, tmp_path_factory):
 
 def header_size(header: container.Header) -> int:
     """Bytes from the start of the file to the end of the header CRC (FORMAT.md)."""
-    return 14 + 1 + len(header.model_name) + 53 + 8 * len(header.stream_lengths) + 4
+    return 14 + 1 + len(header.model_name) + 53 + 24 + 8 * len(header.stream_lengths) + 4
 
 
-def build(fields: dict, entries: list[tuple[int, int]], streams: bytes = b"", body_length: int | None = None) -> bytes:
+def build(
+    fields: dict, entries: list[tuple[int, int]], streams: bytes = b"", body_length: int | None = None, version: int = 2
+) -> bytes:  # fmt: skip
     """A file laid out as docs/FORMAT.md says, with a correct header CRC and whatever field values we like."""
     name = fields.get("name", b"tiny")
     body = bytes([len(name)]) + name
@@ -67,8 +70,10 @@ def build(fields: dict, entries: list[tuple[int, int]], streams: bytes = b"", bo
         fields.get("tile_cols", 1),
     )
     body += struct.pack("<I", fields.get("stream_count", len(entries)))
+    if version >= 2:
+        body += struct.pack("<6f", *fields.get("tone", IDENTITY))
     body += b"".join(struct.pack("<II", length, crc) for length, crc in entries)
-    head = MAGIC + struct.pack("<HI", 1, len(body) if body_length is None else body_length) + body
+    head = MAGIC + struct.pack("<HI", version, len(body) if body_length is None else body_length) + body
     return head + struct.pack("<I", zlib.crc32(head)) + streams
 
 
@@ -254,8 +259,28 @@ def test_bad_header_fields_are_named(fields, words):
 
 def test_other_format_version_is_rejected(valid):
     data = bytearray(valid[0])
-    data[8:10] = struct.pack("<H", 2)
-    assert "version 2" in reject(bytes(data))
+    data[8:10] = struct.pack("<H", 3)
+    assert "version 3" in reject(bytes(data))
+
+
+def test_version_1_files_still_read_without_tone_correction(tiny_codec):
+    stream = b"\x01\x00\x00\x00"
+    header, streams = container.read(build({"digest": tiny_codec.digest}, [(4, zlib.crc32(stream))], stream, version=1))
+    assert header.format_version == 1 and header.tone == IDENTITY and streams == [stream]
+    # The same fields as version 2 differ only by the 24 tone bytes.
+    tone = (1.25, 1.0, 0.75, 0.0, -0.125, 0.5)
+    header2, _ = container.read(build({"digest": tiny_codec.digest, "tone": tone}, [(4, zlib.crc32(stream))], stream))
+    assert header2.format_version == 2 and header2.tone == tone
+
+
+@pytest.mark.parametrize(
+    "tone, words",
+    [((float("nan"), 1, 1, 0, 0, 0), "finite"), ((1, 1, 9.0, 0, 0, 0), "gains"), ((1, 1, 1, 0, -0.75, 0), "offsets")],
+)
+def test_bad_tone_correction_is_rejected(tone, words):
+    stream = b"\x01\x00\x00\x00"
+    message = reject(build({"tone": tone}, [(4, zlib.crc32(stream))], stream))
+    assert "bad header: tone" in message and words in message
 
 
 # ---------------------------------------------------------------------------------------------------------
