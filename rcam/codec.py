@@ -14,7 +14,7 @@ from rcam.errors import RcamError
 from rcam.models import LAMBDA_RANGE
 from rcam.rawio import RawImage, apply_flip, network_input, read_raw, reference_render
 from rcam.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, blend_weights, coordinate_map, crop_tile, plan_tiles, thumbnail
-from rcam.tone import central_box, fit_tone, apply_tone
+from rcam.tone import apply_tone, central_box, fit_tone_on_box
 from rcam.zoo import Codec
 
 DEFAULT_TILE_BATCH = 1
@@ -95,9 +95,12 @@ def fit_header_tone(codec: Codec, header: container.Header, latents: list[TileLa
     left, right = (cols.start + header.pad_left) // 2, (cols.stop + header.pad_left + 1) // 2
     wanted = [t.top < bottom and t.top + t.height > top and t.left < right and t.left + t.width > left for t in header_tiles(header)]
     image, complete = synthesize(codec, header, latents, wanted)
-    decoded = apply_flip(image.clamp(0.0, 1.0).permute(1, 2, 0).numpy(), header.flip)
-    usable = apply_flip(complete.numpy()[..., None], header.flip)[..., 0]
-    return fit_tone(decoded, reference, usable)
+    # The box is centred, so cropping before orienting gives the oriented image's box; only it is copied.
+    decoded_box = apply_flip(image[:, rows, cols].clamp(0.0, 1.0).permute(1, 2, 0).numpy(), header.flip)
+    usable_box = apply_flip(complete[rows, cols].numpy()[..., None], header.flip)[..., 0]
+    del image, complete
+    frame = (header.output_height, header.output_width)
+    return fit_tone_on_box(decoded_box, reference[central_box(*frame)], frame, usable_box)
 
 
 def encode_file(codec: Codec, path: Path, lam: float, tone_fit: bool = True, **options) -> Encoded:
@@ -170,8 +173,8 @@ def synthesize(
             weight_sum[rows, cols] += weights
             if progress:
                 progress()
-    image = canvas / weight_sum.clamp_min(1e-12)
     complete = (missing_weight == 0) & (weight_sum > 0)
+    image = canvas.div_(weight_sum.clamp_min_(1e-12))  # in place: a full-frame float copy less at 24 MP
     visible = (slice(header.pad_top, header.pad_top + header.sensor_height), slice(header.pad_left, header.pad_left + header.sensor_width))
     return image[:, visible[0], visible[1]], complete[visible[0], visible[1]]
 

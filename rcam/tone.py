@@ -44,21 +44,32 @@ def fit_tone(decoded: np.ndarray, reference: np.ndarray, usable: np.ndarray | No
 
     decoded: (H, W, 3) float in [0, 1], the decoder's output before correction; reference: (H, W, 3) uint8
     render of the same frame; usable: (H, W) bool, pixels the encoder could reconstruct exactly (all by
-    default). Clipped pixels on either side say nothing about the tone and are left out. Returns six float32
-    values (gains, offsets), clamped to GAIN_RANGE / OFFSET_RANGE.
+    default). Returns six float32 values (gains, offsets), see fit_tone_on_box.
     """
     height, width = decoded.shape[:2]
     if reference.shape[:2] != (height, width):
         raise RcamError(f"reference render is {reference.shape[1]}x{reference.shape[0]}, decoded image {width}x{height}")
-    rows, cols = central_box(height, width)
-    weights = centre_weights(height, width)
-    if usable is not None:
-        weights = weights * usable[rows, cols]
-    x_all = decoded[rows, cols].astype(np.float64)
-    y_all = reference[rows, cols].astype(np.float64) / 255.0
+    box = central_box(height, width)
+    return fit_tone_on_box(decoded[box], reference[box], (height, width), None if usable is None else usable[box])
+
+
+def fit_tone_on_box(
+    decoded_box: np.ndarray, reference_box: np.ndarray, frame: tuple[int, int], usable_box: np.ndarray | None = None
+) -> tuple[float, ...]:  # fmt: skip
+    """fit_tone given only the central_box crops of a (H, W) = `frame` image (what the encoder synthesises).
+
+    Clipped pixels on either side say nothing about the tone and are left out. Gains and offsets are clamped
+    to GAIN_RANGE / OFFSET_RANGE; a channel with fewer than MIN_FIT_PIXELS usable pixels stays as decoded.
+    """
+    weights = centre_weights(*frame)
+    if decoded_box.shape[:2] != weights.shape or reference_box.shape[:2] != weights.shape:
+        raise RcamError(f"tone fit: crops {decoded_box.shape[:2]} / {reference_box.shape[:2]} are not the central box {weights.shape}")
+    if usable_box is not None:
+        weights = weights * usable_box
     gains, offsets = [], []
     for channel in range(3):
-        x, y = x_all[..., channel], y_all[..., channel]
+        x = decoded_box[..., channel].astype(np.float64)
+        y = reference_box[..., channel].astype(np.float64) / 255.0
         valid = (weights > 0) & (x > 0.001) & (x < 0.999) & (y > 0.5 / 255) & (y < 254.5 / 255)
         w, x, y = weights[valid], x[valid], y[valid]
         gain, offset = 1.0, 0.0
