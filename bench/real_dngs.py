@@ -63,10 +63,12 @@ def main() -> None:
     scores = defaultdict(list)
     per_file: dict[str, dict] = {}
     for set_name, path, target in items(args):
-        reference = np.asarray(Image.open(target).convert("RGB")) if target else reference_render(path)
+        # The file's own render: the score's reference for real files, the tone fit's for all; once per file.
+        render = reference_render(path) if target is None or not args.no_tone_fit else None
+        reference = np.asarray(Image.open(target).convert("RGB")) if target else render
         for lam in (float(v) for v in args.lambdas.split(",")):
             start = time.perf_counter()
-            encoded = encode_file(codec, path, lam, tone_fit=not args.no_tone_fit)
+            encoded = encode_file(codec, path, lam, tone_fit=not args.no_tone_fit, reference=render)
             middle = time.perf_counter()
             decoded = quantize(decode_bytes(codec, encoded.data), 8)
             end = time.perf_counter()
@@ -88,12 +90,13 @@ def main() -> None:
 def record(model: str, per_file: dict, means: dict) -> None:
     """Store the measured figures as the model's manifest "evaluation" (only for a model named in the manifest)."""
     name, path = resolve_weights(model)
-    if name not in read_manifest().get("models", {}):
+    entry = read_manifest().get("models", {}).get(name)
+    if entry is None:
         raise SystemExit(f"--record: {model} is not a model in weights/manifest.json")
     command = "python bench/real_dngs.py " + shlex.join(sys.argv[1:])
     digest = file_digest(path).hex()
     evaluation = {"command": command, "weights_sha256": digest, "bpp_psnr_per_file": per_file, "means": means}
-    earlier = read_manifest()["models"][name].get("evaluation", {})
+    earlier = entry.get("evaluation", {})
     if earlier.get("weights_sha256") == digest:  # figures measured otherwise for these same weights stay
         evaluation = earlier | evaluation
     print(f"recorded in {write_manifest_entry(name, {'evaluation': evaluation})}")

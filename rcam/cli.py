@@ -6,6 +6,7 @@ Exit status: 0 success, 2 bad input or usage (one line per problem on stderr, no
 
 from __future__ import annotations
 
+import functools
 import sys
 import traceback
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from rcam import container
 from rcam.codec import decode_bytes, encode_file
 from rcam.errors import RcamError
 from rcam.output import check_output_path, encode_image, image_kind, write_atomic
+from rcam.rawio import reference_render
 from rcam.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 from rcam.tone import IDENTITY
 from rcam.train import resolve_device
@@ -306,9 +308,10 @@ def evaluate(inputs, protocol, lambdas, baselines, out_dir, limit, speed, model_
     except ValueError:
         raise RcamError(f"--lambdas: '{lambdas}' is not a comma-separated list of numbers") from None
     codec = load_codec(model_name, _setup(device, threads))
+    render = functools.lru_cache(maxsize=1)(reference_render)  # the λ sweep of one file fits its tone to one render
 
     def run_codec(raw_path: Path, lam: float) -> tuple[int, np.ndarray]:
-        encoded = encode_file(codec, raw_path, lam)
+        encoded = encode_file(codec, raw_path, lam, reference=render(raw_path))
         return len(encoded.data), quantize(decode_bytes(codec, encoded.data), 8)
 
     extra = ["--model", model_name, "--device", "cpu" if codec.device.type == "cpu" else "cuda"]

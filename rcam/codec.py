@@ -103,11 +103,18 @@ def fit_header_tone(codec: Codec, header: container.Header, latents: list[TileLa
     return fit_tone_on_box(decoded_box, reference[central_box(*frame)], frame, usable_box)
 
 
-def encode_file(codec: Codec, path: Path, lam: float, tone_fit: bool = True, **options) -> Encoded:
-    """Read a RAW file and encode it (options as for encode_image); `tone_fit` renders the reference to fit the tone."""
+def encode_file(
+    codec: Codec, path: Path, lam: float, tone_fit: bool = True, reference: np.ndarray | None = None, **options
+) -> Encoded:  # fmt: skip
+    """Read a RAW file and encode it (options as for encode_image).
+
+    `tone_fit` fits the tone against the file's reference render: pass it as `reference` when the caller
+    already has it (e.g. one render for several λ), else it is rendered here.
+    """
     image = read_raw(path)  # first: its checks give the precise reason a file is refused
-    reference = reference_render(path) if tone_fit else None
-    return encode_image(codec, image, lam, reference=reference, **options)
+    if tone_fit and reference is None:
+        reference = reference_render(path)
+    return encode_image(codec, image, lam, reference=reference if tone_fit else None, **options)
 
 
 def header_tiles(header: container.Header) -> list[Tile]:

@@ -161,6 +161,18 @@ def rd_loss(output: dict, target: torch.Tensor, lam: torch.Tensor) -> dict:
     return {"loss": loss, "bpp": bpp.mean(), "mse255": (mse * 255.0**2).mean()}
 
 
+def validation_sets(config: TrainConfig) -> dict[str, list[tuple[Path, Path | None]]]:
+    """The val sets that exist and hold images: name -> [(RAW path, target path or None for its own render)]."""
+    sets = {}
+    if config.val_pairs and Path(config.val_pairs).is_file():
+        index = Path(config.val_pairs)
+        entries = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+        sets["val_pairs"] = [(index.parent / e["degraded"], index.parent / e["target"]) for e in entries]
+    if config.val_raw and Path(config.val_raw).is_dir():
+        sets["val_raw"] = [(p, None) for p in sorted(Path(config.val_raw).glob("*.dng"))]
+    return {name: items for name, items in sets.items() if items}
+
+
 def validate(model: RealCamNet, config: TrainConfig) -> dict:
     """Real encode/decode of the val pairs and real DNGs at val_lambda: mean bpp and PSNR per set."""
     from rcam.codec import decode_bytes, encode_file
@@ -169,13 +181,7 @@ def validate(model: RealCamNet, config: TrainConfig) -> dict:
     from rcam.rawio import reference_render
     from rcam.zoo import codec_from_model
 
-    sets: dict[str, list[tuple[Path, Path | None]]] = {}
-    if config.val_pairs and Path(config.val_pairs).is_file():
-        index = Path(config.val_pairs)
-        entries = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
-        sets["val_pairs"] = [(index.parent / e["degraded"], index.parent / e["target"]) for e in entries]
-    if config.val_raw and Path(config.val_raw).is_dir():
-        sets["val_raw"] = [(p, None) for p in sorted(Path(config.val_raw).glob("*.dng"))]
+    sets = validation_sets(config)
     was_training = model.training
     model.eval()
     codec = codec_from_model(model, device=next(model.parameters()).device)
@@ -183,13 +189,13 @@ def validate(model: RealCamNet, config: TrainConfig) -> dict:
     for name, items in sets.items():
         bpps, psnrs = [], []
         for raw_path, target_path in items:
-            reference = np.asarray(Image.open(target_path).convert("RGB")) if target_path else reference_render(raw_path)
-            encoded = encode_file(codec, raw_path, config.val_lambda)
+            render = None if target_path else reference_render(raw_path)  # real files: scored and tone-fitted against it
+            reference = np.asarray(Image.open(target_path).convert("RGB")) if target_path else render
+            encoded = encode_file(codec, raw_path, config.val_lambda, reference=render)
             decoded = quantize(decode_bytes(codec, encoded.data), 8)
             bpps.append(8 * len(encoded.data) / (reference.shape[0] * reference.shape[1]))
             psnrs.append(psnr(decoded, reference))
-        if items:
-            results[name] = {"bpp": float(np.mean(bpps)), "psnr": float(np.mean(psnrs)), "images": len(items)}
+        results[name] = {"bpp": float(np.mean(bpps)), "psnr": float(np.mean(psnrs)), "images": len(items)}
     model.train(was_training)
     return results
 
@@ -251,13 +257,10 @@ def load_starting_weights(model: RealCamNet, path: Path) -> int:
     return steps
 
 
-
 def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Path:
     """Run (or resume) training; returns the path of the last checkpoint."""
-    if config.val_every and not (Path(config.val_pairs).is_file() if config.val_pairs else False) and not (
-        Path(config.val_raw).is_dir() if config.val_raw else False
-    ):
-        raise RcamError(f"val_every is {config.val_every} but neither val_pairs nor val_raw exists: make them or set val_every to 0")
+    if config.val_every and not validation_sets(config):
+        raise RcamError(f"val_every is {config.val_every} but neither val_pairs nor val_raw holds images: make them or set val_every to 0")
     torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     run_dir = Path(config.run_dir)

@@ -64,6 +64,8 @@ def test_encoder_fits_on_the_centre_tiles_exactly_as_the_decoder_reconstructs(ti
     # The fit from the encoder's partial synthesis equals a fit on the whole decoded frame.
     reference = reference_render(path)
     assert fitted.header.tone == fit_tone(codec.decode_bytes(tiny_codec, plain.data), reference)
+    # A caller that already has the render (one per file for a λ sweep) passes it: the same file results.
+    assert codec.encode_file(tiny_codec, path, 0.01, tile=64, overlap=32, reference=reference).data == fitted.data
     # The untrained model's tone is far off: correcting it brings the centre closer to the reference.
     rows, cols = central_box(*reference.shape[:2])
     before = psnr(quantize(codec.decode_bytes(tiny_codec, plain.data), 8)[rows, cols], reference[rows, cols])
