@@ -194,18 +194,44 @@ def network_input(image: RawImage) -> np.ndarray:
     network sees camera-independent, roughly display-referred data and can spend its capacity on demosaicing,
     tone, defects and compression. Green detail (G1 - G2) is kept by shifting both greens by the same amount.
     """
-    red, green1, green2, blue = np.maximum(image.planes, 0.0)
-    red = np.minimum(red * image.wb_gains[0], 1.0)
-    green1 = np.minimum(green1 * image.wb_gains[1], 1.0)
-    green2 = np.minimum(green2 * image.wb_gains[1], 1.0)
-    blue = np.minimum(blue * image.wb_gains[2], 1.0)
+    return normalise_planes(image.planes, image.wb_gains, image.cam_to_srgb)
+
+
+def _camera_to_srgb(planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw planes (4, h, w) -> (linear sRGB (3, h, w), the shift that takes each green plane to sRGB green)."""
+    red, green1, green2, blue = np.maximum(planes, 0.0)
+    red = np.minimum(red * wb_gains[0], 1.0)
+    green1 = np.minimum(green1 * wb_gains[1], 1.0)
+    green2 = np.minimum(green2 * wb_gains[1], 1.0)
+    blue = np.minimum(blue * wb_gains[2], 1.0)
     green = 0.5 * (green1 + green2)
     camera_rgb = np.stack([red, green, blue]).reshape(3, -1)
-    srgb = np.clip(image.cam_to_srgb @ camera_rgb, 0.0, 1.0).reshape(3, *red.shape)
+    srgb = np.clip(cam_to_srgb @ camera_rgb, 0.0, 1.0).reshape(3, *red.shape)
+    return srgb, np.stack([green1, green2])
+
+
+def auto_bright_white(planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.ndarray) -> float:
+    """LibRaw's auto-brightness level for raw planes (4, h, w): the linear sRGB level 1% of the brightest channel exceeds."""
+    return _auto_white(_camera_to_srgb(planes, wb_gains, cam_to_srgb)[0])
+
+
+def _auto_white(srgb: np.ndarray) -> float:
     # LibRaw's auto-brightness: the level that 1% of the pixels of the brightest channel exceed becomes white.
-    white = max(float(np.quantile(srgb.reshape(3, -1), 1.0 - AUTO_BRIGHT_FRACTION, axis=1).max()), 256.0 / 65535.0)
-    green_shift = srgb[1] - green
-    planes = np.clip(np.stack([srgb[0], green1 + green_shift, green2 + green_shift, srgb[2]]) / white, 0.0, 1.5)
+    return max(float(np.quantile(srgb.reshape(3, -1), 1.0 - AUTO_BRIGHT_FRACTION, axis=1).max()), 256.0 / 65535.0)
+
+
+def normalise_planes(
+    planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.ndarray, white: float | None = None
+) -> np.ndarray:  # fmt: skip
+    """network_input for raw planes (4, h, w) and their file's colour metadata -> (4, h, w) float32.
+
+    `white` is the auto-brightness level; by default it is measured on these planes (a whole frame). Training
+    passes the whole frame's level when it normalises a crop.
+    """
+    srgb, greens = _camera_to_srgb(planes, wb_gains, cam_to_srgb)
+    white = _auto_white(srgb) if white is None else white
+    green_shift = srgb[1] - 0.5 * (greens[0] + greens[1])
+    planes = np.clip(np.stack([srgb[0], greens[0] + green_shift, greens[1] + green_shift, srgb[2]]) / white, 0.0, 1.5)
     # sRGB transfer curve: the target is gamma-encoded, so the network starts from a near-identity mapping.
     return np.where(planes <= 0.0031308, 12.92 * planes, 1.055 * planes ** (1 / 2.4) - 0.055).astype(np.float32)
 

@@ -247,7 +247,11 @@ def vignetting_gain(
 ) -> np.ndarray:
     """Multiplicative lens falloff (h, w) in (0, 1] for the crop at absolute `offset` of the frame."""
     shape = defects.frame_shape if shape is None else shape
-    rows, cols = _absolute_grid(offset, shape)
+    return vignetting_at(defects, *_absolute_grid(offset, shape))
+
+
+def vignetting_at(defects: DefectParams, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Lens falloff at absolute sensor pixel positions (broadcastable row and column arrays)."""
     half_diagonal = 0.5 * math.hypot(*defects.frame_shape)
     r2 = ((rows + 0.5 - defects.vignette_center[0]) ** 2 + (cols + 0.5 - defects.vignette_center[1]) ** 2) / (
         half_diagonal**2
@@ -274,18 +278,24 @@ def dark_shading(
     (absolute row/col parity) has its own scale. Never negative.
     """
     shape = defects.frame_shape if shape is None else shape
-    rows, cols = _absolute_grid(offset, shape)
+    return dark_shading_at(defects, *_absolute_grid(offset, shape))
+
+
+def dark_shading_at(defects: DefectParams, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Dark shading (DN) at absolute sensor pixel positions (integer, broadcastable row and column arrays)."""
+    scale = np.asarray(defects.shading_channel_scale).reshape(2, 2)
+    return _lifted_shading(defects, rows, cols) * scale[rows.astype(np.int64) % 2, cols.astype(np.int64) % 2]
+
+
+def _lifted_shading(defects: DefectParams, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """The shading field (DN) before its per-CFA-position scale, at (possibly fractional) pixel positions."""
     height, width = defects.frame_shape
     field = _shading_field(defects, (rows + 0.5) / height - 0.5, (cols + 0.5) / width - 0.5)
     # Shading only adds charge: lift by the minimum over the whole frame (coarse grid; the field is smooth),
     # which depends on the frame, not on the crop.
     coarse_v = np.linspace(-0.5, 0.5, 65)[:, None]
     coarse_u = np.linspace(-0.5, 0.5, 65)[None, :]
-    field = np.maximum(field - _shading_field(defects, coarse_v, coarse_u).min(), 0.0)
-    scale = np.asarray(defects.shading_channel_scale).reshape(2, 2)
-    row_parity = (np.arange(offset[0], offset[0] + shape[0]) % 2)[:, None]
-    col_parity = (np.arange(offset[1], offset[1] + shape[1]) % 2)[None, :]
-    return field * scale[row_parity, col_parity]
+    return np.maximum(field - _shading_field(defects, coarse_v, coarse_u).min(), 0.0)
 
 
 def standard_normal_field(
@@ -336,6 +346,39 @@ def simulate_raw(
 def quantize_raw(raw_dn: np.ndarray, sensor: SensorParams) -> np.ndarray:
     """Round raw DN to integers and clip to the ADC range [0, white level] -> uint16."""
     return np.clip(np.rint(raw_dn), 0, sensor.white_level).astype(np.uint16)
+
+
+def degrade_planes(
+    clean: np.ndarray, sensor: SensorParams, defects: DefectParams, first: tuple[int, int], step: int,
+    rng: np.random.Generator,
+) -> np.ndarray:  # fmt: skip
+    """Packed clean raw planes (4, h, w), normalised (0 = black, 1 = white) -> the same with `defects`, freshly drawn noise.
+
+    What simulate_raw + quantize_raw + read_raw would give, computed on packed planes so that training can
+    draw new defects for every crop: packed pixel (i, j) of plane c = (dy, dx) sits at absolute sensor
+    position (first[0] + step·i + dy, first[1] + step·j + dx) (step 2 for a crop, 2k for a k-strided sample).
+    Where the clean twin is clipped the light beyond white is unknown; such pixels stay clipped (highlights
+    are usually far over), where a DNG from rcam synth, which knows the light, may dim them below white.
+    """
+    height, width = clean.shape[1:]
+    # Vignetting and shading are smooth: evaluated once per 2x2 cell, at its centre, for all four planes.
+    rows = (first[0] + 0.5 + step * np.arange(height))[:, None]
+    cols = (first[1] + 0.5 + step * np.arange(width))[None, :]
+    vignetting = vignetting_at(defects, rows, cols).astype(np.float32)
+    shading = _lifted_shading(defects, rows, cols).astype(np.float32)
+    scale = np.asarray(defects.shading_channel_scale).reshape(2, 2)
+    planes = np.empty(clean.shape, dtype=np.float32)
+    for plane in range(4):
+        dy, dx = divmod(plane, 2)
+        position = (first[0] + dy, first[1] + dx)
+        black = float(black_level_map(sensor, position, (1, 1))[0, 0])
+        span = sensor.white_level - black
+        signal = np.asarray(clean[plane], dtype=np.float32)
+        signal = np.where(signal >= 1.0, np.float32(1.0), np.minimum(signal * vignetting, np.float32(1.0)))
+        noise = noise_std(signal, defects).astype(np.float32) * rng.standard_normal(signal.shape, dtype=np.float32)
+        raw_dn = black + span * (signal + noise) + shading * scale[position[0] % 2, position[1] % 2]
+        planes[plane] = (np.clip(np.rint(raw_dn), 0, sensor.white_level) - black) / span
+    return planes
 
 
 # ----------------------------------------------------------------------------------------------------

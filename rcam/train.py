@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from rcam.errors import RcamError
 from rcam.models import CONFIGS, LAMBDA_RANGE, ModelConfig, RealCamNet, rate_bits
-from rcam.rawio import RawImage, network_input, read_raw
+from rcam.rawio import RawImage, auto_bright_white, network_input, normalise_planes, read_raw
+from rcam.synth import DefectParams, SensorParams, degrade_planes, sample_defects
 from rcam.tiling import Tile, coordinate_map, thumbnail
 
 
@@ -53,6 +54,10 @@ class TrainConfig:
     # Share of patches taken from the clean twin instead of the degraded RAW. Real files carry no synthetic
     # defects; a model that only ever saw them "corrects" vignetting that is not there.
     clean_fraction: float = 0.0
+    # Draw new defects (vignetting, dark shading, noise) for every patch from the clean twin instead of reading
+    # the degraded DNG: the dataset's few hundred frames would otherwise show the model only a few hundred
+    # vignetting layouts, and it learns them by heart instead of learning to estimate one from the frame.
+    fresh_defects: bool = False
 
     @staticmethod
     def load(path: Path) -> "TrainConfig":
@@ -69,14 +74,67 @@ class TrainConfig:
 
 
 @dataclass
-class TrainingImage:
-    """One training pair in memory: network input planes, target render, thumbnail (and the clean twin's)."""
+class CleanFrame:
+    """A clean twin kept as raw planes, so that training can put freshly drawn defects on each crop of it."""
 
-    planes: torch.Tensor  # (4, Hp, Wp) float16
+    raw: torch.Tensor  # (4, Hp, Wp) float16 raw planes (0 = black, 1 = white), before white balance
+    sample: np.ndarray  # (4, hs, ws) float32 = raw[:, ::stride, ::stride]: the frame's brightness and thumbnail
+    stride: int
+    frame_shape: tuple[int, int]  # visible sensor (H, W)
+    pad_top: int
+    pad_left: int
+    wb_gains: np.ndarray
+    cam_to_srgb: np.ndarray
+    sensor: SensorParams
+
+    # The strided sample has about this many rows and columns: a few per thumbnail cell.
+    SAMPLE_SIDE = 128
+
+    @classmethod
+    def from_raw(cls, image: RawImage, sensor: SensorParams) -> "CleanFrame":
+        """Keep what fresh_crop needs of a clean twin read with read_raw."""
+        stride = max(1, min(image.planes.shape[1:]) // cls.SAMPLE_SIDE)
+        return cls(
+            raw=torch.from_numpy(image.planes).half(), sample=np.ascontiguousarray(image.planes[:, ::stride, ::stride]),
+            stride=stride, frame_shape=(image.height, image.width), pad_top=image.pad_top, pad_left=image.pad_left,
+            wb_gains=image.wb_gains, cam_to_srgb=image.cam_to_srgb, sensor=sensor,
+        )  # fmt: skip
+
+
+def fresh_crop(
+    frame: CleanFrame, top: int, left: int, patch: int, thumbnail_size: int, defects: DefectParams | None,
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Network input of a (patch × patch) packed crop at (top, left) with `defects` (None: clean), and its frame's thumbnail.
+
+    The frame's auto-brightness and thumbnail come from the strided sample with the same defects, so the crop
+    is normalised as the whole degraded frame would be. Returns ((4, patch, patch), (4, S, S)) float32.
+    """
+    crop = frame.raw[:, top : top + patch, left : left + patch].float().numpy()
+    sample = frame.sample
+    if defects is not None:
+        crop_first = (2 * top - frame.pad_top, 2 * left - frame.pad_left)
+        crop = degrade_planes(crop, frame.sensor, defects, crop_first, 2, rng)
+        sample = degrade_planes(sample, frame.sensor, defects, (-frame.pad_top, -frame.pad_left), 2 * frame.stride, rng)
+    white = auto_bright_white(sample, frame.wb_gains, frame.cam_to_srgb)
+    x = normalise_planes(crop, frame.wb_gains, frame.cam_to_srgb, white)
+    sample_input = normalise_planes(sample, frame.wb_gains, frame.cam_to_srgb, white)
+    return torch.from_numpy(x), thumbnail(torch.from_numpy(sample_input), thumbnail_size)
+
+
+@dataclass
+class TrainingImage:
+    """One training pair in memory: network input planes, target render, thumbnail (and the clean twin's).
+
+    With fresh defects only the clean twin is kept (`clean_frame`); `planes` and `thumbnail` are then None.
+    """
+
+    planes: torch.Tensor | None  # (4, Hp, Wp) float16
     target: torch.Tensor  # (3, 2Hp, 2Wp) uint8, aligned with the padded mosaic
-    thumbnail: torch.Tensor  # (4, S, S) float32
+    thumbnail: torch.Tensor | None  # (4, S, S) float32
     clean_planes: torch.Tensor | None = None  # (4, Hp, Wp) float16, the defect-free twin's input
     clean_thumbnail: torch.Tensor | None = None  # (4, S, S) float32
+    clean_frame: CleanFrame | None = None
 
 
 def _input_planes(raw_path: Path) -> tuple[torch.Tensor, RawImage]:
@@ -84,23 +142,24 @@ def _input_planes(raw_path: Path) -> tuple[torch.Tensor, RawImage]:
     return torch.from_numpy(network_input(image)), image
 
 
-def load_pair(degraded: Path, target: Path, thumbnail_size: int, clean: Path | None = None) -> TrainingImage:
-    """Read a degraded DNG, its target render (orientation 1) and optionally its clean twin into aligned tensors."""
-    planes, image = _input_planes(degraded)
+def _padded_target(target: Path, image: RawImage) -> torch.Tensor:
+    """The target render (orientation 1) padded like the packed mosaic: (3, 2Hp, 2Wp) uint8."""
     render = np.asarray(Image.open(target).convert("RGB"))
     if render.shape[:2] != (image.height, image.width):
-        raise RcamError(f"{target}: size {render.shape[:2]} does not match {degraded} ({image.height}, {image.width})")
-    padded_height, padded_width = 2 * planes.shape[1], 2 * planes.shape[2]
+        raise RcamError(f"{target}: size {render.shape[:2]} does not match its RAW ({image.height}, {image.width})")
+    padded_height, padded_width = 2 * image.planes.shape[1], 2 * image.planes.shape[2]
     render = np.pad(
         render,
         ((image.pad_top, padded_height - image.height - image.pad_top), (image.pad_left, padded_width - image.width - image.pad_left), (0, 0)),
         mode="edge",
     )
-    pair = TrainingImage(
-        planes=planes.half(),
-        target=torch.from_numpy(render).permute(2, 0, 1).contiguous(),
-        thumbnail=thumbnail(planes, thumbnail_size),
-    )
+    return torch.from_numpy(render).permute(2, 0, 1).contiguous()
+
+
+def load_pair(degraded: Path, target: Path, thumbnail_size: int, clean: Path | None = None) -> TrainingImage:
+    """Read a degraded DNG, its target render (orientation 1) and optionally its clean twin into aligned tensors."""
+    planes, image = _input_planes(degraded)
+    pair = TrainingImage(planes=planes.half(), target=_padded_target(target, image), thumbnail=thumbnail(planes, thumbnail_size))
     if clean is not None:
         clean_planes, _ = _input_planes(clean)
         if clean_planes.shape != planes.shape:
@@ -110,38 +169,65 @@ def load_pair(degraded: Path, target: Path, thumbnail_size: int, clean: Path | N
     return pair
 
 
-def load_dataset(index: Path, thumbnail_size: int, limit: int | None = None, with_clean: bool = False) -> list[TrainingImage]:
-    """All pairs listed in an index.jsonl (paths relative to the index's folder), with a progress bar."""
+def load_clean_frame(clean: Path, target: Path, sensor: SensorParams) -> TrainingImage:
+    """Read a clean twin as raw planes (for fresh defects) and its target render."""
+    image = read_raw(clean)
+    return TrainingImage(planes=None, target=_padded_target(target, image), thumbnail=None, clean_frame=CleanFrame.from_raw(image, sensor))
+
+
+def load_dataset(
+    index: Path, thumbnail_size: int, limit: int | None = None, with_clean: bool = False, fresh_defects: bool = False
+) -> list[TrainingImage]:  # fmt: skip
+    """All pairs listed in an index.jsonl (paths relative to the index's folder), with a progress bar.
+
+    fresh_defects: keep only the clean twins as raw planes, with their sensor from the index (see fresh_crop).
+    """
     index = Path(index)
     if not index.is_file():
         raise RcamError(f"{index}: dataset index not found (build it with `rcam synth`)")
     entries = [json.loads(line) for line in index.read_text().splitlines() if line.strip()][:limit]
     images = []
     for entry in tqdm(entries, desc="loading pairs", unit="pair"):
+        if fresh_defects:
+            images.append(load_clean_frame(index.parent / entry["clean"], index.parent / entry["target"], SensorParams(**entry["sensor"])))
+            continue
         clean = index.parent / entry["clean"] if with_clean else None
         images.append(load_pair(index.parent / entry["degraded"], index.parent / entry["target"], thumbnail_size, clean))
     return images
 
 
 def sample_batch(
-    images: list[TrainingImage], batch_size: int, patch: int, absolute: bool, rng: np.random.Generator, clean_fraction: float = 0.0
-) -> dict:
-    """Random patches with their absolute offsets and thumbnails; a clean_fraction share comes from clean twins."""
+    images: list[TrainingImage], batch_size: int, patch: int, absolute: bool, rng: np.random.Generator,
+    clean_fraction: float = 0.0, thumbnail_size: int | None = None,
+) -> dict:  # fmt: skip
+    """Random patches with their absolute offsets and thumbnails; a clean_fraction share comes from clean twins.
+
+    Images loaded with fresh defects get a new draw of defects per patch (thumbnail_size is then needed).
+    """
     inputs, targets, coords, thumbs = [], [], [], []
     for _ in range(batch_size):
         image = images[rng.integers(len(images))]
-        planes, image_thumbnail = image.planes, image.thumbnail
-        if clean_fraction > 0 and rng.random() < clean_fraction:
-            if image.clean_planes is None:
-                raise RcamError("clean_fraction > 0 needs the clean twins loaded (load_dataset(..., with_clean=True))")
-            planes, image_thumbnail = image.clean_planes, image.clean_thumbnail
+        clean = clean_fraction > 0 and rng.random() < clean_fraction
+        frame = image.clean_frame
+        planes = frame.raw if frame is not None else image.planes
         _, height, width = planes.shape
         top = int(rng.integers(0, max(height - patch, 0) + 1))
         left = int(rng.integers(0, max(width - patch, 0) + 1))
-        tile = Tile(top, left, patch, patch)
-        inputs.append(planes[:, top : top + patch, left : left + patch].float())
+        if frame is not None:
+            if thumbnail_size is None:
+                raise RcamError("fresh defects need the model's thumbnail size")
+            defects = None if clean else sample_defects(rng, frame.frame_shape, frame.sensor)
+            crop, image_thumbnail = fresh_crop(frame, top, left, patch, thumbnail_size, defects, rng)
+        else:
+            image_thumbnail = image.thumbnail
+            if clean:
+                if image.clean_planes is None:
+                    raise RcamError("clean_fraction > 0 needs the clean twins loaded (load_dataset(..., with_clean=True))")
+                planes, image_thumbnail = image.clean_planes, image.clean_thumbnail
+            crop = planes[:, top : top + patch, left : left + patch].float()
+        inputs.append(crop)
         targets.append(image.target[:, 2 * top : 2 * (top + patch), 2 * left : 2 * (left + patch)].float() / 255.0)
-        coords.append(coordinate_map(tile, height, width, absolute=absolute))
+        coords.append(coordinate_map(Tile(top, left, patch, patch), height, width, absolute=absolute))
         thumbs.append(image_thumbnail)
     return {"x": torch.stack(inputs), "target": torch.stack(targets), "coords": torch.stack(coords), "thumbnail": torch.stack(thumbs)}
 
@@ -286,7 +372,9 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
     elif config.init_from:
         earlier_steps = load_starting_weights(model, Path(config.init_from))
     if images is None:
-        images = load_dataset(Path(config.dataset), model_config.thumbnail, with_clean=config.clean_fraction > 0)
+        images = load_dataset(
+            Path(config.dataset), model_config.thumbnail, with_clean=config.clean_fraction > 0, fresh_defects=config.fresh_defects
+        )
 
     def save(path: Path = checkpoint_path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -312,7 +400,7 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
             while step < config.steps and not interrupted:
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(config, step)
-                batch = sample_batch(images, config.batch_size, config.patch, absolute, rng, config.clean_fraction)
+                batch = sample_batch(images, config.batch_size, config.patch, absolute, rng, config.clean_fraction, model_config.thumbnail)
                 lam = sample_lambdas(config.batch_size, config.lambda_min, config.lambda_max, rng)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 output = model(batch["x"], batch["coords"], batch["thumbnail"], lam.to(device))

@@ -203,3 +203,15 @@ def test_bad_arguments_raise_rcam_error(tmp_path, kwargs):
 def test_bad_mosaic_raises_rcam_error(tmp_path, mosaic):
     with pytest.raises(RcamError):
         write_bayer_dng(tmp_path / "bad.dng", mosaic)
+
+
+def test_normalise_planes_with_the_frames_white_is_network_input_on_any_crop(make_dng):
+    from rcam.rawio import auto_bright_white, network_input, normalise_planes, read_raw
+
+    image = read_raw(make_dng(height=64, width=96, cfa="GBRG"))
+    whole = network_input(image)
+    white = auto_bright_white(image.planes, image.wb_gains, image.cam_to_srgb)
+    np.testing.assert_array_equal(normalise_planes(image.planes, image.wb_gains, image.cam_to_srgb, white), whole)
+    # A crop normalised with the whole frame's white is the crop of the whole frame's input (what training uses).
+    crop = normalise_planes(image.planes[:, 5:21, 9:33], image.wb_gains, image.cam_to_srgb, white)
+    np.testing.assert_allclose(crop, whole[:, 5:21, 9:33], atol=1e-6)

@@ -229,3 +229,45 @@ def test_build_dataset_rejects_bad_arguments(tmp_path):
         synth.build_dataset([tmp_path / "missing"], tmp_path / "out", 1, 0)
     with pytest.raises(RcamError):
         synth.build_dataset([tmp_path], tmp_path / "out", 0, 0)
+
+
+def _packed_normalised(raw_dn, sensor):
+    """Quantised mosaic (H, W) DN -> R, G1, G2, B planes normalised as read_raw does (0 = black, 1 = white)."""
+    black = synth.black_level_map(sensor, (0, 0), raw_dn.shape)
+    mosaic = (raw_dn - black) / (sensor.white_level - black)
+    return np.stack([mosaic[0::2, 0::2], mosaic[0::2, 1::2], mosaic[1::2, 0::2], mosaic[1::2, 1::2]])
+
+
+def test_degrade_planes_puts_the_defects_of_simulate_raw_on_crops_and_strided_samples():
+    sensor, defects = make_defects(frame_shape=(192, 256), vignette_strength=0.9, shot_noise=0.0, read_noise=0.0)
+    linear = np.random.default_rng(7).uniform(0.02, 0.9, (192, 256))
+    linear[:12, :12] = 1.6  # a clipped highlight in a vignetted corner
+    highlight = (slice(None), slice(0, 6), slice(0, 6))
+    clean = _packed_normalised(synth.quantize_raw(synth.simulate_raw(linear, sensor), sensor), sensor)
+    degraded = _packed_normalised(synth.quantize_raw(synth.simulate_raw(linear, sensor, defects), sensor), sensor)
+    rng = np.random.default_rng(0)
+    # A crop at packed (5, 7) starts at sensor pixel (10, 14); a 3-strided sample steps 6 sensor pixels.
+    crop = synth.degrade_planes(clean[:, 5:37, 7:47], sensor, defects, (10, 14), 2, rng)
+    sample = synth.degrade_planes(clean[:, ::3, ::3], sensor, defects, (0, 0), 6, rng)
+    # The highlight stays clipped; the DNG, which knows the light was 1.6 × white, dims it in the corner.
+    assert np.all(clean[highlight] == 1.0) and np.all(sample[:, :2, :2] == 1.0)
+    assert degraded[highlight].min() < 0.9
+    unclipped = clean < 1.0
+    for produced, expected, keep in (
+        (crop, degraded[:, 5:37, 7:47], unclipped[:, 5:37, 7:47]), (sample, degraded[:, ::3, ::3], unclipped[:, ::3, ::3])
+    ):  # fmt: skip
+        # The defects move pixels by up to ~0.6 of white; evaluating the smooth maps per 2x2 cell costs < 1%.
+        assert np.abs(produced - expected)[keep].max() < 0.01
+        assert abs(float((produced - expected)[keep].mean())) < 1e-3
+    assert np.abs(degraded[:, ::3, ::3] - clean[:, ::3, ::3]).max() > 0.3  # so the defects are far from nothing
+
+
+def test_degrade_planes_draws_fresh_noise_of_the_brooks_level():
+    sensor, defects = make_defects(frame_shape=(256, 256), vignette_strength=0.0, shading_amplitude=0.0,
+                                   shading_gradient=(0.0, 0.0), shading_waves=[])
+    clean = np.full((4, 128, 128), 0.5, dtype=np.float32)
+    first = synth.degrade_planes(clean, sensor, defects, (0, 0), 2, np.random.default_rng(1))
+    second = synth.degrade_planes(clean, sensor, defects, (0, 0), 2, np.random.default_rng(2))
+    assert not np.array_equal(first, second)
+    expected = np.sqrt(defects.shot_noise * 0.5 + defects.read_noise)
+    assert (first - clean).std() == pytest.approx(expected, rel=0.05)

@@ -16,7 +16,10 @@ from rcam.demo import run_demo, sample_scene
 from rcam.errors import RcamError
 from rcam.synth import build_dataset
 from rcam.models import CONFIGS, build_model
-from rcam.train import TrainConfig, load_dataset, load_starting_weights, sample_batch, train, validation_cost
+from rcam.rawio import network_input, read_raw
+from rcam.synth import DefectParams
+from rcam.tiling import thumbnail
+from rcam.train import TrainConfig, fresh_crop, load_dataset, load_starting_weights, sample_batch, train, validation_cost
 from rcam.zoo import export_checkpoint, file_digest, load_codec, read_manifest, read_weights, save_checkpoint, write_manifest_entry
 
 TINY = {"channels": 16, "latent_channels": 16, "hyper_channels": 16, "prior_channels": 8, "thumbnail": 32}
@@ -157,6 +160,41 @@ def test_clean_fraction_draws_patches_from_the_clean_twin(dataset):
             assert any(torch.equal(patch, crop) for crop in crops)
     with pytest.raises(RcamError, match="clean twins"):
         sample_batch(load_dataset(dataset, TINY["thumbnail"])[:1], 2, 16, True, np.random.default_rng(0), clean_fraction=1.0)
+
+
+def test_fresh_defects_reproduce_the_synthesised_degradation_and_vary_per_patch(dataset, tmp_path):
+    images = load_dataset(dataset, TINY["thumbnail"], fresh_defects=True)
+    frame = images[0].clean_frame
+    assert images[0].planes is None and frame is not None
+    entry = json.loads(dataset.read_text().splitlines()[0])
+    degraded = torch.from_numpy(network_input(read_raw(dataset.parent / entry["degraded"])))
+    clean = torch.from_numpy(network_input(read_raw(dataset.parent / entry["clean"])))
+    _, height, width = degraded.shape
+    rng = np.random.default_rng(0)
+    # Without defects: the clean twin's network input (a tiny frame is sampled at stride 1), to float16 storage.
+    x, thumb = fresh_crop(frame, 0, 0, max(height, width), TINY["thumbnail"], None, rng)
+    assert torch.allclose(x, clean, atol=2e-3) and torch.allclose(thumb, thumbnail(clean, TINY["thumbnail"]), atol=2e-3)
+    # With the pair's own defects: the degraded DNG's input up to the noise draw, far closer than the clean twin.
+    x, thumb = fresh_crop(frame, 0, 0, max(height, width), TINY["thumbnail"], DefectParams(**entry["defects"]), rng)
+    block_means = lambda planes: torch.nn.functional.avg_pool2d(planes[None], 8)[0]  # noise averages out
+    degraded_thumb = block_means(thumbnail(degraded, TINY["thumbnail"]))
+    clean_thumb = block_means(thumbnail(clean, TINY["thumbnail"]))
+    assert (block_means(thumb) - degraded_thumb).abs().mean() < 0.3 * (clean_thumb - degraded_thumb).abs().mean()
+    assert (block_means(x) - block_means(degraded)).abs().mean() < 0.3 * (block_means(clean) - block_means(degraded)).abs().mean()
+    # A batch draws new defects for every patch: the same crop twice gives two inputs.
+    whole = min(height, width)
+    batch = sample_batch([images[0]], 2, whole, True, np.random.default_rng(1), thumbnail_size=TINY["thumbnail"])
+    if torch.equal(batch["coords"][0], batch["coords"][1]):
+        assert not torch.equal(batch["x"][0], batch["x"][1])
+    assert not torch.equal(batch["thumbnail"][0], batch["thumbnail"][1])
+    with pytest.raises(RcamError, match="thumbnail size"):
+        sample_batch(images, 1, 16, True, np.random.default_rng(0))
+    # And training runs on it.
+    config = TrainConfig(
+        dataset=str(dataset), run_dir=str(tmp_path / "run"), model_overrides=TINY, steps=2, batch_size=2, patch=32,
+        threads=1, val_every=0, fresh_defects=True, clean_fraction=0.5,
+    )  # fmt: skip
+    assert torch.load(train(config), weights_only=True)["step"] == 2
 
 
 def test_fine_tuning_counts_the_steps_of_its_starting_weights(dataset, tmp_path):
