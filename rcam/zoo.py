@@ -162,6 +162,11 @@ def write_manifest_entry(name: str, fields: dict, weights_dir: Path = WEIGHTS_DI
     return path
 
 
+def checkpoint_weights(state: dict) -> dict:
+    """The weights a training checkpoint stands for: its moving average when the run kept one, else the model."""
+    return state.get("average", state["model"])
+
+
 def export_checkpoint(checkpoint: Path, name: str = DEFAULT_MODEL, weights_dir: Path = WEIGHTS_DIR, half: bool = False) -> Path:
     """Training checkpoint (last.pt) -> weights/NAME.safetensors plus its manifest entry (digest, config, training)."""
     checkpoint = Path(checkpoint)
@@ -171,7 +176,7 @@ def export_checkpoint(checkpoint: Path, name: str = DEFAULT_MODEL, weights_dir: 
     except (OSError, RuntimeError, KeyError, TypeError) as error:
         raise RcamError(f"{checkpoint}: not an rcam training checkpoint ({error})") from None
     model = RealCamNet(config)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(checkpoint_weights(state))
     steps = int(state["step"])
     earlier = int(state.get("earlier_steps", 0))  # fine-tuned runs: the steps of the weights they started from
     path = save_checkpoint(model, Path(weights_dir) / f"{name}.safetensors", half=half, total_steps=steps + earlier)

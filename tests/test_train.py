@@ -250,3 +250,37 @@ def test_export_drops_figures_measured_for_earlier_weights(dataset, tmp_path):
     # Updating (not replacing) keeps what the entry had.
     write_manifest_entry("tiny", {"evaluation": {"psnr": 30.0}}, weights_dir)
     assert read_manifest(weights_dir)["models"]["tiny"]["file"] == "tiny.safetensors"
+
+
+def test_moving_average_of_weights_is_validated_kept_across_resumes_and_exported(dataset, tmp_path, monkeypatch):
+    validated = []
+    monkeypatch.setattr(
+        "rcam.train.validate",
+        lambda model, config: validated.append({k: v.clone() for k, v in model.state_dict().items()}) or {"val_pairs": {"bpp": 0.5, "psnr": 20.0, "images": 2}},
+    )
+    config = TrainConfig(
+        dataset=str(dataset), run_dir=str(tmp_path / "run"), model_overrides=TINY, steps=1, batch_size=2,
+        patch=32, checkpoint_every=1, log_every=1, threads=1, val_every=2, val_pairs=str(dataset), ema_decay=0.25,
+    )  # fmt: skip
+    images = load_dataset(dataset, TINY["thumbnail"])
+    first = torch.load(train(config, images), weights_only=True)
+    # The average starts as a copy of the first weights.
+    assert first["average_updates"] == 1
+    assert all(torch.equal(first["average"][k], first["model"][k]) for k in first["model"])
+    second = torch.load(train(replace(config, steps=2), images), weights_only=True)  # resumed
+    assert second["average_updates"] == 2
+    floats = [k for k in second["model"] if second["model"][k].is_floating_point() and not torch.equal(first["model"][k], second["model"][k])]
+    assert floats  # the weights moved, so the average is a real mix of the two steps
+    for key in floats:
+        expected = 0.25 * first["average"][key] + 0.75 * second["model"][key]
+        torch.testing.assert_close(second["average"][key], expected)
+    # Validation scored the average, and best.pt keeps exactly what was scored.
+    (scored,) = validated
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert all(torch.equal(scored[k], second["average"][k]) and torch.equal(best["model"][k], scored[k]) for k in floats)
+    # Exporting the last checkpoint ships the average, not the last step's weights.
+    tensors, _ = read_weights(export_checkpoint(tmp_path / "run" / "last.pt", "tiny", tmp_path / "weights"))
+    assert all(torch.equal(tensors[k], second["average"][k]) for k in floats)
+    with pytest.raises(RcamError, match="ema_decay"):
+        train(replace(config, ema_decay=1.0, run_dir=str(tmp_path / "other")), images)
+    assert not (tmp_path / "other").exists()
