@@ -22,6 +22,7 @@ from rcam.models import LAMBDA_RANGE, ModelConfig, RealCamNet
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_MODEL = "rcam-small"
 Z_TABLE_KEY = "coding.z_table"
+METADATA_KEY = "rcam"  # safetensors metadata: JSON {"config": ModelConfig fields, "total_steps": int or null}
 
 
 @dataclass
@@ -56,10 +57,10 @@ def save_checkpoint(model: RealCamNet, path: Path, half: bool = False, total_ste
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    metadata = {"config": json.dumps(model.config.to_dict())}
-    if total_steps is not None:
-        metadata["total_steps"] = str(total_steps)
-    save_file(state, str(tmp), metadata=metadata)
+    # One metadata key: safetensors writes several in a random order (safetensors issue #584), and exporting
+    # the same weights again must give the same file digest, or .rcb files made with them stop decoding.
+    info = {"config": model.config.to_dict(), "total_steps": total_steps}
+    save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(info, sort_keys=True)})
     tmp.replace(path)
     return path
 
@@ -108,6 +109,19 @@ def _open_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
+def _file_info(path: Path, metadata: dict[str, str]) -> tuple[ModelConfig, int | None]:
+    """A weights file's metadata -> (model config, training steps or None); older files kept them as two keys."""
+    try:
+        if METADATA_KEY in metadata:
+            info = json.loads(metadata[METADATA_KEY])
+        else:
+            info = {"config": json.loads(metadata["config"]), "total_steps": metadata.get("total_steps")}
+        steps = info.get("total_steps")
+        return ModelConfig(**info["config"]), None if steps is None else int(steps)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:  # JSONDecodeError is a ValueError
+        raise RcamError(f"{path}: not a valid rcam weights file (no usable model config: {error})") from None
+
+
 def _as_float32(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """fp16 weights (shipped files may be half precision) -> float32; integer tensors unchanged."""
     return {key: value.float() if value.is_floating_point() else value for key, value in tensors.items()}
@@ -118,7 +132,7 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], int]:
     path = Path(path)
     tensors, metadata = _open_weights(path)
     tensors.pop(Z_TABLE_KEY, None)
-    steps = metadata.get("total_steps")
+    _, steps = _file_info(path, metadata)
     if steps is None:  # files exported before the steps were stored: the manifest entry with the same digest
         digest = file_digest(path).hex()
         for entry in read_manifest(path.parent).get("models", {}).values():
@@ -132,10 +146,7 @@ def load_codec(name_or_path: str | None = None, device: str | torch.device = "cp
     """Load a shipped model (by manifest name) or a .safetensors file into a ready-to-use Codec."""
     name, path = resolve_weights(name_or_path, weights_dir)
     tensors, metadata = _open_weights(path)
-    try:
-        config = ModelConfig(**json.loads(metadata["config"]))
-    except (KeyError, TypeError, json.JSONDecodeError) as error:
-        raise RcamError(f"{path}: not a valid rcam weights file (no usable model config: {error})") from None
+    config, _ = _file_info(path, metadata)
     z_table = tensors.pop(Z_TABLE_KEY, None)
     model = RealCamNet(config)
     try:

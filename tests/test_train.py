@@ -235,6 +235,23 @@ def test_steps_of_older_weights_come_from_the_manifest(tmp_path):
     assert steps == 12000 and "coding.z_table" not in tensors
 
 
+def test_saving_the_same_weights_again_gives_the_same_bytes(tmp_path):
+    # safetensors writes several metadata keys in a random order; the digest in .rcb files must not move.
+    model = build_model(replace(CONFIGS["small"], **TINY))
+    files = [save_checkpoint(model, tmp_path / f"w{i}.safetensors", total_steps=42).read_bytes() for i in range(8)]
+    assert all(data == files[0] for data in files)
+    tensors, steps = read_weights(tmp_path / "w0.safetensors")
+    assert steps == 42 and load_codec(str(tmp_path / "w0.safetensors")).model.config == model.config
+
+
+def test_weights_files_with_the_older_two_key_metadata_still_load(tmp_path):
+    model = build_model(replace(CONFIGS["small"], **TINY))
+    tensors, _ = read_weights(save_checkpoint(model, tmp_path / "new.safetensors"))
+    older = tmp_path / "older.safetensors"
+    save_file(tensors, str(older), metadata={"config": json.dumps(model.config.to_dict()), "total_steps": "9"})
+    assert read_weights(older)[1] == 9 and load_codec(str(older)).model.config == model.config
+
+
 def test_export_drops_figures_measured_for_earlier_weights(dataset, tmp_path):
     images = load_dataset(dataset, TINY["thumbnail"])
     common = dict(dataset=str(dataset), model_overrides=TINY, batch_size=2, patch=32, threads=1, val_every=0)
