@@ -386,11 +386,11 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
             Path(config.dataset), model_config.thumbnail, with_clean=config.clean_fraction > 0, fresh_defects=config.fresh_defects
         )
 
-    evaluated = model if average is None else average.module  # the weights validation scores and best.pt keeps
+    evaluated = model if average is None else average.module  # what validation scores (zoo.checkpoint_weights)
 
-    def save(path: Path = checkpoint_path, weights: torch.nn.Module = model) -> None:
+    def save(path: Path = checkpoint_path) -> None:
         tmp = path.with_suffix(".tmp")
-        state = {"model": weights.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "earlier_steps": earlier_steps}
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "earlier_steps": earlier_steps}
         if average is not None:
             state |= {"average": average.module.state_dict(), "average_updates": int(average.n_averaged)}
         torch.save(state | {"model_config": model_config.to_dict(), "best_cost": best_cost}, tmp)
@@ -444,7 +444,7 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
                     improved = cost < best_cost
                     if improved:  # later steps can be worse on held-out data: keep the best one to export
                         best_cost = cost
-                        save(best_path, evaluated)
+                        save(best_path)
                     log.write(json.dumps({"step": step, "val": scores, "val_cost": cost, "best": improved}) + "\n")
                     log.flush()
                     progress.write(f"step {step} validation at lambda {config.val_lambda}: {scores}, cost {cost:.4f}" + (" (best so far, saved best.pt)" if improved else ""))
