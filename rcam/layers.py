@@ -249,3 +249,54 @@ class CSA(nn.Module):
         if self.lft is not None:
             first = self.lft(first, local_prior)
         return x + self.out(torch.cat([first, self.spatial_attention(second)], dim=1))
+
+
+class VignettingEstimator(nn.Module):
+    """Lens falloff of the whole frame from its thumbnail: (B, 4, S, S) -> log gain (B, 1, G, G), G = GRID, ≤ 0.
+
+    Grid cell (k, l) is the frame position ((k + ½)/G, (l + ½)/G), the same normalised frame coordinates as
+    CADR's. Trained on its own with a supervised loss on the synthetic frames' known vignetting (train.py):
+    learned only through the codec's loss, the falloff of a frame is barely identifiable from its content.
+    """
+
+    GRID = 8
+    SIDE = 64  # thumbnails of other sizes are area-resized to this
+
+    def __init__(self, channels: int = 48):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(6, channels, 3, 2, 1), nn.ReLU(inplace=True), conv(channels, channels), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, 2, 1), nn.ReLU(inplace=True), conv(channels, channels), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, 2, 1), nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 3, 2, 1), nn.ReLU(inplace=True),
+        )  # fmt: skip
+        cells = (self.SIDE // 16) ** 2
+        self.head = nn.Sequential(nn.Linear(channels * cells + GlobalPrior.LAYOUT_CELLS**2, 128), nn.ReLU(inplace=True), nn.Linear(128, self.GRID**2))
+
+    def forward(self, thumbnail: torch.Tensor) -> torch.Tensor:
+        batch = thumbnail.shape[0]
+        if thumbnail.shape[-1] != self.SIDE or thumbnail.shape[-2] != self.SIDE:
+            thumbnail = F.adaptive_avg_pool2d(thumbnail, self.SIDE)
+        # Coordinate channels: where a dark region sits (a corner or the middle) is the whole question.
+        ramp = torch.linspace(-1.0, 1.0, self.SIDE, device=thumbnail.device, dtype=thumbnail.dtype)
+        rows, cols = torch.meshgrid(ramp, ramp, indexing="ij")
+        positions = torch.stack([rows, cols]).expand(batch, 2, self.SIDE, self.SIDE)
+        features = self.net(torch.cat([thumbnail, positions], dim=1)).flatten(1)
+        layout = brightness_layout(thumbnail, GlobalPrior.LAYOUT_CELLS)
+        return self.head(torch.cat([features, layout], dim=1)).view(batch, 1, self.GRID, self.GRID).clamp(max=0.0)
+
+
+def log_gain_at(log_gain: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Grid (B, 1, G, G) of log gains -> bilinear values (B, 1, h, w) at frame coordinates (B, 2, h, w) in [0, 1]."""
+    # grid_sample wants (x, y) = (column, row) in [-1, 1]; align_corners=False puts cell centres at (k + ½)/G.
+    grid = torch.stack([coords[:, 1], coords[:, 0]], dim=-1) * 2.0 - 1.0
+    return F.grid_sample(log_gain, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def devignette(x: torch.Tensor, log_gain: torch.Tensor, limit: float = 1.5) -> torch.Tensor:
+    """sRGB-encoded planes x (B, C, h, w) divided by the falloff exp(log_gain) (B, 1, h, w) in linear light.
+
+    Values are capped at `limit` in linear light, as rawio.normalise_planes caps its input.
+    """
+    linear = torch.where(x <= 0.04045, x / 12.92, ((x.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4)
+    linear = (linear * torch.exp(-log_gain)).clamp(0.0, limit)
+    return torch.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear.clamp(min=0.0031308) ** (1 / 2.4) - 0.055)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from torch import nn
 
-from rcam.layers import CADR, CSA, GFT, GlobalPrior, LocalPrior, conv, deconv
+from rcam.errors import RcamError
+from rcam.layers import CADR, CSA, GFT, GlobalPrior, LocalPrior, VignettingEstimator, conv, deconv, devignette, log_gain_at
 
 # λ values with their own learned gain vector; any λ in between is interpolated (Cui et al., CVPR 2021).
 LAMBDA_ANCHORS = (0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -42,6 +43,9 @@ class ModelConfig:
     # CADR's modulation also sees the global prior, which also gets the frame's brightness layout (off for
     # weights trained before these existed).
     cadr_prior: bool = False
+    # An estimator of the frame's lens falloff (from the thumbnail) whose estimate is divided out of the input
+    # before the encoder; trained with its own supervised loss (off for weights trained before it existed).
+    vignetting: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,6 +102,9 @@ class RealCamNet(nn.Module):
         n, m, nh, d = config.channels, config.latent_channels, config.hyper_channels, config.prior_channels
         heads, window = config.heads, config.window
 
+        if config.vignetting and config.coordinates != "absolute":
+            raise RcamError("the vignetting estimator needs absolute coordinates (its estimate is a map of the whole frame)")
+        self.vignetting = VignettingEstimator() if config.vignetting else None
         self.global_prior = GlobalPrior(d, layout=config.cadr_prior) if config.global_prior else None
         self.local_prior = LocalPrior(d)
         cadr_prior = d if config.cadr_prior and config.global_prior else None
@@ -130,6 +137,9 @@ class RealCamNet(nn.Module):
 
     def analysis(self, x: torch.Tensor, coords: torch.Tensor, thumbnail: torch.Tensor) -> torch.Tensor:
         """Encoder E: packed tile (B,4,h,w), coordinates (B,2,h,w), thumbnail (B,4,S,S) -> y (B,M,h/8,w/8), before gains."""
+        if self.vignetting is not None:
+            # Detached: the estimator learns only from its own loss (train.py), not from the codec's.
+            x = devignette(x, log_gain_at(self.vignetting(thumbnail).detach(), coords))
         half_prior, quarter_prior = self.local_prior(x)
         global_prior = self.global_prior(thumbnail) if self.global_prior is not None else None
         features = self.cadr(x, coords, global_prior) if self.cadr is not None else self.first(x)

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from rcam.errors import RcamError
 from rcam.models import CONFIGS, LAMBDA_RANGE, ModelConfig, RealCamNet, rate_bits
 from rcam.rawio import RawImage, auto_bright_white, network_input, normalise_planes, read_raw
-from rcam.synth import DefectParams, SensorParams, degrade_planes, sample_defects
+from rcam.layers import VignettingEstimator
+from rcam.synth import DefectParams, SensorParams, degrade_planes, sample_defects, vignetting_at
 from rcam.tiling import Tile, coordinate_map, thumbnail
 
 
@@ -62,6 +63,13 @@ class TrainConfig:
     # Exponential moving average of the weights (0: off). Validation, best.pt and so exports use the average:
     # single checkpoints of this small model swing by 0.2 in validation cost from one validation to the next.
     ema_decay: float = 0.0
+    # The vignetting estimator (models with `vignetting`): examples drawn at the start of a run from sub-windows
+    # of the clean twins with fresh falloffs (a few hundred whole frames are too few layouts to learn from),
+    # steps of supervised pre-training before the codec's first step, then one step per codec step.
+    vignetting_examples: int = 20000
+    vignetting_pretrain_steps: int = 3000
+    vignetting_learning_rate: float = 1e-3
+    vignetting_batch: int = 64
 
     @staticmethod
     def load(path: Path) -> "TrainConfig":
@@ -236,6 +244,64 @@ def sample_batch(
     return {"x": torch.stack(inputs), "target": torch.stack(targets), "coords": torch.stack(coords), "thumbnail": torch.stack(thumbs)}
 
 
+def vignetting_examples(
+    frames: list[CleanFrame], count: int, thumbnail_size: int, rng: np.random.Generator, clean_fraction: float = 0.3
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Thumbnails (N, 4, S, S) float16 of random frames with fresh defects and their log falloff (N, 1, G, G) float32.
+
+    Each example's frame is a random sub-window (half to all of each side) of a clean twin's strided sample,
+    flipped and transposed at random: a thumbnail shows the scene's own brightness layout, and a few hundred
+    whole frames teach an estimator those layouts by heart (on held-out frames it then does worse than a
+    constant). A clean_fraction share has no defects (log falloff 0).
+    """
+    grid = VignettingEstimator.GRID
+    thumbnails, log_gains = [], []
+    for _ in tqdm(range(count), desc="vignetting examples", unit="frame", leave=False):
+        frame = frames[rng.integers(len(frames))]
+        sample = frame.sample
+        _, sample_height, sample_width = sample.shape
+        height = max(8, int(sample_height * rng.uniform(0.5, 1.0)))
+        width = max(8, int(sample_width * rng.uniform(0.5, 1.0)))
+        top, left = rng.integers(0, sample_height - height + 1), rng.integers(0, sample_width - width + 1)
+        sample = sample[:, top : top + height, left : left + width]
+        if rng.random() < 0.5:
+            sample = sample[:, :, ::-1]
+        if rng.random() < 0.5:
+            sample = sample[:, ::-1, :]
+        if rng.random() < 0.5:
+            sample = sample.transpose(0, 2, 1)
+        sample = np.ascontiguousarray(sample)
+        step = 2 * frame.stride  # sensor pixels per sample pixel
+        frame_shape = (sample.shape[1] * step, sample.shape[2] * step)
+        log_gain = np.zeros((grid, grid), np.float32)
+        if rng.random() >= clean_fraction:
+            defects = sample_defects(rng, frame_shape, frame.sensor)
+            sample = degrade_planes(sample, frame.sensor, defects, (0, 0), step, rng)
+            centres = (np.arange(grid) + 0.5) / grid
+            log_gain = np.log(vignetting_at(defects, centres[:, None] * frame_shape[0], centres[None, :] * frame_shape[1]))
+        white = auto_bright_white(sample, frame.wb_gains, frame.cam_to_srgb)
+        planes = normalise_planes(sample, frame.wb_gains, frame.cam_to_srgb, white)
+        thumbnails.append(thumbnail(torch.from_numpy(planes), thumbnail_size).half())
+        log_gains.append(torch.from_numpy(log_gain.astype(np.float32))[None])
+    return torch.stack(thumbnails), torch.stack(log_gains)
+
+
+def vignetting_step(
+    estimator: VignettingEstimator, optimizer: torch.optim.Optimizer, examples: tuple[torch.Tensor, torch.Tensor],
+    batch_size: int, rng: np.random.Generator,
+) -> float:  # fmt: skip
+    """One supervised step of the estimator on a random batch of examples; returns its MSE on log falloff."""
+    thumbnails, log_gains = examples
+    device = next(estimator.parameters()).device
+    index = torch.from_numpy(rng.integers(0, len(thumbnails), batch_size))
+    predicted = estimator(thumbnails[index].float().to(device))
+    loss = ((predicted - log_gains[index].to(device)) ** 2).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def sample_lambdas(batch_size: int, low: float, high: float, rng: np.random.Generator) -> torch.Tensor:
     """λ per sample, log-uniform in [low, high]."""
     return torch.from_numpy(np.exp(rng.uniform(math.log(low), math.log(high), batch_size))).float()
@@ -318,13 +384,16 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 
 # Modules added after rcam-small v1 was trained; zero-initialised, so older weights still define the model.
 ZERO_STARTED_MODULES = ("cadr.prior_modulation.", "global_prior.layout_head.")
+# The vignetting estimator: weights without it are fine, train() pre-trains it before the codec's first step.
+PRETRAINED_MODULES = ("vignetting.",)
 
 
 def load_starting_weights(model: RealCamNet, path: Path) -> int:
     """Fine-tuning start: weights from a training checkpoint (.pt) or a shipped .safetensors file; returns their steps.
 
     Modules the starting weights lack are allowed only where they start at zero (CADR's and the global
-    prior's new inputs), so the fine-tuned model starts out exactly as the weights it came from.
+    prior's new inputs), so the fine-tuned model starts out exactly as the weights it came from, or where
+    train() pre-trains them (the vignetting estimator).
     """
     from rcam.zoo import checkpoint_weights, read_weights
 
@@ -341,10 +410,40 @@ def load_starting_weights(model: RealCamNet, path: Path) -> int:
         result = model.load_state_dict(tensors, strict=False)
     except RuntimeError as error:  # tensor shapes differ
         raise RcamError(f"{path}: weights do not fit model '{model.config.name}' ({str(error).splitlines()[-1].strip()})") from None
-    missing = [key for key in result.missing_keys if not key.startswith(ZERO_STARTED_MODULES)]
-    if missing or result.unexpected_keys or any(model.state_dict()[key].any() for key in result.missing_keys):
+    missing = [key for key in result.missing_keys if not key.startswith(ZERO_STARTED_MODULES + PRETRAINED_MODULES)]
+    zero_started = [key for key in result.missing_keys if key.startswith(ZERO_STARTED_MODULES)]
+    if missing or result.unexpected_keys or any(model.state_dict()[key].any() for key in zero_started):
         raise RcamError(f"{path}: weights do not fit model '{model.config.name}' (missing {missing}, unexpected {result.unexpected_keys})")
     return steps
+
+
+def _has_weights(path: Path, prefix: str) -> bool:
+    """Whether the starting weights at `path` (.pt checkpoint or .safetensors) hold tensors under `prefix`."""
+    from rcam.zoo import checkpoint_weights, read_weights
+
+    if path.suffix == ".safetensors":
+        tensors, _ = read_weights(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = checkpoint_weights(state) if "model" in state else state
+    return any(key.startswith(prefix) for key in tensors)
+
+
+def pretrain_vignetting(
+    estimator: VignettingEstimator, optimizer: torch.optim.Optimizer, examples: tuple[torch.Tensor, torch.Tensor],
+    config: TrainConfig, rng: np.random.Generator, log_path: Path,
+) -> None:  # fmt: skip
+    """Supervised steps of the estimator alone (cosine from vignetting_learning_rate to a tenth), before the codec's."""
+    steps = config.vignetting_pretrain_steps
+    total = 0.0
+    with log_path.open("a") as log:
+        for step in tqdm(range(1, steps + 1), desc="vignetting estimator", unit="step"):
+            for group in optimizer.param_groups:
+                group["lr"] = config.vignetting_learning_rate * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+            total += vignetting_step(estimator, optimizer, examples, config.vignetting_batch, rng)
+            if step % config.log_every == 0 or step == steps:
+                log.write(json.dumps({"vignetting_pretrain_step": step, "vignetting": total / (step % config.log_every or config.log_every)}) + "\n")
+                total = 0.0
 
 
 def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Path:
@@ -353,6 +452,8 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
         raise RcamError(f"val_every is {config.val_every} but neither val_pairs nor val_raw holds images: make them or set val_every to 0")
     if not 0.0 <= config.ema_decay < 1.0:
         raise RcamError(f"ema_decay is {config.ema_decay}: use 0 (off) or a value in (0, 1), e.g. 0.999")
+    if config.model_config().vignetting and not (config.fresh_defects and config.vignetting_examples > 0):
+        raise RcamError("a model with the vignetting estimator trains with fresh_defects and vignetting_examples > 0 (its examples come from the clean twins)")
     torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     run_dir = Path(config.run_dir)
@@ -360,7 +461,12 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
     (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     model_config = config.model_config()
     model = RealCamNet(model_config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    estimator = model.vignetting
+    # The estimator has its own optimizer and loss; the codec's loss never reaches it (models.py detaches it).
+    codec_parameters = [p for name, p in model.named_parameters() if not name.startswith(PRETRAINED_MODULES)]
+    optimizer = torch.optim.Adam(codec_parameters, lr=config.learning_rate)
+    estimator_optimizer = torch.optim.Adam(estimator.parameters(), lr=config.vignetting_learning_rate) if estimator is not None else None
+    estimator_ready = estimator is None  # pre-trained (or loaded trained)
     average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
     checkpoint_path = run_dir / "last.pt"
     best_path = run_dir / "best.pt"  # the checkpoint with the lowest validation cost so far
@@ -375,16 +481,24 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
         step = int(state["step"])
         earlier_steps = int(state.get("earlier_steps", 0))
         best_cost = float(state.get("best_cost", math.inf))
+        if estimator is not None and "vignetting_optimizer" in state:
+            estimator_optimizer.load_state_dict(state["vignetting_optimizer"])
+            estimator_ready = True
         if average is not None and "average" in state:  # else the average starts again from these weights
             average.module.load_state_dict(state["average"])
             average.n_averaged.fill_(int(state["average_updates"]))
         rng = np.random.default_rng([config.seed, step])  # a fresh stream per resume, reproducible
     elif config.init_from:
         earlier_steps = load_starting_weights(model, Path(config.init_from))
+        if estimator is not None:
+            estimator_ready = _has_weights(Path(config.init_from), PRETRAINED_MODULES[0])
     if images is None:
         images = load_dataset(
             Path(config.dataset), model_config.thumbnail, with_clean=config.clean_fraction > 0, fresh_defects=config.fresh_defects
         )
+    examples = None
+    if estimator is not None:
+        examples = vignetting_examples([image.clean_frame for image in images], config.vignetting_examples, model_config.thumbnail, rng)
 
     evaluated = model if average is None else average.module  # what validation scores (zoo.checkpoint_weights)
 
@@ -393,8 +507,14 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "earlier_steps": earlier_steps}
         if average is not None:
             state |= {"average": average.module.state_dict(), "average_updates": int(average.n_averaged)}
+        if estimator is not None:
+            state |= {"vignetting_optimizer": estimator_optimizer.state_dict()}
         torch.save(state | {"model_config": model_config.to_dict(), "best_cost": best_cost}, tmp)
         tmp.replace(path)
+
+    if not estimator_ready:
+        pretrain_vignetting(estimator, estimator_optimizer, examples, config, rng, run_dir / "log.jsonl")
+        save()  # a resume skips the pre-training (the estimator optimizer's state in last.pt says it is done)
 
     interrupted = False
 
@@ -407,7 +527,7 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
     absolute = model_config.coordinates == "absolute"
     model.train()
     started = time.time()
-    sums = {"loss": 0.0, "bpp": 0.0, "mse255": 0.0}
+    sums = {"loss": 0.0, "bpp": 0.0, "mse255": 0.0} | ({"vignetting": 0.0} if estimator is not None else {})
     progress = tqdm(total=config.steps, initial=step, desc="training", unit="step")
     try:
         with (run_dir / "log.jsonl").open("a") as log:
@@ -421,8 +541,12 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
                 terms = rd_loss(output, batch["target"], lam)
                 optimizer.zero_grad(set_to_none=True)
                 terms["loss"].backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(codec_parameters, 1.0)
                 optimizer.step()
+                if estimator is not None:
+                    for group in estimator_optimizer.param_groups:
+                        group["lr"] = 0.1 * config.vignetting_learning_rate  # where the pre-training ended
+                    terms["vignetting"] = torch.tensor(vignetting_step(estimator, estimator_optimizer, examples, config.vignetting_batch, rng))
                 if average is not None:
                     average.update_parameters(model)
                 step += 1

@@ -1,0 +1,124 @@
+"""The vignetting estimator: its map follows absolute frame position, its estimate is divided out of the input,
+its examples carry the true falloff, and training pre-trains it, keeps it out of the codec's loss and resumes."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rcam.demo import sample_scene
+from rcam.errors import RcamError
+from rcam.layers import VignettingEstimator, devignette, log_gain_at
+from rcam.models import CONFIGS, build_model
+from rcam.synth import build_dataset
+from rcam.tiling import Tile, coordinate_map
+from rcam.train import TrainConfig, load_dataset, train, vignetting_examples
+from rcam.zoo import save_checkpoint
+
+TINY = {"channels": 16, "latent_channels": 16, "hyper_channels": 16, "prior_channels": 8, "thumbnail": 32}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    Image.fromarray(sample_scene(96, 128, seed=3)).save(folder / "a.png")
+    Image.fromarray(sample_scene(100, 140, seed=4)).save(folder / "b.png")
+    return build_dataset([folder], tmp_path_factory.mktemp("pairs"), 1, seed=0)
+
+
+def test_log_gain_map_follows_absolute_position_across_tiles():
+    grid = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8) * -0.01
+    frame = (48, 64)
+    whole = log_gain_at(grid, coordinate_map(Tile(0, 0, *frame), *frame)[None])[0, 0]
+    # Two overlapping tiles read the same values where they overlap, and the whole frame's values there.
+    first = log_gain_at(grid, coordinate_map(Tile(0, 0, 32, 40), *frame)[None])[0, 0]
+    second = log_gain_at(grid, coordinate_map(Tile(16, 24, 32, 40), *frame)[None])[0, 0]
+    assert torch.allclose(first[16:, 24:], second[:16, :16])
+    assert torch.allclose(second, whole[16:48, 24:64])
+    # Cell (k, l) sits at frame position ((k + 1/2)/8, (l + 1/2)/8): in a 48x64 frame pixels (3, 4) and (45, 60).
+    assert whole[3, 4] == pytest.approx(grid[0, 0, 0, 0].item())
+    assert whole[45, 60] == pytest.approx(grid[0, 0, -1, -1].item())
+
+
+def test_devignetting_divides_linear_light_by_the_falloff():
+    linear = torch.tensor([0.0, 0.001, 0.05, 0.2, 0.6, 1.0]).view(1, 6, 1, 1)
+    encoded = torch.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    assert torch.allclose(devignette(encoded, torch.zeros(1, 1, 1, 1)), encoded, atol=1e-6)
+    halved = devignette(encoded, torch.full((1, 1, 1, 1), math.log(0.5)))
+    doubled = (2 * linear).clamp(max=1.5)
+    expected = torch.where(doubled <= 0.0031308, 12.92 * doubled, 1.055 * doubled ** (1 / 2.4) - 0.055)
+    assert torch.allclose(halved, expected, atol=1e-5)
+
+
+def test_model_divides_its_estimate_out_of_the_input():
+    config = replace(CONFIGS["small"], **TINY, vignetting=True)
+    model = build_model(config).eval()
+    plain = build_model(replace(config, vignetting=False)).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("vignetting.")})
+    # An estimator that always answers "the corners get half the light of the centre" (a fixed map).
+    falloff = torch.zeros(8, 8)
+    falloff[[0, 0, -1, -1], [0, -1, 0, -1]] = math.log(0.5)
+    head = model.vignetting.head[-1]
+    torch.nn.init.zeros_(head.weight)
+    head.bias.data = falloff.flatten()
+    x = torch.rand(1, 4, 32, 32) * 0.8
+    coords = coordinate_map(Tile(0, 0, 32, 32), 32, 32)[None]
+    thumb = torch.rand(1, 4, 32, 32)
+    with torch.no_grad():
+        expected = plain.analysis(devignette(x, log_gain_at(falloff.view(1, 1, 8, 8), coords)), coords, thumb)
+        assert torch.allclose(model.analysis(x, coords, thumb), expected, atol=1e-5)
+        assert not torch.allclose(plain.analysis(x, coords, thumb), expected, atol=1e-3)
+    with pytest.raises(RcamError, match="absolute coordinates"):
+        build_model(replace(config, coordinates="relative"))
+
+
+def test_examples_carry_the_true_falloff(dataset):
+    frames = [image.clean_frame for image in load_dataset(dataset, 32, fresh_defects=True)]
+    thumbnails, log_gains = vignetting_examples(frames, 12, 32, np.random.default_rng(0), clean_fraction=0.0)
+    assert thumbnails.shape == (12, 4, 32, 32) and log_gains.shape == (12, 1, 8, 8)
+    assert torch.isfinite(thumbnails.float()).all()
+    # Falloff from an off-centre optical axis: no gain above 1, corners darker than the middle of the frame.
+    assert (log_gains <= 0).all()
+    assert (log_gains[:, 0, [0, 0, -1, -1], [0, -1, 0, -1]].max(dim=1).values < log_gains[:, 0, 3:5, 3:5].min(dim=1).values.min(dim=1).values).all()
+    _, clean = vignetting_examples(frames, 4, 32, np.random.default_rng(0), clean_fraction=1.0)
+    assert (clean == 0).all()
+
+
+def test_training_pretrains_the_estimator_keeps_it_out_of_the_codec_loss_and_resumes(dataset, tmp_path):
+    weights = tmp_path / "start.safetensors"
+    save_checkpoint(build_model(replace(CONFIGS["small"], **TINY)), weights)  # weights without an estimator
+    config = TrainConfig(
+        dataset=str(dataset), run_dir=str(tmp_path / "run"), model_overrides=TINY | {"vignetting": True}, steps=2,
+        batch_size=2, patch=32, checkpoint_every=1, log_every=1, threads=1, val_every=0, fresh_defects=True,
+        init_from=str(weights), vignetting_examples=16, vignetting_pretrain_steps=4, vignetting_batch=4,
+    )  # fmt: skip
+    with pytest.raises(RcamError, match="fresh_defects"):
+        train(replace(config, fresh_defects=False))
+    assert not (tmp_path / "run" / "last.pt").exists()
+    images = load_dataset(dataset, TINY["thumbnail"], fresh_defects=True)
+    torch.manual_seed(0)
+    untrained = build_model(replace(CONFIGS["small"], **TINY, vignetting=True)).vignetting.state_dict()
+    checkpoint = train(config, images)
+    state = torch.load(checkpoint, weights_only=True)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["vignetting_pretrain_step"] for r in log if "vignetting_pretrain_step" in r] == [1, 2, 3, 4]
+    steps = [r for r in log if "step" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(np.isfinite(r["vignetting"]) for r in steps)
+    trained = {k[len("vignetting.") :]: v for k, v in state["model"].items() if k.startswith("vignetting.")}
+    assert any(not torch.equal(trained[k], untrained[k]) for k in untrained)
+    # The codec's optimizer does not hold the estimator: its loss never moves it.
+    model = build_model(replace(CONFIGS["small"], **TINY, vignetting=True))
+    codec_parameters = [name for name, _ in model.named_parameters() if not name.startswith("vignetting.")]
+    assert len(state["optimizer"]["param_groups"][0]["params"]) == len(codec_parameters) < len(list(model.parameters()))
+    assert len(state["vignetting_optimizer"]["param_groups"][0]["params"]) == len(list(model.vignetting.parameters()))
+    # Resuming continues at step 2 without pre-training again.
+    train(replace(config, steps=3), images)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len([r for r in log if "vignetting_pretrain_step" in r]) == 4
+    assert [r["step"] for r in log if "step" in r] == [1, 2, 3]
