@@ -24,13 +24,17 @@ import torch
 from PIL import Image
 
 from rcam import cli
+from rcam.demo import sample_scene
 from rcam.dng import XTRANS_PATTERN, write_bayer_dng, write_cfa_dng, write_linear_dng
 from rcam.models import CONFIGS, RealCamNet
+from rcam.synth import build_dataset
 from rcam.zoo import load_codec, save_checkpoint
 
 TINY_CONFIG = dataclasses.replace(
     CONFIGS["small"], name="tiny", channels=16, latent_channels=16, hyper_channels=16, prior_channels=8, thumbnail=32
 )
+# The same sizes as a training config's model_overrides.
+TINY_OVERRIDES = {"channels": 16, "latent_channels": 16, "hyper_channels": 16, "prior_channels": 8, "thumbnail": 32}
 BLACK_LEVEL = 64
 WHITE_LEVEL = 4095
 # At initialisation the latents are so small that they all quantise to 0; a larger gain gives the tiny
@@ -50,6 +54,15 @@ def save_tiny_model(path, seed: int = 0) -> Path:
         model.gains.log_gain += math.log(GAIN_BOOST)
         model.gains.log_inverse_gain -= math.log(GAIN_BOOST)
     return save_checkpoint(model, path)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """Two synthetic training pairs (index.jsonl) made from the procedural scene."""
+    folder = tmp_path_factory.mktemp("photos")
+    Image.fromarray(sample_scene(96, 128, seed=1)).save(folder / "a.png")
+    Image.fromarray(sample_scene(100, 140, seed=2)).save(folder / "b.png")
+    return build_dataset([folder], tmp_path_factory.mktemp("pairs"), 1, seed=0)
 
 
 @pytest.fixture(scope="session")

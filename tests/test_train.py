@@ -8,30 +8,19 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
+from conftest import TINY_OVERRIDES as TINY
+
 from rcam.codec import decode_bytes, encode_file
-from rcam.demo import run_demo, sample_scene
+from rcam.demo import run_demo
 from rcam.errors import RcamError
-from rcam.synth import build_dataset
 from rcam.models import CONFIGS, build_model
 from rcam.rawio import network_input, read_raw
 from rcam.synth import DefectParams
 from rcam.tiling import thumbnail
 from rcam.train import TrainConfig, fresh_crop, load_dataset, load_starting_weights, sample_batch, train, validation_cost
 from rcam.zoo import checkpoint_weights, export_checkpoint, file_digest, load_codec, read_manifest, read_weights, save_checkpoint, write_manifest_entry
-
-TINY = {"channels": 16, "latent_channels": 16, "hyper_channels": 16, "prior_channels": 8, "thumbnail": 32}
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """Two synthetic pairs made from the procedural scene."""
-    folder = tmp_path_factory.mktemp("photos")
-    Image.fromarray(sample_scene(96, 128, seed=1)).save(folder / "a.png")
-    Image.fromarray(sample_scene(100, 140, seed=2)).save(folder / "b.png")
-    return build_dataset([folder], tmp_path_factory.mktemp("pairs"), 1, seed=0)
 
 
 def test_training_resumes_and_exports(dataset, tmp_path):

@@ -10,27 +10,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import TINY_OVERRIDES as TINY
 
-from rcam.demo import sample_scene
 from rcam.errors import RcamError
 from rcam.layers import VignettingEstimator, devignette, log_gain_at
 from rcam.models import CONFIGS, build_model
-from rcam.synth import build_dataset
 from rcam.tiling import Tile, coordinate_map
 from rcam.train import TrainConfig, load_dataset, train, vignetting_examples
 from rcam.zoo import save_checkpoint
-
-TINY = {"channels": 16, "latent_channels": 16, "hyper_channels": 16, "prior_channels": 8, "thumbnail": 32}
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("photos")
-    Image.fromarray(sample_scene(96, 128, seed=3)).save(folder / "a.png")
-    Image.fromarray(sample_scene(100, 140, seed=4)).save(folder / "b.png")
-    return build_dataset([folder], tmp_path_factory.mktemp("pairs"), 1, seed=0)
-
 
 def test_log_gain_map_follows_absolute_position_across_tiles():
     grid = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8) * -0.01
