@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_OVERRIDES as TINY
 
 from rcam.errors import RcamError
-from rcam.layers import VignettingEstimator, devignette, log_gain_at
+from rcam.layers import devignette, log_gain_at
 from rcam.models import CONFIGS, build_model
 from rcam.tiling import Tile, coordinate_map
 from rcam.train import TrainConfig, load_dataset, train, vignetting_examples
