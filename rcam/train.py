@@ -388,8 +388,10 @@ ZERO_STARTED_MODULES = ("cadr.prior_modulation.", "global_prior.layout_head.")
 PRETRAINED_MODULES = ("vignetting.",)
 
 
-def load_starting_weights(model: RealCamNet, path: Path) -> int:
-    """Fine-tuning start: weights from a training checkpoint (.pt) or a shipped .safetensors file; returns their steps.
+def load_starting_weights(model: RealCamNet, path: Path) -> tuple[int, list[str]]:
+    """Fine-tuning start: weights from a training checkpoint (.pt) or a shipped .safetensors file.
+
+    Returns their training steps and the names of the model's tensors they lacked.
 
     Modules the starting weights lack are allowed only where they start at zero (CADR's and the global
     prior's new inputs), so the fine-tuned model starts out exactly as the weights it came from, or where
@@ -414,19 +416,7 @@ def load_starting_weights(model: RealCamNet, path: Path) -> int:
     zero_started = [key for key in result.missing_keys if key.startswith(ZERO_STARTED_MODULES)]
     if missing or result.unexpected_keys or any(model.state_dict()[key].any() for key in zero_started):
         raise RcamError(f"{path}: weights do not fit model '{model.config.name}' (missing {missing}, unexpected {result.unexpected_keys})")
-    return steps
-
-
-def _has_weights(path: Path, prefix: str) -> bool:
-    """Whether the starting weights at `path` (.pt checkpoint or .safetensors) hold tensors under `prefix`."""
-    from rcam.zoo import checkpoint_weights, read_weights
-
-    if path.suffix == ".safetensors":
-        tensors, _ = read_weights(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        tensors = checkpoint_weights(state) if "model" in state else state
-    return any(key.startswith(prefix) for key in tensors)
+    return steps, list(result.missing_keys)
 
 
 def pretrain_vignetting(
@@ -489,9 +479,8 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
             average.n_averaged.fill_(int(state["average_updates"]))
         rng = np.random.default_rng([config.seed, step])  # a fresh stream per resume, reproducible
     elif config.init_from:
-        earlier_steps = load_starting_weights(model, Path(config.init_from))
-        if estimator is not None:
-            estimator_ready = _has_weights(Path(config.init_from), PRETRAINED_MODULES[0])
+        earlier_steps, lacking = load_starting_weights(model, Path(config.init_from))
+        estimator_ready = not any(key.startswith(PRETRAINED_MODULES) for key in lacking)
     if images is None:
         images = load_dataset(
             Path(config.dataset), model_config.thumbnail, with_clean=config.clean_fraction > 0, fresh_defects=config.fresh_defects

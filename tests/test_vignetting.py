@@ -109,3 +109,7 @@ def test_training_pretrains_the_estimator_keeps_it_out_of_the_codec_loss_and_res
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len([r for r in log if "vignetting_pretrain_step" in r]) == 4
     assert [r["step"] for r in log if "step" in r] == [1, 2, 3]
+    # Fine-tuning from weights that have a trained estimator does not pre-train it again.
+    train(replace(config, run_dir=str(tmp_path / "again"), init_from=str(checkpoint)), images)
+    again = (tmp_path / "again" / "log.jsonl").read_text()
+    assert "vignetting_pretrain_step" not in again and '"step": 2' in again
