@@ -128,10 +128,16 @@ def fresh_crop(
         crop_first = (2 * top - frame.pad_top, 2 * left - frame.pad_left)
         crop = degrade_planes(crop, frame.sensor, defects, crop_first, 2, rng)
         sample = degrade_planes(sample, frame.sensor, defects, (-frame.pad_top, -frame.pad_left), 2 * frame.stride, rng)
-    white = auto_bright_white(sample, frame.wb_gains, frame.cam_to_srgb)
+    white, frame_thumbnail = sample_thumbnail(frame, sample, thumbnail_size)
     x = normalise_planes(crop, frame.wb_gains, frame.cam_to_srgb, white)
-    sample_input = normalise_planes(sample, frame.wb_gains, frame.cam_to_srgb, white)
-    return torch.from_numpy(x), thumbnail(torch.from_numpy(sample_input), thumbnail_size)
+    return torch.from_numpy(x), frame_thumbnail
+
+
+def sample_thumbnail(frame: CleanFrame, sample: np.ndarray, thumbnail_size: int) -> tuple[float, torch.Tensor]:
+    """A strided sample (4, hs, ws) of a frame -> (its auto-brightness level, its network thumbnail (4, S, S))."""
+    white = auto_bright_white(sample, frame.wb_gains, frame.cam_to_srgb)
+    planes = normalise_planes(sample, frame.wb_gains, frame.cam_to_srgb, white)
+    return white, thumbnail(torch.from_numpy(planes), thumbnail_size)
 
 
 @dataclass
@@ -279,9 +285,7 @@ def vignetting_examples(
             sample = degrade_planes(sample, frame.sensor, defects, (0, 0), step, rng)
             centres = (np.arange(grid) + 0.5) / grid
             log_gain = np.log(vignetting_at(defects, centres[:, None] * frame_shape[0], centres[None, :] * frame_shape[1]))
-        white = auto_bright_white(sample, frame.wb_gains, frame.cam_to_srgb)
-        planes = normalise_planes(sample, frame.wb_gains, frame.cam_to_srgb, white)
-        thumbnails.append(thumbnail(torch.from_numpy(planes), thumbnail_size).half())
+        thumbnails.append(sample_thumbnail(frame, sample, thumbnail_size)[1].half())
         log_gains.append(torch.from_numpy(log_gain.astype(np.float32))[None])
     return torch.stack(thumbnails), torch.stack(log_gains)
 
@@ -505,6 +509,10 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
         pretrain_vignetting(estimator, estimator_optimizer, examples, config, rng, run_dir / "log.jsonl")
         save()  # a resume skips the pre-training (the estimator optimizer's state in last.pt says it is done)
 
+    if estimator is not None:
+        for group in estimator_optimizer.param_groups:
+            group["lr"] = 0.1 * config.vignetting_learning_rate  # where the pre-training ends, kept from here on
+
     interrupted = False
 
     def on_interrupt(signum, frame):  # finish the step, save, stop
@@ -532,16 +540,15 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
                 terms["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(codec_parameters, 1.0)
                 optimizer.step()
+                figures = {key: float(value.detach()) for key, value in terms.items()}
                 if estimator is not None:
-                    for group in estimator_optimizer.param_groups:
-                        group["lr"] = 0.1 * config.vignetting_learning_rate  # where the pre-training ended
-                    terms["vignetting"] = torch.tensor(vignetting_step(estimator, estimator_optimizer, examples, config.vignetting_batch, rng))
+                    figures["vignetting"] = vignetting_step(estimator, estimator_optimizer, examples, config.vignetting_batch, rng)
                 if average is not None:
                     average.update_parameters(model)
                 step += 1
                 progress.update(1)
                 for key in sums:
-                    sums[key] += float(terms[key].detach())
+                    sums[key] += figures[key]
                 if step % config.log_every == 0:
                     record = {key: value / config.log_every for key, value in sums.items()}
                     record.update(step=step, lr=learning_rate(config, step), seconds=round(time.time() - started, 1))
