@@ -272,7 +272,12 @@ class VignettingEstimator(nn.Module):
         cells = (self.SIDE // 16) ** 2
         self.head = nn.Sequential(nn.Linear(channels * cells + GlobalPrior.LAYOUT_CELLS**2, 128), nn.ReLU(inplace=True), nn.Linear(128, self.GRID**2))
 
-    def forward(self, thumbnail: torch.Tensor) -> torch.Tensor:
+    def forward(self, thumbnail: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+        """`dropout`: drop rate of the head's inputs and hidden units, for training steps only (0 = the estimate).
+
+        An explicit argument, not the module's train/eval mode: the codec runs the estimator inside its own
+        training forward pass, where the estimate must stay the deterministic one.
+        """
         batch = thumbnail.shape[0]
         if thumbnail.shape[-1] != self.SIDE or thumbnail.shape[-2] != self.SIDE:
             thumbnail = F.adaptive_avg_pool2d(thumbnail, self.SIDE)
@@ -282,7 +287,11 @@ class VignettingEstimator(nn.Module):
         positions = torch.stack([rows, cols]).expand(batch, 2, self.SIDE, self.SIDE)
         features = self.net(torch.cat([thumbnail, positions], dim=1)).flatten(1)
         layout = brightness_layout(thumbnail, GlobalPrior.LAYOUT_CELLS)
-        return self.head(torch.cat([features, layout], dim=1)).view(batch, 1, self.GRID, self.GRID).clamp(max=0.0)
+        # Dropout on the head: without it the estimator learns the training scenes' layouts and does worse
+        # than a constant falloff on frames it has not seen.
+        features = F.dropout(torch.cat([features, layout], dim=1), dropout, training=dropout > 0)
+        hidden = F.dropout(self.head[1](self.head[0](features)), dropout, training=dropout > 0)
+        return self.head[2](hidden).view(batch, 1, self.GRID, self.GRID).clamp(max=0.0)
 
 
 def log_gain_at(log_gain: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,24 @@ def test_examples_carry_the_true_falloff(dataset):
     assert (clean == 0).all()
 
 
+def test_examples_without_falloff_still_carry_noise_and_shading(dataset):
+    # A flat grey frame: its thumbnail varies only through the defects. "No falloff" must not mean "no noise",
+    # else noise alone tells the estimator that a frame has falloff.
+    frame = load_dataset(dataset, 32, fresh_defects=True)[0].clean_frame
+    flat = replace(frame, sample=np.full_like(frame.sample, 0.3))
+    thumbnails, log_gains = vignetting_examples([flat], 6, 32, np.random.default_rng(1), clean_fraction=1.0)
+    assert (log_gains == 0).all()
+    assert (thumbnails.float().flatten(1).std(dim=1) > 1e-3).all()
+
+
+def test_estimator_dropout_is_only_applied_when_asked():
+    estimator = build_model(replace(CONFIGS["small"], **TINY, vignetting=True)).vignetting.train()
+    thumb = torch.rand(2, 4, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(estimator(thumb), estimator(thumb))  # train mode alone changes nothing
+        assert not torch.equal(estimator(thumb, 0.5), estimator(thumb, 0.5))
+
+
 def test_training_pretrains_the_estimator_keeps_it_out_of_the_codec_loss_and_resumes(dataset, tmp_path):
     weights = tmp_path / "start.safetensors"
     save_checkpoint(build_model(replace(CONFIGS["small"], **TINY)), weights)  # weights without an estimator
@@ -113,3 +131,6 @@ def test_training_pretrains_the_estimator_keeps_it_out_of_the_codec_loss_and_res
     train(replace(config, run_dir=str(tmp_path / "again"), init_from=str(checkpoint)), images)
     again = (tmp_path / "again" / "log.jsonl").read_text()
     assert "vignetting_pretrain_step" not in again and '"step": 2' in again
+    # ... unless told to leave its estimator out: then a new one is pre-trained.
+    train(replace(config, run_dir=str(tmp_path / "new"), init_from=str(checkpoint), init_exclude=["vignetting."]), images)
+    assert "vignetting_pretrain_step" in (tmp_path / "new" / "log.jsonl").read_text()
