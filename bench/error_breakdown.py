@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from rcam.codec import decode_bytes, encode_file
+from rcam.codec import decode_bytes, encode_file, tone_reference
 from rcam.metrics import psnr
 from rcam.output import quantize
 from rcam.rawio import reference_render
@@ -72,8 +72,9 @@ def main() -> None:
           f" {'fine ref/dec':>12s}  corners TL TR BL BR / centre (levels)")  # fmt: skip
     for path in sorted(Path(args.folder).glob("*.dng")):
         reference = reference_render(path)
+        tone_render = tone_reference(codec, path)
         for lam in (float(value) for value in args.lambdas.split(",")):
-            data = encode_file(codec, path, lam, reference=reference).data
+            data = encode_file(codec, path, lam, reference=tone_render).data
             figures = breakdown(reference, quantize(decode_bytes(codec, data), 8))
             bpp = 8 * len(data) / (reference.shape[0] * reference.shape[1])
             corners = " ".join(f"{value:+5.1f}" for value in figures["corners"])

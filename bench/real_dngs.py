@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rcam.codec import decode_bytes, encode_file
+from rcam.codec import decode_bytes, encode_file, tone_reference
 from rcam.metrics import psnr
 from rcam.output import quantize
 from rcam.rawio import reference_render
@@ -63,9 +63,9 @@ def main() -> None:
     scores = defaultdict(list)
     per_file: dict[str, dict] = {}
     for set_name, path, target in items(args):
-        # The file's own render: the score's reference for real files, the tone fit's for all; once per file.
-        render = reference_render(path) if target is None or not args.no_tone_fit else None
-        reference = np.asarray(Image.open(target).convert("RGB")) if target else render
+        # Once per file: the score's reference (real files: their own render) and the tone fit's.
+        reference = np.asarray(Image.open(target).convert("RGB")) if target else reference_render(path)
+        render = None if args.no_tone_fit else tone_reference(codec, path)
         for lam in (float(v) for v in args.lambdas.split(",")):
             start = time.perf_counter()
             encoded = encode_file(codec, path, lam, tone_fit=not args.no_tone_fit, reference=render)

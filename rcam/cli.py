@@ -17,10 +17,9 @@ import torch
 from tqdm import tqdm
 
 from rcam import container
-from rcam.codec import decode_bytes, encode_file
+from rcam.codec import decode_bytes, encode_file, tone_reference
 from rcam.errors import RcamError
 from rcam.output import check_output_path, encode_image, image_kind, write_atomic
-from rcam.rawio import reference_render
 from rcam.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 from rcam.tone import IDENTITY
 from rcam.train import resolve_device
@@ -308,7 +307,8 @@ def evaluate(inputs, protocol, lambdas, baselines, out_dir, limit, speed, model_
     except ValueError:
         raise RcamError(f"--lambdas: '{lambdas}' is not a comma-separated list of numbers") from None
     codec = load_codec(model_name, _setup(device, threads))
-    render = functools.lru_cache(maxsize=1)(reference_render)  # the λ sweep of one file fits its tone to one render
+    # The λ sweep of one file fits its tone to one render.
+    render = functools.lru_cache(maxsize=1)(functools.partial(tone_reference, codec))
 
     def run_codec(raw_path: Path, lam: float) -> tuple[int, np.ndarray]:
         encoded = encode_file(codec, raw_path, lam, reference=render(raw_path))

@@ -13,6 +13,7 @@ from rcam.entropy import TileLatents
 from rcam.errors import RcamError
 from rcam.models import LAMBDA_RANGE
 from rcam.rawio import RawImage, apply_flip, network_input, read_raw, reference_render
+from rcam.layers import log_gain_at
 from rcam.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, blend_weights, coordinate_map, crop_tile, plan_tiles, thumbnail
 from rcam.tone import apply_tone, central_box, fit_tone_on_box
 from rcam.zoo import Codec
@@ -103,17 +104,47 @@ def fit_header_tone(codec: Codec, header: container.Header, latents: list[TileLa
     return fit_tone_on_box(decoded_box, reference[central_box(*frame)], frame, usable_box)
 
 
+def estimated_falloff(codec: Codec, image: RawImage) -> np.ndarray | None:
+    """The lens falloff the model divides out of `image`: (H, W) float32 gains in (0, 1] per visible sensor pixel.
+
+    None for a model without a vignetting estimator. Each 2x2 CFA cell gets its packed pixel's gain, as in
+    the encoder's input.
+    """
+    model = codec.model
+    if model.vignetting is None:
+        return None
+    planes = torch.from_numpy(network_input(image))
+    _, packed_height, packed_width = planes.shape
+    whole = Tile(0, 0, packed_height, packed_width)
+    with torch.inference_mode():
+        grid = model.vignetting(thumbnail(planes, model.config.thumbnail)[None].to(codec.device))
+        log_gain = log_gain_at(grid, coordinate_map(whole, packed_height, packed_width)[None].to(codec.device))
+    gains = torch.exp(log_gain[0, 0]).float().cpu().numpy()
+    gains = gains.repeat(2, axis=0).repeat(2, axis=1)
+    return np.ascontiguousarray(gains[image.pad_top : image.pad_top + image.height, image.pad_left : image.pad_left + image.width])
+
+
+def tone_reference(codec: Codec, path: Path, image: RawImage | None = None) -> np.ndarray:
+    """The render the encoder fits its tone to: (H, W, 3) uint8, the reference render of the file with the
+    model's estimated falloff divided out, as the decoded image has it (the plain reference render without
+    an estimator). LibRaw's auto-brightness then sees the frame as the decoder shows it: the clean target's
+    exposure depends on how bright the corners really are.
+    """
+    image = read_raw(path) if image is None else image
+    return reference_render(path, falloff=estimated_falloff(codec, image))
+
+
 def encode_file(
     codec: Codec, path: Path, lam: float, tone_fit: bool = True, reference: np.ndarray | None = None, **options
 ) -> Encoded:  # fmt: skip
     """Read a RAW file and encode it (options as for encode_image).
 
-    `tone_fit` fits the tone against the file's reference render: pass it as `reference` when the caller
-    already has it (e.g. one render for several λ), else it is rendered here.
+    `tone_fit` fits the tone against tone_reference(): pass it as `reference` when the caller already has it
+    (e.g. one render for several λ), else it is rendered here.
     """
     image = read_raw(path)  # first: its checks give the precise reason a file is refused
     if tone_fit and reference is None:
-        reference = reference_render(path)
+        reference = tone_reference(codec, path, image)
     return encode_image(codec, image, lam, reference=reference if tone_fit else None, **options)
 
 

@@ -341,7 +341,7 @@ def validation_sets(config: TrainConfig) -> dict[str, list[tuple[Path, Path | No
 
 def validate(model: RealCamNet, config: TrainConfig) -> dict:
     """Real encode/decode of the val pairs and real DNGs at val_lambda: mean bpp and PSNR per set."""
-    from rcam.codec import decode_bytes, encode_file
+    from rcam.codec import decode_bytes, encode_file, tone_reference
     from rcam.metrics import psnr
     from rcam.output import quantize
     from rcam.rawio import reference_render
@@ -355,9 +355,8 @@ def validate(model: RealCamNet, config: TrainConfig) -> dict:
     for name, items in sets.items():
         bpps, psnrs = [], []
         for raw_path, target_path in items:
-            render = None if target_path else reference_render(raw_path)  # real files: scored and tone-fitted against it
-            reference = np.asarray(Image.open(target_path).convert("RGB")) if target_path else render
-            encoded = encode_file(codec, raw_path, config.val_lambda, reference=render)
+            reference = np.asarray(Image.open(target_path).convert("RGB")) if target_path else reference_render(raw_path)
+            encoded = encode_file(codec, raw_path, config.val_lambda, reference=tone_reference(codec, raw_path))
             decoded = quantize(decode_bytes(codec, encoded.data), 8)
             bpps.append(8 * len(encoded.data) / (reference.shape[0] * reference.shape[1]))
             psnrs.append(psnr(decoded, reference))

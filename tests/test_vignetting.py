@@ -12,12 +12,14 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES as TINY
 
+from rcam.codec import estimated_falloff, tone_reference
 from rcam.errors import RcamError
 from rcam.layers import devignette, log_gain_at
 from rcam.models import CONFIGS, build_model
+from rcam.rawio import read_raw, reference_render
 from rcam.tiling import Tile, coordinate_map
 from rcam.train import TrainConfig, load_dataset, train, vignetting_examples
-from rcam.zoo import save_checkpoint
+from rcam.zoo import codec_from_model, save_checkpoint
 
 def test_log_gain_map_follows_absolute_position_across_tiles():
     grid = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8) * -0.01
@@ -93,6 +95,48 @@ def test_estimator_dropout_is_only_applied_when_asked():
     with torch.no_grad():
         assert torch.equal(estimator(thumb), estimator(thumb))  # train mode alone changes nothing
         assert not torch.equal(estimator(thumb, 0.5), estimator(thumb, 0.5))
+
+
+def _codec_with_fixed_falloff(corner_gain: float):
+    """A tiny model whose estimator always answers: corner cells get `corner_gain` of the centre's light."""
+    model = build_model(replace(CONFIGS["small"], **TINY, vignetting=True)).eval()
+    falloff = torch.zeros(8, 8)
+    falloff[[0, 0, -1, -1], [0, -1, 0, -1]] = math.log(corner_gain)
+    torch.nn.init.zeros_(model.vignetting.head[-1].weight)
+    model.vignetting.head[-1].bias.data = falloff.flatten()
+    return codec_from_model(model)
+
+
+def test_estimated_falloff_maps_the_estimate_onto_the_sensor(make_dng):
+    path = make_dng(height=64, width=96)
+    image = read_raw(path)
+    gains = estimated_falloff(_codec_with_fixed_falloff(0.5), image)
+    assert gains.shape == (64, 96) and gains.dtype == np.float32
+    # Cell centres sit at (k + 1/2)/8 of each side: sensor pixels (4, 6) and (60, 90) are corner cells, (32, 48) the middle.
+    assert gains[4, 6] == pytest.approx(0.5, abs=1e-3) and gains[60, 90] == pytest.approx(0.5, abs=1e-3)
+    assert gains[32, 48] == pytest.approx(1.0)
+    assert gains[4, 6] == gains[5, 7]  # one gain per 2x2 CFA cell, as the encoder's packed input has it
+    assert estimated_falloff(codec_from_model(build_model(replace(CONFIGS["small"], **TINY)).eval()), image) is None
+
+
+def test_reference_render_without_a_falloff(make_dng):
+    path = make_dng(height=64, width=96)
+    plain = reference_render(path)
+    assert np.array_equal(reference_render(path, falloff=np.ones((64, 96), np.float32)), plain)
+    # Half the light taken off the left half: the left half gets brighter against the right one.
+    falloff = np.ones((64, 96), np.float32)
+    falloff[:, :48] = 0.5
+    lifted = reference_render(path, falloff=falloff).astype(float)
+    ratio = lifted[:, :40].mean() / lifted[:, 56:].mean()
+    assert ratio > 1.15 * plain[:, :40].astype(float).mean() / plain[:, 56:].astype(float).mean()
+    with pytest.raises(RcamError, match="falloff"):
+        reference_render(path, falloff=np.ones((64, 95), np.float32))
+    with pytest.raises(RcamError, match="falloff"):
+        reference_render(path, falloff=np.zeros((64, 96), np.float32))
+    # The tone fit's reference is the render with the model's own estimate divided out.
+    codec = _codec_with_fixed_falloff(0.5)
+    assert np.array_equal(tone_reference(codec, path), reference_render(path, falloff=estimated_falloff(codec, read_raw(path))))
+    assert not np.array_equal(tone_reference(codec, path), plain)
 
 
 def test_training_pretrains_the_estimator_keeps_it_out_of_the_codec_loss_and_resumes(dataset, tmp_path):
