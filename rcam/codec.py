@@ -11,9 +11,9 @@ import torch
 from rcam import container
 from rcam.entropy import TileLatents
 from rcam.errors import RcamError
+from rcam.layers import log_gain_at
 from rcam.models import LAMBDA_RANGE
 from rcam.rawio import RawImage, apply_flip, network_input, read_raw, reference_render
-from rcam.layers import log_gain_at
 from rcam.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, blend_weights, coordinate_map, crop_tile, plan_tiles, thumbnail
 from rcam.tone import apply_tone, central_box, fit_tone_on_box
 from rcam.zoo import Codec
