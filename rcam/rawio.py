@@ -236,23 +236,31 @@ def normalise_planes(
     return np.where(planes <= 0.0031308, 12.92 * planes, 1.055 * planes ** (1 / 2.4) - 0.055).astype(np.float32)
 
 
-def reference_render(path: Path, falloff: np.ndarray | None = None) -> np.ndarray:
+def reference_render(path: Path, falloff: np.ndarray | None = None, raw_noise: np.ndarray | None = None) -> np.ndarray:
     """LibRaw's standard render of a RAW file (SPEC §3): (H, W, 3) uint8 sRGB, orientation applied.
 
     falloff: (H, W) lens gains in (0, 1] over the visible sensor area; the raw values above black are divided
     by it (and clipped at white) before LibRaw renders: the reference render of the file without that falloff,
-    auto-brightness included.
+    auto-brightness included. raw_noise: (H, W) raw DN added to the visible values (after the falloff) before
+    LibRaw renders, e.g. a second draw of the sensor's noise (bench/error_breakdown.py).
     """
     path = Path(path)
     raw = _open(path)
     try:
-        if falloff is not None:
-            visible = raw.raw_image_visible  # a view: LibRaw renders what is written here
-            if falloff.shape != visible.shape or not np.all((falloff > 0) & (falloff <= 1)):
-                raise RcamError(f"{path}: a falloff map must be {visible.shape[1]}x{visible.shape[0]} gains in (0, 1]")
-            black = np.asarray(raw.black_level_per_channel, dtype=np.float64)[raw.raw_colors_visible]
-            lifted = black + (visible - black) / falloff
-            visible[:] = np.clip(np.rint(lifted), 0, raw.white_level).astype(visible.dtype)
+        visible = raw.raw_image_visible  # a view: LibRaw renders what is written here
+        for name, values in (("falloff map", falloff), ("raw noise map", raw_noise)):
+            if values is not None and values.shape != visible.shape:
+                raise RcamError(f"{path}: a {name} must be {visible.shape[1]}x{visible.shape[0]}, not {values.shape[1::-1]}")
+        if falloff is not None or raw_noise is not None:
+            values = visible.astype(np.float64)
+            if falloff is not None:
+                if not np.all((falloff > 0) & (falloff <= 1)):
+                    raise RcamError(f"{path}: a falloff map must hold gains in (0, 1]")
+                black = np.asarray(raw.black_level_per_channel, dtype=np.float64)[raw.raw_colors_visible]
+                values = black + (values - black) / falloff
+            if raw_noise is not None:
+                values += raw_noise
+            visible[:] = np.clip(np.rint(values), 0, raw.white_level).astype(visible.dtype)
         return raw.postprocess(
             use_camera_wb=True, output_color=rawpy.ColorSpace.sRGB, output_bps=8, gamma=(2.4, 12.92)
         )
