@@ -3,11 +3,12 @@
     .venv/bin/python bench/error_breakdown.py [../shared/data/raw] [--lambdas 0.01,0.1] [--model rcam-small]
         [--threads N]
 
-Per file and λ: PSNR on the whole frame and on the central box the tone fit uses (rcam/tone.py); the share of
-the squared error that is a smooth field (the error blurred with a Gaussian of SIGMA_SMOOTH pixels: vignetting,
-shading, tone) and the PSNR that would be left without it; the pixel-scale energy (image minus its blur at
-SIGMA_FINE) of reference and decoded image (texture and noise the reference keeps and rcam removes); the mean
-difference decoded − reference in the four corner boxes and the centre box (1/8 of each side), 8-bit levels.
+Per file: the noise floor (rcam/noise.py: about the best any pipeline that removes the sensor noise can
+score against the file's own render). Per file and λ: PSNR on the whole frame; the share of the squared error
+that is a smooth field (the error blurred with a Gaussian of SIGMA_SMOOTH pixels: vignetting, shading, tone)
+and the PSNR that would be left without it; the pixel-scale energy (image minus its blur at SIGMA_FINE) of
+reference and decoded image (texture and noise the reference keeps and rcam removes); the mean difference
+decoded − reference in the four corner boxes and the centre box (1/8 of each side), 8-bit levels.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from scipy.ndimage import gaussian_filter
 
 from rcam.codec import decode_bytes, encode_file, tone_reference
 from rcam.metrics import psnr
+from rcam.noise import noise_floor
 from rcam.output import quantize
 from rcam.rawio import reference_render
-from rcam.tone import central_box
 from rcam.zoo import load_codec
 
 SIGMA_SMOOTH = 16.0  # pixels: slower than any texture, faster than vignetting
@@ -48,7 +49,6 @@ def breakdown(reference: np.ndarray, decoded: np.ndarray) -> dict[str, float | l
     centre = error[(height - box_h) // 2 : (height + box_h) // 2, (width - box_w) // 2 : (width + box_w) // 2]
     return {
         "psnr": psnr(decoded, reference),
-        "psnr_central_box": psnr(decoded[central_box(height, width)], reference[central_box(height, width)]),
         "smooth_share": float(np.mean(smooth**2)) / mse,
         "psnr_without_smooth": 10 * np.log10(255.0**2 / detail_mse),
         "fine_energy_reference": float(np.mean((ref - blur(ref, SIGMA_FINE)) ** 2)),
@@ -68,18 +68,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     codec = load_codec(args.model)
-    print(f"{'file':24s} {'λ':>6s} {'bpp':>6s} {'PSNR':>6s} {'box':>6s} {'smooth%':>7s} {'w/o sm':>6s}"
+    print(f"{'file':24s} {'λ':>6s} {'bpp':>6s} {'PSNR':>6s} {'floor':>6s} {'smooth%':>7s} {'w/o sm':>6s}"
           f" {'fine ref/dec':>12s}  corners TL TR BL BR / centre (levels)")  # fmt: skip
     for path in sorted(Path(args.folder).glob("*.dng")):
         reference = reference_render(path)
         tone_render = tone_reference(codec, path)
+        floor = noise_floor(path)
         for lam in (float(value) for value in args.lambdas.split(",")):
             data = encode_file(codec, path, lam, reference=tone_render).data
             figures = breakdown(reference, quantize(decode_bytes(codec, data), 8))
             bpp = 8 * len(data) / (reference.shape[0] * reference.shape[1])
             corners = " ".join(f"{value:+5.1f}" for value in figures["corners"])
             print(
-                f"{path.name[:24]:24s} {lam:6.4f} {bpp:6.3f} {figures['psnr']:6.2f} {figures['psnr_central_box']:6.2f}"
+                f"{path.name[:24]:24s} {lam:6.4f} {bpp:6.3f} {figures['psnr']:6.2f} {floor:6.2f}"
                 f" {100 * figures['smooth_share']:6.0f}% {figures['psnr_without_smooth']:6.2f}"
                 f" {figures['fine_energy_reference']:5.1f}/{figures['fine_energy_decoded']:5.1f}  {corners} / {figures['centre']:+.1f}"
             )  # fmt: skip

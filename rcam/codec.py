@@ -15,10 +15,11 @@ from rcam.layers import log_gain_at
 from rcam.models import LAMBDA_RANGE
 from rcam.rawio import RawImage, apply_flip, network_input, read_raw, reference_render
 from rcam.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, blend_weights, coordinate_map, crop_tile, plan_tiles, thumbnail
-from rcam.tone import apply_tone, central_box, fit_tone_on_box
+from rcam.tone import apply_tone, fit_tone
 from rcam.zoo import Codec
 
 DEFAULT_TILE_BATCH = 1
+ALL_TILES_UP_TO = 4  # the tone fit synthesises every tile of a frame this small (see tone_fit_tiles)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ def encode_image(
     """RawImage -> Encoded (.rcb bytes + latents); `progress` is called once per tile.
 
     With `reference` ((H, W, 3) uint8, the reference render of the same file) the encoder also synthesises
-    the frame's centre as the decoder will and stores a fitted tone correction (rcam.tone) in the header.
+    tiles spread over the frame as the decoder will and stores a fitted tone correction (rcam.tone) in the header.
     """
     lam = check_lambda(lam)
     model, device = codec.model, codec.device
@@ -86,22 +87,24 @@ def encode_image(
     return Encoded(container.write(header, streams), header, latents)
 
 
+def tone_fit_tiles(header: container.Header) -> list[bool]:
+    """Tiles the encoder synthesises for the tone fit: all of a grid of at most ALL_TILES_UP_TO, else every
+    other one (a checkerboard), which spreads the fit over the whole frame for half the synthesis."""
+    tiles = header_tiles(header)
+    if len(tiles) <= ALL_TILES_UP_TO:
+        return [True] * len(tiles)
+    return [(index // header.tile_cols + index % header.tile_cols) % 2 == 0 for index in range(len(tiles))]
+
+
 def fit_header_tone(codec: Codec, header: container.Header, latents: list[TileLatents], reference: np.ndarray) -> tuple[float, ...]:
-    """Synthesise only the tiles under the fit region, exactly as the decoder will, and fit the tone there."""
+    """Synthesise the tone_fit_tiles exactly as the decoder will, and fit the tone on the pixels they complete."""
     if reference.shape[:2] != (header.output_height, header.output_width):
         raise RcamError(f"reference render is {reference.shape[1]}x{reference.shape[0]}, the encoded frame {header.output_width}x{header.output_height}")
-    rows, cols = central_box(header.sensor_height, header.sensor_width)
-    # The box in padded packed coordinates; a tile is needed if it overlaps it.
-    top, bottom = (rows.start + header.pad_top) // 2, (rows.stop + header.pad_top + 1) // 2
-    left, right = (cols.start + header.pad_left) // 2, (cols.stop + header.pad_left + 1) // 2
-    wanted = [t.top < bottom and t.top + t.height > top and t.left < right and t.left + t.width > left for t in header_tiles(header)]
-    image, complete = synthesize(codec, header, latents, wanted)
-    # The box is centred, so cropping before orienting gives the oriented image's box; only it is copied.
-    decoded_box = apply_flip(image[:, rows, cols].clamp(0.0, 1.0).permute(1, 2, 0).numpy(), header.flip)
-    usable_box = apply_flip(complete[rows, cols].numpy()[..., None], header.flip)[..., 0]
-    del image, complete
-    frame = (header.output_height, header.output_width)
-    return fit_tone_on_box(decoded_box, reference[central_box(*frame)], frame, usable_box)
+    image, complete = synthesize(codec, header, latents, tone_fit_tiles(header))
+    decoded = apply_flip(image.clamp_(0.0, 1.0).permute(1, 2, 0).numpy(), header.flip)
+    del image
+    usable = apply_flip(complete.numpy()[..., None], header.flip)[..., 0]
+    return fit_tone(decoded, reference, usable)
 
 
 def estimated_falloff(codec: Codec, image: RawImage) -> np.ndarray | None:

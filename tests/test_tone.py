@@ -1,4 +1,4 @@
-"""Encoder-fitted tone correction: the fit, its use of the frame's centre only, and the decoder applying it."""
+"""Encoder-fitted tone correction: the fit over the whole frame, the tiles the encoder synthesises for it, and the decoder applying it."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 from rcam import codec, container
 from rcam.metrics import psnr
 from rcam.output import quantize
-from rcam.rawio import reference_render
-from rcam.tone import GAIN_RANGE, IDENTITY, apply_tone, central_box, fit_tone
+from rcam.errors import RcamError
+from rcam.rawio import apply_flip, reference_render
+from rcam.tone import GAIN_RANGE, IDENTITY, apply_tone, fit_tone
 
 
 def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -35,16 +36,18 @@ def test_fit_recovers_a_known_gain_and_offset():
     np.testing.assert_allclose(tone[3:], offsets, atol=0.005)
 
 
-def test_fit_ignores_what_the_reference_does_outside_the_centre():
-    # Vignetting kept by the reference render (and removed by rcam) must not pull the overall level down.
+def test_fit_uses_the_whole_frame_alike():
+    # The reference is clipped white over the frame's centre: the gain comes from the rest of the frame.
     decoded = smooth_image(120, 160, seed=1)
-    reference = render_of(decoded * 1.1)
-    vignetted = reference.astype(np.float32)
-    rows, cols = central_box(120, 160)
-    outside = np.ones((120, 160), bool)
-    outside[rows, cols] = False
-    vignetted[outside] *= 0.4
-    assert fit_tone(decoded, vignetted.astype(np.uint8)) == fit_tone(decoded, reference)
+    reference = render_of(decoded * 1.1).copy()
+    reference[30:90, 40:120] = 255
+    np.testing.assert_allclose(fit_tone(decoded, reference)[:3], 1.1, atol=0.01)
+    # Every pixel weighs the same: the corners alone give the same fit as the whole frame.
+    corners = np.zeros((120, 160), bool)
+    corners[:30, :40] = corners[:30, -40:] = corners[-30:, :40] = corners[-30:, -40:] = True
+    np.testing.assert_allclose(fit_tone(decoded, render_of(decoded * 1.1), usable=corners)[:3], 1.1, atol=0.01)
+    with pytest.raises(RcamError, match="usable mask"):
+        fit_tone(decoded, reference, usable=np.ones((120, 159), bool))
 
 
 def test_fit_leaves_clipped_and_unusable_pixels_out_and_stays_in_range():
@@ -55,21 +58,35 @@ def test_fit_leaves_clipped_and_unusable_pixels_out_and_stays_in_range():
     assert all(GAIN_RANGE[0] <= g <= GAIN_RANGE[1] for g in wild[:3])
 
 
-def test_encoder_fits_on_the_centre_tiles_exactly_as_the_decoder_reconstructs(tiny_codec, make_dng):
+def test_tone_fit_tiles_cover_the_whole_frame_in_a_checkerboard(tiny_codec, make_dng):
+    header = codec.encode_file(tiny_codec, make_dng("grid.dng", 200, 232), 0.01, tile=64, overlap=32, tone_fit=False).header
+    assert (header.tile_rows, header.tile_cols) == (3, 3)
+    assert codec.tone_fit_tiles(header) == [True, False, True, False, True, False, True, False, True]
+    # Neighbours alternate along a row and down a column.
+    assert codec.tone_fit_tiles(dataclasses.replace(header, tile_rows=2, tile_cols=4)) == [True, False, True, False, False, True, False, True]
+    small = dataclasses.replace(header, tile_rows=2, tile_cols=2)
+    assert codec.tone_fit_tiles(small) == [True] * 4
+
+
+def test_encoder_fits_on_exactly_what_the_decoder_reconstructs(tiny_codec, make_dng):
     path = make_dng("tone.dng", 200, 232, orientation=6)
     plain = codec.encode_file(tiny_codec, path, 0.01, tile=64, overlap=32, tone_fit=False)
     fitted = codec.encode_file(tiny_codec, path, 0.01, tile=64, overlap=32)
     assert plain.header.tone == IDENTITY and fitted.header.tone != IDENTITY
     assert [t.y_hat.tolist() for t in fitted.latents] == [t.y_hat.tolist() for t in plain.latents]
-    # The fit from the encoder's partial synthesis equals a fit on the whole decoded frame.
+    # The fit from the encoder's partial synthesis equals a fit on the decoded frame's pixels those tiles
+    # complete (the interiors of every other tile; tiles overlapping one left out are not).
     reference = reference_render(path)
-    assert fitted.header.tone == fit_tone(codec.decode_bytes(tiny_codec, plain.data), reference)
+    _, complete = codec.synthesize(tiny_codec, plain.header, plain.latents, codec.tone_fit_tiles(plain.header))
+    usable = apply_flip(complete.numpy()[..., None], plain.header.flip)[..., 0]
+    assert 0.1 < usable.mean() < 0.5  # tile 64 with overlap 32: the interiors are small
+    decoded = codec.decode_bytes(tiny_codec, plain.data)
+    assert fitted.header.tone == fit_tone(decoded, reference, usable)
     # A caller that already has the render (one per file for a λ sweep) passes it: the same file results.
     assert codec.encode_file(tiny_codec, path, 0.01, tile=64, overlap=32, reference=reference).data == fitted.data
-    # The untrained model's tone is far off: correcting it brings the centre closer to the reference.
-    rows, cols = central_box(*reference.shape[:2])
-    before = psnr(quantize(codec.decode_bytes(tiny_codec, plain.data), 8)[rows, cols], reference[rows, cols])
-    after = psnr(quantize(codec.decode_bytes(tiny_codec, fitted.data), 8)[rows, cols], reference[rows, cols])
+    # The untrained model's tone is far off: correcting it brings the frame closer to the reference.
+    before = psnr(quantize(decoded, 8), reference)
+    after = psnr(quantize(codec.decode_bytes(tiny_codec, fitted.data), 8), reference)
     assert after > before + 0.5
 
 
