@@ -128,7 +128,7 @@ def cli() -> None:
 @click.option("--tile", type=int, default=DEFAULT_TILE, show_default=True, help="Tile side in packed pixels (multiple of 32): memory/speed knob.")
 @click.option("--overlap", type=int, default=DEFAULT_OVERLAP, show_default=True, help="Tile overlap in packed pixels (multiple of 32).")
 @click.option("--tile-batch", type=click.IntRange(1, 64), default=1, show_default=True, help="Tiles run through the encoder at once (speed only).")
-@click.option("--tone-fit/--no-tone-fit", default=True, show_default=True, help="Fit a per-channel tone correction against LibRaw's render of the file (24 header bytes; the centre tiles are synthesised once more).")
+@click.option("--tone-fit/--no-tone-fit", default=True, show_default=True, help="Fit a per-channel tone correction against LibRaw's render of the file (24 header bytes; every other tile is synthesised once more).")
 @device_option
 @threads_option
 @force_option
