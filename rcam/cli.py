@@ -21,7 +21,7 @@ from rcam.codec import decode_bytes, encode_file, tone_reference
 from rcam.errors import RcamError
 from rcam.output import check_output_path, encode_image, image_kind, write_atomic
 from rcam.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
-from rcam.tone import IDENTITY
+from rcam.tone import describe_tone
 from rcam.train import resolve_device
 from rcam.zoo import DEFAULT_MODEL, load_codec
 
@@ -128,7 +128,7 @@ def cli() -> None:
 @click.option("--tile", type=int, default=DEFAULT_TILE, show_default=True, help="Tile side in packed pixels (multiple of 32): memory/speed knob.")
 @click.option("--overlap", type=int, default=DEFAULT_OVERLAP, show_default=True, help="Tile overlap in packed pixels (multiple of 32).")
 @click.option("--tile-batch", type=click.IntRange(1, 64), default=1, show_default=True, help="Tiles run through the encoder at once (speed only).")
-@click.option("--tone-fit/--no-tone-fit", default=True, show_default=True, help="Fit a per-channel tone correction against LibRaw's render of the file (24 header bytes; every other tile is synthesised once more).")
+@click.option("--tone-fit/--no-tone-fit", default=True, show_default=True, help="Fit a per-channel tone correction against LibRaw's render of the file (a 6x6 gain and offset field per channel, 432 header bytes; every other tile is synthesised once more).")
 @device_option
 @threads_option
 @force_option
@@ -207,7 +207,7 @@ def info(inputs) -> None:
             f"  lambda       {header.lam:.6g}",
             f"  sensor       {header.sensor_width}x{header.sensor_height} visible, CFA padding top {header.pad_top} left {header.pad_left}",
             f"  output       {header.output_width}x{header.output_height}, orientation flip code {header.flip}",
-            "  tone         " + ("none" if header.tone == IDENTITY else "gain R %.4f G %.4f B %.4f, offset R %+.4f G %+.4f B %+.4f" % header.tone),
+            f"  tone         {describe_tone(header.tone)}",
             f"  tiles        {header.tile_cols}x{header.tile_rows} of {header.tile_width}x{header.tile_height} packed px, overlap {header.overlap}",
             f"  streams      {len(streams)}, {sum(header.stream_lengths)} bytes, smallest {min(header.stream_lengths)}, largest {max(header.stream_lengths)}",
             "  checksums    header and all streams OK",

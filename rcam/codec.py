@@ -13,7 +13,7 @@ from rcam.entropy import TileLatents
 from rcam.errors import RcamError
 from rcam.layers import log_gain_at
 from rcam.models import LAMBDA_RANGE
-from rcam.rawio import RawImage, apply_flip, network_input, read_raw, reference_render
+from rcam.rawio import RawImage, apply_flip, network_input, read_raw, reference_render, undo_flip
 from rcam.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, blend_weights, coordinate_map, crop_tile, plan_tiles, thumbnail
 from rcam.tone import apply_tone, fit_tone
 from rcam.zoo import Codec
@@ -101,10 +101,10 @@ def fit_header_tone(codec: Codec, header: container.Header, latents: list[TileLa
     if reference.shape[:2] != (header.output_height, header.output_width):
         raise RcamError(f"reference render is {reference.shape[1]}x{reference.shape[0]}, the encoded frame {header.output_width}x{header.output_height}")
     image, complete = synthesize(codec, header, latents, tone_fit_tiles(header))
-    decoded = apply_flip(image.clamp_(0.0, 1.0).permute(1, 2, 0).numpy(), header.flip)
-    del image
-    usable = apply_flip(complete.numpy()[..., None], header.flip)[..., 0]
-    return fit_tone(decoded, reference, usable)
+    # The field lives on the sensor frame, as the tiles do: a file's decoded pixels do not depend on its
+    # orientation tag beyond the final flip.
+    decoded = image.clamp_(0.0, 1.0).permute(1, 2, 0).numpy()
+    return fit_tone(decoded, undo_flip(reference, header.flip), complete.numpy())
 
 
 def estimated_falloff(codec: Codec, image: RawImage) -> np.ndarray | None:
@@ -226,8 +226,8 @@ def decode_bytes(codec: Codec, data: bytes, progress=None) -> np.ndarray:
     check_model(codec, header)
     latents = decode_latents(codec, header, streams)
     image, _ = synthesize(codec, header, latents, progress=progress)
-    image = apply_tone(image.clamp(0.0, 1.0), header.tone)
-    return apply_flip(image.permute(1, 2, 0).numpy(), header.flip)
+    toned = apply_tone(np.ascontiguousarray(image.clamp_(0.0, 1.0).permute(1, 2, 0).numpy()), header.tone)
+    return apply_flip(toned, header.flip)
 
 
 def decode_file(codec: Codec, path: Path, **options) -> np.ndarray:

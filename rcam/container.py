@@ -1,5 +1,6 @@
-"""The .rcb container, version 2 (docs/FORMAT.md): header, tone correction, stream table, checksums, then one
-stream per tile. Version 1 files (no tone correction) are still read.
+"""The .rcb container, version 3 (docs/FORMAT.md): header, tone correction field, stream table, checksums, then
+one stream per tile. Version 2 files (one gain and offset per channel) and version 1 files (no tone correction)
+are still read.
 
 Parsing reads fixed-size little-endian fields with explicit bounds checks, never unpickles or evaluates
 anything, and checks every declared size against both a fixed limit and the bytes actually present before
@@ -13,11 +14,11 @@ import zlib
 from dataclasses import dataclass
 
 from rcam.errors import RcamError
-from rcam.tone import IDENTITY, check_tone
+from rcam.tone import IDENTITY, MAX_KNOTS, check_tone, knots_of
 
 MAGIC = b"\x89RCB\r\n\x1a\n"  # like PNG's: catches text-mode transfers and truncation to a few bytes
-FORMAT_VERSION = 2  # written
-READABLE_VERSIONS = (1, 2)  # 1: before the tone correction existed
+FORMAT_VERSION = 3  # written
+READABLE_VERSIONS = (1, 2, 3)  # 1: no tone correction; 2: one gain and offset per channel (six float32)
 MAX_SIDE = 65535  # sensor rows / columns
 MAX_PIXELS = 200_000_000  # same bound as the RAW reader
 MAX_TILE = 4096  # packed pixels per tile side
@@ -26,7 +27,8 @@ MAX_NAME = 64
 
 _PREFIX = struct.Struct("<8sHI")  # magic, version, header body length
 _GEOMETRY = struct.Struct("<16sfIIBBBIIHHHHHI")
-_TONE = struct.Struct("<6f")  # gains R, G, B, offsets R, G, B (version 2 on)
+_TONE_V2 = struct.Struct("<6f")  # gains R, G, B, offsets R, G, B (version 2)
+_TONE_KNOTS = struct.Struct("<B")  # K, then 6 K² float16: gains (3, K, K), offsets (3, K, K) (version 3)
 _STREAM_ENTRY = struct.Struct("<II")  # length, crc32
 _CRC = struct.Struct("<I")
 
@@ -50,7 +52,7 @@ class Header:
     overlap: int
     tile_rows: int
     tile_cols: int
-    tone: tuple[float, ...] = IDENTITY  # encoder-fitted per-channel gain and offset (rcam.tone)
+    tone: tuple[float, ...] = IDENTITY  # encoder-fitted gain and offset fields, 6 K² values (rcam.tone)
     stream_lengths: tuple[int, ...] = ()
     stream_crcs: tuple[int, ...] = ()
     format_version: int = FORMAT_VERSION  # of the file it was read from
@@ -98,11 +100,32 @@ def write(header: Header, streams: list[bytes]) -> bytes:
         header.pad_left, header.flip, header.output_height, header.output_width, header.tile_height,
         header.tile_width, header.overlap, header.tile_rows, header.tile_cols, len(streams),
     )  # fmt: skip
-    body += _TONE.pack(*header.tone)
+    body += _TONE_KNOTS.pack(knots_of(header.tone)) + _pack_float16(header.tone)
     for stream in streams:
         body += _STREAM_ENTRY.pack(len(stream), zlib.crc32(stream))
     head = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(body)) + bytes(body)
     return head + _CRC.pack(zlib.crc32(head)) + b"".join(streams)
+
+
+def _pack_float16(values: tuple[float, ...]) -> bytes:
+    packed = struct.pack(f"<{len(values)}e", *values)
+    # The decoder applies what the file holds: an encoder must hand over values float16 keeps exactly.
+    if struct.unpack(f"<{len(values)}e", packed) != tuple(values):
+        raise ValueError("tone values must be exact float16 numbers (rcam.tone.fit_tone rounds them)")
+    return packed
+
+
+def _read_tone(fields: "_Reader", version: int) -> tuple[float, ...]:
+    """The tone correction of a header body at `fields` (version 1: none, 2: six float32, 3: a K x K field)."""
+    if version == 1:
+        return IDENTITY
+    if version == 2:
+        return _TONE_V2.unpack(fields.take(_TONE_V2.size, "header"))
+    (knots,) = _TONE_KNOTS.unpack(fields.take(_TONE_KNOTS.size, "header"))
+    if not 1 <= knots <= MAX_KNOTS:
+        raise RcamError(f"bad header: tone correction with {knots} knots per side, expected 1 to {MAX_KNOTS}")
+    count = 6 * knots * knots
+    return struct.unpack(f"<{count}e", fields.take(2 * count, "header"))
 
 
 class _Reader:
@@ -128,7 +151,7 @@ def read(data: bytes) -> tuple[Header, list[bytes]]:
     if version not in READABLE_VERSIONS:
         readable = ", ".join(map(str, READABLE_VERSIONS))
         raise RcamError(f"format version {version} is not supported (this rcam reads versions {readable})")
-    max_body = 1 + MAX_NAME + _GEOMETRY.size + _TONE.size + MAX_STREAMS * _STREAM_ENTRY.size
+    max_body = 1 + MAX_NAME + _GEOMETRY.size + _TONE_KNOTS.size + 12 * MAX_KNOTS**2 + MAX_STREAMS * _STREAM_ENTRY.size
     if body_length > max_body:
         raise RcamError(f"bad header: declared header length {body_length} is too large")
     body = reader.take(body_length, "header")
@@ -148,7 +171,7 @@ def read(data: bytes) -> tuple[Header, list[bytes]]:
         raise RcamError(f"bad header: {stream_count} streams for a {tile_rows}x{tile_cols} tile grid")
     if stream_count > MAX_STREAMS:
         raise RcamError(f"bad header: {stream_count} streams ({tile_rows}x{tile_cols} tiles), at most {MAX_STREAMS}")
-    tone = _TONE.unpack(fields.take(_TONE.size, "header")) if version >= 2 else IDENTITY
+    tone = _read_tone(fields, version)
     check_tone(tone)
     entries = [_STREAM_ENTRY.unpack(fields.take(_STREAM_ENTRY.size, "stream table")) for _ in range(stream_count)]
     if fields.offset != len(body):

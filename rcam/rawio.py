@@ -279,3 +279,14 @@ def apply_flip(image: np.ndarray, flip: int) -> np.ndarray:
     if flip & 4:
         image = image.transpose(1, 0, 2)
     return np.ascontiguousarray(image)
+
+
+def undo_flip(image: np.ndarray, flip: int) -> np.ndarray:
+    """The inverse of apply_flip: an oriented (H, W, C) image back in sensor orientation."""
+    if flip & 4:
+        image = image.transpose(1, 0, 2)
+    if flip & 1:
+        image = image[:, ::-1]
+    if flip & 2:
+        image = image[::-1]
+    return np.ascontiguousarray(image)

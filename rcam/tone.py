@@ -1,11 +1,13 @@
-"""Encoder-fitted tone correction: a per-channel gain and offset carried in the .rcb header.
+"""Encoder-fitted tone correction: a smooth per-channel gain and offset field carried in the .rcb header.
 
 The encoder has the RAW, so it can render the reference (SPEC §3) and compare it with what the decoder will
-produce; like a video codec's encoder-side loop-filter parameters, the six numbers it fits cost 24 bytes and
-pull the decoded tone onto the reference's. The render it fits to has the estimated lens falloff divided out
-(rcam.codec.tone_reference), so the whole frame can take part with equal weight: on the val pairs and the
-real DNGs a uniform whole-frame fit beats one weighted towards the centre (23.49 against 23.33 dB and 32.57
-against 32.01 dB at λ 0.01), which the encoder used while it fitted to the plain render.
+produce; like a video codec's encoder-side loop-filter parameters, a few numbers it fits pull the decoded
+tone onto the reference's. The correction is out = gain(y, x) · decoded + offset(y, x) per channel, gain and
+offset bilinear between K x K knots spread evenly over the sensor frame, corners included (K = 1: one gain
+and offset per channel). The render it fits to has the estimated lens falloff divided out
+(rcam.codec.tone_reference), so every pixel of the frame takes part alike. Against one gain and offset per
+channel, the 6 x 6 field the encoder fits gains 0.17 dB BD-PSNR on protocol S with its 432 header bytes
+counted (about 2% of the rate of a 0.25 MP val image) and 0.83 dB on protocol R.
 """
 
 from __future__ import annotations
@@ -13,66 +15,149 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from rcam.errors import RcamError
 
-IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, 0.0)  # gains R, G, B, then offsets R, G, B (output units, 1 = white)
+IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, 0.0)  # K = 1: gains R, G, B, then offsets R, G, B (1 = white)
+FIELD_KNOTS = 6  # K the encoder fits
+MAX_KNOTS = 16  # the most a header may carry
 GAIN_RANGE = (0.5, 2.0)
 OFFSET_RANGE = (-0.5, 0.5)
 MIN_FIT_PIXELS = 64  # fewer usable pixels per channel than this: that channel stays as decoded
+RIDGE = 0.01  # pull of each knot towards the channel's single gain and offset, relative to its data
+FIT_STRIDE = 2  # the fit reads every other row and column: 72 unknowns need far fewer pixels
 
 
-def fit_tone(decoded: np.ndarray, reference: np.ndarray, usable: np.ndarray | None = None) -> tuple[float, ...]:
-    """Least-squares gain and offset per channel taking `decoded` to `reference`, every usable pixel alike.
+def identity(knots: int = 1) -> tuple[float, ...]:
+    """The correction that changes nothing, as a K x K field."""
+    return (1.0,) * (3 * knots * knots) + (0.0,) * (3 * knots * knots)
 
-    decoded: (H, W, 3) float in [0, 1], the decoder's output before correction; reference: (H, W, 3) uint8
-    render of the same frame; usable: (H, W) bool, pixels the encoder could reconstruct exactly (all by
-    default). Clipped pixels on either side say nothing about the tone and are left out. Returns six float32
-    values (gains, then offsets), clamped to GAIN_RANGE / OFFSET_RANGE; a channel with fewer than
-    MIN_FIT_PIXELS usable pixels stays as decoded.
+
+def knots_of(tone: tuple[float, ...]) -> int:
+    """K of a tone field of 6 K² values; RcamError when the length is not one."""
+    knots = math.isqrt(len(tone) // 6)
+    if len(tone) != 6 * knots * knots or not 1 <= knots <= MAX_KNOTS:
+        raise RcamError(f"bad header: tone correction has {len(tone)} values, not 6 K² for a K of 1 to {MAX_KNOTS}")
+    return knots
+
+
+def knot_basis(length: int, knots: int) -> np.ndarray:
+    """(length, K) float64 bilinear weights of K evenly spread knots at each of `length` pixel positions.
+
+    The first and last pixel sit on the first and last knot; each row of weights sums to 1.
+    """
+    if knots == 1:
+        return np.ones((length, 1))
+    position = np.arange(length) * ((knots - 1) / max(length - 1, 1))
+    return np.clip(1.0 - np.abs(position[:, None] - np.arange(knots)[None, :]), 0.0, None)
+
+
+def _weighted_gram(weights: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Σ_pixels w · φ φᵀ for the separable basis φ(y, x) = rows[y] ⊗ cols[x]: (K², K²) from an (h, w) weight map."""
+    knots = rows.shape[1]
+    col_pairs = (cols[:, :, None] * cols[:, None, :]).reshape(len(cols), knots * knots)
+    per_row = weights @ col_pairs  # (h, K·K): Σ_x w φ_b φ_b'
+    gram = np.einsum("ra,rc,rq->acq", rows, rows, per_row).reshape(knots, knots, knots, knots)
+    return gram.transpose(0, 2, 1, 3).reshape(knots * knots, knots * knots)
+
+
+def fit_tone(
+    decoded: np.ndarray, reference: np.ndarray, usable: np.ndarray | None = None, knots: int = FIELD_KNOTS
+) -> tuple[float, ...]:  # fmt: skip
+    """Least-squares gain and offset fields per channel taking `decoded` to `reference`, all usable pixels alike.
+
+    decoded: (H, W, 3) float in [0, 1], the decoder's output before correction (sensor orientation);
+    reference: (H, W, 3) uint8 render of the same frame in the same orientation; usable: (H, W) bool, pixels
+    the encoder could reconstruct exactly (all by default). Clipped pixels on either side say nothing about
+    the tone and are left out; knots with little data lean on the channel's single gain and offset (RIDGE).
+    Returns 6 K²
+    values, gains (3, K, K) then offsets (3, K, K), rounded to float16 as the header stores them and clamped
+    to GAIN_RANGE / OFFSET_RANGE; a channel with fewer than MIN_FIT_PIXELS usable pixels stays as decoded.
     """
     height, width = decoded.shape[:2]
     if reference.shape[:2] != (height, width):
         raise RcamError(f"reference render is {reference.shape[1]}x{reference.shape[0]}, decoded image {width}x{height}")
     if usable is not None and usable.shape != (height, width):
         raise RcamError(f"tone fit: usable mask {usable.shape} is not the frame's {(height, width)}")
-    gains, offsets = [], []
+    if not 1 <= knots <= MAX_KNOTS:
+        raise RcamError(f"tone fit: {knots} knots per side, expected 1 to {MAX_KNOTS}")
+    rows = knot_basis(height, knots)[::FIT_STRIDE]
+    cols = knot_basis(width, knots)[::FIT_STRIDE]
+    count = knots * knots
+    gains, offsets = np.ones((3, count)), np.zeros((3, count))
     for channel in range(3):
-        x = decoded[..., channel].astype(np.float64)
-        y = reference[..., channel].astype(np.float64) / 255.0
+        x = decoded[::FIT_STRIDE, ::FIT_STRIDE, channel].astype(np.float64)
+        y = reference[::FIT_STRIDE, ::FIT_STRIDE, channel].astype(np.float64) / 255.0
         valid = (x > 0.001) & (x < 0.999) & (y > 0.5 / 255) & (y < 254.5 / 255)
         if usable is not None:
-            valid &= usable
-        x, y = x[valid], y[valid]
-        gain, offset = 1.0, 0.0
-        if x.size >= MIN_FIT_PIXELS:
-            mean_x, mean_y = x.mean(), y.mean()
-            var_x = np.mean((x - mean_x) ** 2)
-            if var_x > 1e-6:
-                gain = np.mean((x - mean_x) * (y - mean_y)) / var_x
-            gain = min(max(gain, GAIN_RANGE[0]), GAIN_RANGE[1])
-            offset = min(max(mean_y - gain * mean_x, OFFSET_RANGE[0]), OFFSET_RANGE[1])
-        gains.append(gain)
-        offsets.append(offset)
-    # float32: what the header stores, so encoder and decoder apply the very same numbers.
-    return tuple(float(np.float32(value)) for value in (*gains, *offsets))
+            valid &= usable[::FIT_STRIDE, ::FIT_STRIDE]
+        if valid.sum() < MIN_FIT_PIXELS:
+            continue
+        global_gain, global_offset = _single_fit(x[valid], y[valid])
+        weight = valid.astype(np.float64)
+        x, y = x * weight, y * weight  # zero outside the valid pixels
+        gram_xx, gram_x1, gram_11 = (_weighted_gram(w, rows, cols) for w in (x * x, x, weight))
+        normal = np.block([[gram_xx, gram_x1], [gram_x1, gram_11]])
+        rhs = np.concatenate([(rows.T @ (x * y) @ cols).ravel(), (rows.T @ y @ cols).ravel()])
+        ridge = RIDGE * np.concatenate([np.full(count, np.diag(gram_xx).mean()), np.full(count, np.diag(gram_11).mean())])
+        prior = np.concatenate([np.full(count, global_gain), np.full(count, global_offset)])
+        solution = np.linalg.solve(normal + np.diag(ridge), rhs + ridge * prior)
+        gains[channel] = np.clip(solution[:count], *GAIN_RANGE)
+        offsets[channel] = np.clip(solution[count:], *OFFSET_RANGE)
+    # float16: what the header stores, so encoder and decoder apply the very same numbers.
+    return tuple(float(np.float16(value)) for value in np.concatenate([gains.ravel(), offsets.ravel()]))
+
+
+def _single_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Least-squares gain and offset of y ≈ gain · x + offset, clamped to the ranges."""
+    mean_x, mean_y = x.mean(), y.mean()
+    var_x = np.mean((x - mean_x) ** 2)
+    gain = np.mean((x - mean_x) * (y - mean_y)) / var_x if var_x > 1e-6 else 1.0
+    gain = min(max(float(gain), GAIN_RANGE[0]), GAIN_RANGE[1])
+    return gain, min(max(float(mean_y - gain * mean_x), OFFSET_RANGE[0]), OFFSET_RANGE[1])
 
 
 def check_tone(tone: tuple[float, ...]) -> None:
     """Refuse tone parameters that no encoder writes (a corrupt or hand-made header)."""
-    if len(tone) != 6 or not all(math.isfinite(value) for value in tone):
-        raise RcamError("bad header: tone correction is not six finite numbers")
-    if not all(GAIN_RANGE[0] <= gain <= GAIN_RANGE[1] for gain in tone[:3]):
-        raise RcamError(f"bad header: tone gains {tone[:3]} outside {GAIN_RANGE}")
-    if not all(OFFSET_RANGE[0] <= offset <= OFFSET_RANGE[1] for offset in tone[3:]):
-        raise RcamError(f"bad header: tone offsets {tone[3:]} outside {OFFSET_RANGE}")
+    knots = knots_of(tone)
+    if not all(math.isfinite(value) for value in tone):
+        raise RcamError("bad header: tone correction values are not all finite")
+    gains, offsets = tone[: 3 * knots * knots], tone[3 * knots * knots :]
+    if not all(GAIN_RANGE[0] <= gain <= GAIN_RANGE[1] for gain in gains):
+        raise RcamError(f"bad header: tone gains from {min(gains)} to {max(gains)}, outside {GAIN_RANGE}")
+    if not all(OFFSET_RANGE[0] <= offset <= OFFSET_RANGE[1] for offset in offsets):
+        raise RcamError(f"bad header: tone offsets from {min(offsets)} to {max(offsets)}, outside {OFFSET_RANGE}")
 
 
-def apply_tone(image: torch.Tensor, tone: tuple[float, ...]) -> torch.Tensor:
-    """(3, H, W) image in [0, 1] -> gain · image + offset per channel, clamped to [0, 1]."""
-    if tuple(tone) == IDENTITY:
+def apply_tone(image: np.ndarray, tone: tuple[float, ...]) -> np.ndarray:
+    """(H, W, 3) float32 image in [0, 1], sensor orientation -> gain · image + offset fields, clamped to [0, 1].
+
+    Works in place on `image` (and returns it); an identity correction leaves it untouched.
+    """
+    knots = knots_of(tone)
+    if tuple(tone) == identity(knots):
         return image
-    gains = torch.tensor(tone[:3], dtype=image.dtype).view(3, 1, 1)
-    offsets = torch.tensor(tone[3:], dtype=image.dtype).view(3, 1, 1)
-    return (image * gains + offsets).clamp(0.0, 1.0)
+    height, width = image.shape[:2]
+    rows = knot_basis(height, knots).astype(np.float32)
+    cols = knot_basis(width, knots).astype(np.float32)
+    fields = np.asarray(tone, dtype=np.float32).reshape(2, 3, knots, knots)
+    for channel in range(3):
+        gain = rows @ fields[0, channel] @ cols.T
+        offset = rows @ fields[1, channel] @ cols.T
+        plane = image[..., channel]
+        np.multiply(plane, gain, out=plane)
+        np.add(plane, offset, out=plane)
+    return np.clip(image, 0.0, 1.0, out=image)
+
+
+def describe_tone(tone: tuple[float, ...]) -> str:
+    """One line for `rcam info`: 'none', or each channel's gain and offset (their ranges over a K x K field)."""
+    knots = knots_of(tone)
+    if tuple(tone) == identity(knots):
+        return "none"
+    fields = np.asarray(tone).reshape(2, 3, knots * knots)
+    if knots == 1:
+        return "gain R %.4f G %.4f B %.4f, offset R %+.4f G %+.4f B %+.4f" % tuple(fields.ravel())
+    gains = " ".join(f"{name} {fields[0, c].min():.3f}..{fields[0, c].max():.3f}" for c, name in enumerate("RGB"))
+    offsets = " ".join(f"{name} {fields[1, c].min():+.3f}..{fields[1, c].max():+.3f}" for c, name in enumerate("RGB"))
+    return f"{knots}x{knots} field: gain {gains}, offset {offsets}"

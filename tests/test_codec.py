@@ -18,7 +18,7 @@ from rcam import codec, container
 from rcam.dng import write_bayer_dng
 from rcam.layers import brightness_layout
 from rcam.models import CONFIGS, build_model, parameter_count
-from rcam.rawio import apply_flip, read_raw, reference_render
+from rcam.rawio import apply_flip, read_raw, reference_render, undo_flip
 from rcam.tiling import Tile, coordinate_map, plan_tiles
 from rcam.zoo import DEFAULT_MODEL, load_codec, read_manifest
 
@@ -325,3 +325,9 @@ def test_paper_config_has_paper_scale():
 def test_small_config_is_small():
     model = build_model(CONFIGS["small"])
     assert parameter_count(model) < 5e6
+
+
+@pytest.mark.parametrize("flip", range(8))
+def test_undo_flip_inverts_apply_flip(flip):
+    image = np.arange(5 * 7 * 3).reshape(5, 7, 3)
+    assert np.array_equal(undo_flip(apply_flip(image, flip), flip), image)

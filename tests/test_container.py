@@ -7,6 +7,7 @@ check that the reader follows the documented layout.
 from __future__ import annotations
 
 import dataclasses
+import math
 import struct
 import tracemalloc
 import zlib
@@ -47,11 +48,11 @@ def valid(tiny_codec, tmp_path_factory):
 
 def header_size(header: container.Header) -> int:
     """Bytes from the start of the file to the end of the header CRC (FORMAT.md)."""
-    return 14 + 1 + len(header.model_name) + 53 + 24 + 8 * len(header.stream_lengths) + 4
+    return 14 + 1 + len(header.model_name) + 53 + 1 + 2 * len(header.tone) + 8 * len(header.stream_lengths) + 4
 
 
 def build(
-    fields: dict, entries: list[tuple[int, int]], streams: bytes = b"", body_length: int | None = None, version: int = 2
+    fields: dict, entries: list[tuple[int, int]], streams: bytes = b"", body_length: int | None = None, version: int = 3
 ) -> bytes:  # fmt: skip
     """A file laid out as docs/FORMAT.md says, with a correct header CRC and whatever field values we like."""
     name = fields.get("name", b"tiny")
@@ -70,8 +71,12 @@ def build(
         fields.get("tile_cols", 1),
     )
     body += struct.pack("<I", fields.get("stream_count", len(entries)))
-    if version >= 2:
-        body += struct.pack("<6f", *fields.get("tone", IDENTITY))
+    tone = fields.get("tone", IDENTITY)
+    if version == 2:
+        body += struct.pack("<6f", *tone)
+    elif version >= 3:
+        knots = fields.get("tone_knots", math.isqrt(len(tone) // 6))
+        body += bytes([knots]) + struct.pack(f"<{len(tone)}e", *tone)
     body += b"".join(struct.pack("<II", length, crc) for length, crc in entries)
     head = MAGIC + struct.pack("<HI", version, len(body) if body_length is None else body_length) + body
     return head + struct.pack("<I", zlib.crc32(head)) + streams
@@ -259,18 +264,29 @@ def test_bad_header_fields_are_named(fields, words):
 
 def test_other_format_version_is_rejected(valid):
     data = bytearray(valid[0])
-    data[8:10] = struct.pack("<H", 3)
-    assert "version 3" in reject(bytes(data))
+    data[8:10] = struct.pack("<H", 4)
+    assert "version 4" in reject(bytes(data))
 
 
-def test_version_1_files_still_read_without_tone_correction(tiny_codec):
+def test_version_1_and_2_files_still_read(tiny_codec):
     stream = b"\x01\x00\x00\x00"
     header, streams = container.read(build({"digest": tiny_codec.digest}, [(4, zlib.crc32(stream))], stream, version=1))
     assert header.format_version == 1 and header.tone == IDENTITY and streams == [stream]
-    # The same fields as version 2 differ only by the 24 tone bytes.
+    # Version 2 differs only by six float32 tone numbers: one gain and offset per channel.
     tone = (1.25, 1.0, 0.75, 0.0, -0.125, 0.5)
-    header2, _ = container.read(build({"digest": tiny_codec.digest, "tone": tone}, [(4, zlib.crc32(stream))], stream))
+    header2, _ = container.read(build({"digest": tiny_codec.digest, "tone": tone}, [(4, zlib.crc32(stream))], stream, version=2))
     assert header2.format_version == 2 and header2.tone == tone
+
+
+def test_tone_field_round_trips(tiny_codec):
+    stream = b"\x01\x00\x00\x00"
+    tone = tuple(float(v) for v in np.float16(np.concatenate([np.linspace(0.8, 1.2, 48), np.linspace(-0.1, 0.1, 48)])))
+    data = build({"digest": tiny_codec.digest, "tone": tone}, [(4, zlib.crc32(stream))], stream)
+    header, _ = container.read(data)
+    assert header.format_version == 3 and header.tone == tone
+    assert container.write(dataclasses.replace(header, stream_lengths=(), stream_crcs=()), [stream]) == data
+    with pytest.raises(ValueError, match="float16"):
+        container.write(dataclasses.replace(header, tone=(1.0001, 1, 1, 0, 0, 0)), [stream])
 
 
 @pytest.mark.parametrize(
@@ -279,8 +295,21 @@ def test_version_1_files_still_read_without_tone_correction(tiny_codec):
 )
 def test_bad_tone_correction_is_rejected(tone, words):
     stream = b"\x01\x00\x00\x00"
-    message = reject(build({"tone": tone}, [(4, zlib.crc32(stream))], stream))
-    assert "bad header: tone" in message and words in message
+    for version in (2, 3):
+        message = reject(build({"tone": tone}, [(4, zlib.crc32(stream))], stream, version=version))
+        assert "bad header: tone" in message and words in message
+
+
+@pytest.mark.parametrize("knots", [0, 17, 255])
+def test_a_tone_field_of_impossible_size_is_rejected(knots):
+    stream = b"\x01\x00\x00\x00"
+    message = reject(build({"tone": IDENTITY, "tone_knots": knots}, [(4, zlib.crc32(stream))], stream))
+    assert "bad header: tone correction with" in message
+
+
+def test_a_tone_field_longer_than_the_header_is_truncation():
+    stream = b"\x01\x00\x00\x00"
+    assert "truncated" in reject(build({"tone": IDENTITY, "tone_knots": 2}, [(4, zlib.crc32(stream))], stream))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Encoder-fitted tone correction: the fit over the whole frame, the tiles the encoder synthesises for it, and the decoder applying it."""
+"""Encoder-fitted tone correction: the gain and offset fields, the tiles the encoder synthesises for the fit,
+and the decoder applying them."""
 
 from __future__ import annotations
 
@@ -6,14 +7,15 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
 from rcam import codec, container
+from rcam.errors import RcamError
 from rcam.metrics import psnr
 from rcam.output import quantize
-from rcam.errors import RcamError
-from rcam.rawio import apply_flip, reference_render
-from rcam.tone import GAIN_RANGE, IDENTITY, apply_tone, fit_tone
+from rcam.rawio import apply_flip, reference_render, undo_flip
+from rcam.tone import (
+    FIELD_KNOTS, GAIN_RANGE, IDENTITY, apply_tone, check_tone, describe_tone, fit_tone, identity, knot_basis, knots_of,
+)  # fmt: skip
 
 
 def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -28,12 +30,45 @@ def render_of(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
+def fields(tone, knots):
+    """(gains (3, K, K), offsets (3, K, K)) of a tone tuple."""
+    values = np.asarray(tone).reshape(2, 3, knots, knots)
+    return values[0], values[1]
+
+
+def test_knot_basis_interpolates_between_evenly_spread_knots():
+    basis = knot_basis(11, 3)
+    np.testing.assert_allclose(basis.sum(axis=1), 1.0)
+    np.testing.assert_allclose(basis[0], [1, 0, 0])  # the first pixel sits on the first knot,
+    np.testing.assert_allclose(basis[5], [0, 1, 0])  # the middle one on the middle knot,
+    np.testing.assert_allclose(basis[10], [0, 0, 1])  # the last one on the last
+    np.testing.assert_allclose(basis[2], [0.6, 0.4, 0])
+    assert np.array_equal(knot_basis(7, 1), np.ones((7, 1)))
+
+
 def test_fit_recovers_a_known_gain_and_offset():
     decoded = smooth_image(120, 160)
     gains, offsets = np.array([1.15, 0.9, 1.05]), np.array([-0.03, 0.04, 0.0])
-    tone = fit_tone(decoded, render_of(decoded * gains + offsets))
-    np.testing.assert_allclose(tone[:3], gains, atol=0.01)
-    np.testing.assert_allclose(tone[3:], offsets, atol=0.005)
+    reference = render_of(decoded * gains + offsets)
+    single = fit_tone(decoded, reference, knots=1)
+    np.testing.assert_allclose(single[:3], gains, atol=0.01)
+    np.testing.assert_allclose(single[3:], offsets, atol=0.005)
+    # A field fitted to a uniform correction is uniform too.
+    gain_field, offset_field = fields(fit_tone(decoded, reference), FIELD_KNOTS)
+    np.testing.assert_allclose(gain_field, gains[:, None, None] * np.ones((3, FIELD_KNOTS, FIELD_KNOTS)), atol=0.02)
+    np.testing.assert_allclose(offset_field, offsets[:, None, None] * np.ones((3, FIELD_KNOTS, FIELD_KNOTS)), atol=0.01)
+
+
+def test_fit_follows_a_smooth_change_of_tone_across_the_frame():
+    # The reference is brighter to the right and warmer at the bottom: a field follows, one gain cannot.
+    decoded = smooth_image(120, 160, seed=3)
+    y, x = np.mgrid[0:120, 0:160] / np.array([119.0, 159.0])[:, None, None]
+    shading = np.stack([0.8 + 0.4 * x + 0.1 * y, 0.8 + 0.4 * x, 0.8 + 0.4 * x - 0.1 * y], axis=-1)
+    reference = render_of(decoded * shading)
+    field = apply_tone(decoded.copy(), fit_tone(decoded, reference))
+    single = apply_tone(decoded.copy(), fit_tone(decoded, reference, knots=1))
+    assert psnr(quantize(field, 8), reference) > 45.0
+    assert psnr(quantize(field, 8), reference) > psnr(quantize(single, 8), reference) + 10.0
 
 
 def test_fit_uses_the_whole_frame_alike():
@@ -41,21 +76,56 @@ def test_fit_uses_the_whole_frame_alike():
     decoded = smooth_image(120, 160, seed=1)
     reference = render_of(decoded * 1.1).copy()
     reference[30:90, 40:120] = 255
-    np.testing.assert_allclose(fit_tone(decoded, reference)[:3], 1.1, atol=0.01)
-    # Every pixel weighs the same: the corners alone give the same fit as the whole frame.
+    np.testing.assert_allclose(fit_tone(decoded, reference, knots=1)[:3], 1.1, atol=0.01)
+    # Knots over the clipped centre have no data of their own: they lean on the channel's single gain.
+    np.testing.assert_allclose(fields(fit_tone(decoded, reference), FIELD_KNOTS)[0], 1.1, atol=0.02)
     corners = np.zeros((120, 160), bool)
     corners[:30, :40] = corners[:30, -40:] = corners[-30:, :40] = corners[-30:, -40:] = True
-    np.testing.assert_allclose(fit_tone(decoded, render_of(decoded * 1.1), usable=corners)[:3], 1.1, atol=0.01)
+    np.testing.assert_allclose(fit_tone(decoded, render_of(decoded * 1.1), usable=corners, knots=1)[:3], 1.1, atol=0.01)
     with pytest.raises(RcamError, match="usable mask"):
         fit_tone(decoded, reference, usable=np.ones((120, 159), bool))
 
 
 def test_fit_leaves_clipped_and_unusable_pixels_out_and_stays_in_range():
     decoded = smooth_image(64, 64, seed=2)
-    assert fit_tone(decoded, np.full((64, 64, 3), 255, np.uint8)) == IDENTITY  # all clipped: nothing to fit
-    assert fit_tone(decoded, render_of(decoded), usable=np.zeros((64, 64), bool)) == IDENTITY
+    assert fit_tone(decoded, np.full((64, 64, 3), 255, np.uint8)) == identity(FIELD_KNOTS)  # all clipped
+    assert fit_tone(decoded, render_of(decoded), usable=np.zeros((64, 64), bool)) == identity(FIELD_KNOTS)
     wild = fit_tone(decoded, render_of(decoded * 3.0 - 0.9))
-    assert all(GAIN_RANGE[0] <= g <= GAIN_RANGE[1] for g in wild[:3])
+    check_tone(wild)  # every gain and offset within the ranges a header may hold
+    assert max(fields(wild, FIELD_KNOTS)[0].ravel()) <= GAIN_RANGE[1]
+    # Values are float16 numbers: what the header stores is what the encoder fitted.
+    assert all(float(np.float16(value)) == value for value in wild)
+
+
+def test_tone_values_are_checked_like_a_header():
+    assert knots_of(IDENTITY) == 1 and knots_of(identity(6)) == 6
+    for bad, words in [((1.0,) * 7, "not 6 K²"), ((float("nan"),) + IDENTITY[1:], "finite"),
+                       ((1, 1, 9.0, 0, 0, 0), "gains"), ((1, 1, 1, 0, -0.75, 0), "offsets")]:  # fmt: skip
+        with pytest.raises(RcamError, match=words):
+            check_tone(bad)
+
+
+def test_apply_tone_interpolates_the_field_and_clamps():
+    image = np.full((5, 9, 3), 0.5, np.float32)
+    assert apply_tone(image, IDENTITY) is image and apply_tone(image, identity(4)) is image
+    # K = 2: the four corners carry the knots; gains 0.8 .. 1.2 across the width, offset 0.6 at the bottom.
+    gains = np.array([[0.8, 1.2], [0.8, 1.2]])
+    offsets = np.array([[0.0, 0.0], [0.6, 0.6]])
+    tone = tuple(np.concatenate([np.stack([gains] * 3).ravel(), np.stack([offsets] * 3).ravel()]))
+    out = apply_tone(image.copy(), tone)
+    np.testing.assert_allclose(out[0, 0], 0.4)
+    np.testing.assert_allclose(out[0, -1], 0.6)
+    np.testing.assert_allclose(out[0, 4], 0.5)
+    np.testing.assert_allclose(out[-1, -1], 1.0)  # 0.6 + 0.6, clamped
+    np.testing.assert_allclose(out[2, 0], 0.4 + 0.3)
+
+
+def test_describe_tone():
+    assert describe_tone(identity(6)) == "none"
+    assert describe_tone((1.25, 1.0, 0.75, 0.0, -0.125, 0.0625)).startswith("gain R 1.2500 G 1.0000 B 0.7500")
+    field = fields(identity(2), 2)
+    tone = tuple(np.concatenate([(field[0] * np.array([0.9, 1.0, 1.1])[:, None, None]).ravel(), field[1].ravel()]))
+    assert describe_tone(tone).startswith("2x2 field: gain R 0.900..0.900")
 
 
 def test_tone_fit_tiles_cover_the_whole_frame_in_a_checkerboard(tiny_codec, make_dng):
@@ -72,16 +142,19 @@ def test_encoder_fits_on_exactly_what_the_decoder_reconstructs(tiny_codec, make_
     path = make_dng("tone.dng", 200, 232, orientation=6)
     plain = codec.encode_file(tiny_codec, path, 0.01, tile=64, overlap=32, tone_fit=False)
     fitted = codec.encode_file(tiny_codec, path, 0.01, tile=64, overlap=32)
-    assert plain.header.tone == IDENTITY and fitted.header.tone != IDENTITY
+    assert plain.header.tone == IDENTITY and knots_of(fitted.header.tone) == FIELD_KNOTS
+    assert fitted.header.tone != identity(FIELD_KNOTS)
     assert [t.y_hat.tolist() for t in fitted.latents] == [t.y_hat.tolist() for t in plain.latents]
     # The fit from the encoder's partial synthesis equals a fit on the decoded frame's pixels those tiles
     # complete (the interiors of every other tile; tiles overlapping one left out are not).
     reference = reference_render(path)
+    # The field lives on the sensor frame (the file is rotated: orientation 6).
     _, complete = codec.synthesize(tiny_codec, plain.header, plain.latents, codec.tone_fit_tiles(plain.header))
-    usable = apply_flip(complete.numpy()[..., None], plain.header.flip)[..., 0]
+    usable = complete.numpy()
     assert 0.1 < usable.mean() < 0.5  # tile 64 with overlap 32: the interiors are small
     decoded = codec.decode_bytes(tiny_codec, plain.data)
-    assert fitted.header.tone == fit_tone(decoded, reference, usable)
+    flip = plain.header.flip
+    assert fitted.header.tone == fit_tone(undo_flip(decoded, flip), undo_flip(reference, flip), usable)
     # A caller that already has the render (one per file for a λ sweep) passes it: the same file results.
     assert codec.encode_file(tiny_codec, path, 0.01, tile=64, overlap=32, reference=reference).data == fitted.data
     # The untrained model's tone is far off: correcting it brings the frame closer to the reference.
@@ -90,26 +163,24 @@ def test_encoder_fits_on_exactly_what_the_decoder_reconstructs(tiny_codec, make_
     assert after > before + 0.5
 
 
-def test_decoder_applies_the_header_tone(tiny_codec, make_dng):
-    path = make_dng("apply.dng", 64, 96)
+def test_decoder_applies_the_header_tone_on_the_oriented_frame(tiny_codec, make_dng):
+    path = make_dng("apply.dng", 64, 96, orientation=6)
     encoded = codec.encode_file(tiny_codec, path, 0.01, tone_fit=False)
-    tone = (1.25, 1.0, 0.75, 0.0, -0.125, 0.0625)
     header, streams = container.read(encoded.data)
-    toned = container.write(dataclasses.replace(header, tone=tone, stream_lengths=(), stream_crcs=()), streams)
-    plain, corrected = codec.decode_bytes(tiny_codec, encoded.data), codec.decode_bytes(tiny_codec, toned)
-    expected = np.clip(plain * np.float32(tone[:3]) + np.float32(tone[3:]), 0, 1)
-    np.testing.assert_allclose(corrected, expected, atol=1e-6)
-
-
-def test_apply_tone_identity_is_a_no_op():
-    image = torch.rand(3, 8, 8)
-    assert apply_tone(image, IDENTITY) is image
-    assert torch.equal(apply_tone(image, (2.0, 2.0, 2.0, 0.0, 0.0, 0.0)), (image * 2).clamp(0, 1))
+    plain = codec.decode_bytes(tiny_codec, encoded.data)
+    ramp = tuple(float(v) for v in np.float16(np.concatenate([np.linspace(0.75, 1.25, 12), np.linspace(-0.25, 0.25, 12)])))
+    for tone in [(1.25, 1.0, 0.75, 0.0, -0.125, 0.0625), ramp]:  # K = 1 and K = 2
+        toned = container.write(dataclasses.replace(header, tone=tone, stream_lengths=(), stream_crcs=()), streams)
+        corrected = codec.decode_bytes(tiny_codec, toned)
+        expected = apply_flip(apply_tone(undo_flip(plain, header.flip), tone), header.flip)
+        np.testing.assert_allclose(corrected, expected, atol=1e-6)
+        assert not np.allclose(corrected, plain)
 
 
 @pytest.mark.parametrize("lam", [0.0025, 0.1])
-def test_rate_grows_by_no_more_than_the_tone_bytes(tiny_codec, make_dng, lam):
+def test_rate_grows_by_the_tone_field_bytes_alone(tiny_codec, make_dng, lam):
     path = make_dng("rate.dng", 96, 96)
     plain = codec.encode_file(tiny_codec, path, lam, tone_fit=False)
     fitted = codec.encode_file(tiny_codec, path, lam)
-    assert len(fitted.data) == len(plain.data)  # version 2 always carries the 24 tone bytes
+    # Without a fit the header carries one gain and offset per channel (K = 1), with it a K x K field.
+    assert len(fitted.data) - len(plain.data) == 12 * (FIELD_KNOTS**2 - 1)
