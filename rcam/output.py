@@ -22,6 +22,8 @@ from PIL import Image, ImageCms
 from rcam.errors import RcamError
 
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff"}
+# zlib level of PNG output: at 24 MP level 2 takes 1.5 s where the default (6) takes 7.6 s, for a file 4.5% larger.
+PNG_LEVEL = 2
 
 
 @cache
@@ -56,7 +58,7 @@ def encode_image(image: np.ndarray, kind: str, bits: int = 8, quality: int = 95)
     pixels = quantize(image, bits)
     profile = srgb_icc_profile()
     if kind == "png":
-        return _png_with_icc(imagecodecs.png_encode(pixels), profile)
+        return _png_with_icc(imagecodecs.png_encode(pixels, level=PNG_LEVEL), profile)
     if kind == "jpeg":
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality, icc_profile=profile)
