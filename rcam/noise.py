@@ -11,7 +11,8 @@ exposed a little darker by LibRaw's auto-brightness), so it errs on the low side
 The estimate: in each CFA plane, the noise of 8x8 blocks from the median absolute Laplacian (white noise of
 std σ gives a Laplacian of std 6σ), grouped by signal level; a low percentile per group keeps the flattest
 blocks (texture only adds), divided by the same percentile of pure noise so that flat blocks come out
-unbiased; then variance = shot · signal + read by least squares on relative errors. Texture can only inflate the estimate.
+unbiased; then variance = shot · signal + read by least squares on relative errors. Texture can only inflate
+the estimate.
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import rawpy
 from scipy.ndimage import convolve
 
 from rcam.errors import RcamError
 from rcam.metrics import psnr
-from rcam.rawio import reference_render
+from rcam.rawio import raw_values, reference_render
 
 LAPLACIAN = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float64)  # white noise σ -> std 6σ
 BLOCK = 8  # pixels of one CFA plane per side
@@ -59,20 +59,13 @@ def _blocks(plane: np.ndarray) -> np.ndarray:
     return blocks.reshape(-1, BLOCK * BLOCK)
 
 
-def _read_visible(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
-    """(visible raw values (H, W) float64, black level of each pixel (H, W), white level)."""
-    try:
-        with rawpy.imread(str(path)) as raw:
-            visible = raw.raw_image_visible.astype(np.float64)
-            black = np.asarray(raw.black_level_per_channel, dtype=np.float64)[raw.raw_colors_visible]
-            return visible, black, int(raw.white_level)
-    except (rawpy.LibRawError, OSError) as error:
-        raise RcamError(f"{path}: cannot read the raw values ({error})") from None
-
-
 def estimate_noise(path: Path) -> NoiseModel:
     """The frame's raw noise model (see the module docstring); RcamError when a CFA plane is too small or flat."""
-    visible, black, white = _read_visible(Path(path))
+    return _estimate(*raw_values(path), path)
+
+
+def _estimate(visible: np.ndarray, black: np.ndarray, white: int, path: Path) -> NoiseModel:
+    """estimate_noise on the file's raw_values."""
     bias = _pure_noise_percentile(BLOCK, PERCENTILE)
     shots, reads = [], []
     for row in (0, 1):
@@ -104,7 +97,12 @@ def estimate_noise(path: Path) -> NoiseModel:
 
 def noise_draw(path: Path, model: NoiseModel, seed: int = 0) -> np.ndarray:
     """(H, W) float64 raw DN: one draw of `model`'s noise at the file's own visible raw values."""
-    visible, black, _ = _read_visible(Path(path))
+    visible, black, _ = raw_values(path)
+    return _draw(visible, black, model, seed)
+
+
+def _draw(visible: np.ndarray, black: np.ndarray, model: NoiseModel, seed: int) -> np.ndarray:
+    """noise_draw on the file's raw values and black levels."""
     variance = np.empty_like(visible)
     for index, (row, col) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
         signal = np.maximum(visible[row::2, col::2] - black[row::2, col::2], 0.0)
@@ -115,5 +113,6 @@ def noise_draw(path: Path, model: NoiseModel, seed: int = 0) -> np.ndarray:
 def noise_floor(path: Path, model: NoiseModel | None = None, seed: int = 0) -> float:
     """PSNR (dB) between the file's reference render and its render with a second draw of its noise: about
     the best any pipeline that removes the noise can score against that reference (protocol R)."""
-    model = estimate_noise(path) if model is None else model
-    return psnr(reference_render(path, raw_noise=noise_draw(path, model, seed)), reference_render(path))
+    visible, black, white = raw_values(path)
+    model = _estimate(visible, black, white, path) if model is None else model
+    return psnr(reference_render(path, raw_noise=_draw(visible, black, model, seed)), reference_render(path))

@@ -236,6 +236,21 @@ def normalise_planes(
     return np.where(planes <= 0.0031308, 12.92 * planes, 1.055 * planes ** (1 / 2.4) - 0.055).astype(np.float32)
 
 
+def _black_per_pixel(raw: rawpy.RawPy) -> np.ndarray:
+    """(H, W) float64 black level of each visible pixel (its CFA colour's level)."""
+    return np.asarray(raw.black_level_per_channel, dtype=np.float64)[raw.raw_colors_visible]
+
+
+def raw_values(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    """The visible raw values as stored: ((H, W) float64 DN, (H, W) black level of each pixel, white level)."""
+    path = Path(path)
+    raw = _open(path)
+    try:
+        return raw.raw_image_visible.astype(np.float64), _black_per_pixel(raw), int(raw.white_level)
+    finally:
+        raw.close()
+
+
 def reference_render(path: Path, falloff: np.ndarray | None = None, raw_noise: np.ndarray | None = None) -> np.ndarray:
     """LibRaw's standard render of a RAW file (SPEC §3): (H, W, 3) uint8 sRGB, orientation applied.
 
@@ -248,15 +263,15 @@ def reference_render(path: Path, falloff: np.ndarray | None = None, raw_noise: n
     raw = _open(path)
     try:
         visible = raw.raw_image_visible  # a view: LibRaw renders what is written here
-        for name, values in (("falloff map", falloff), ("raw noise map", raw_noise)):
-            if values is not None and values.shape != visible.shape:
-                raise RcamError(f"{path}: a {name} must be {visible.shape[1]}x{visible.shape[0]}, not {values.shape[1::-1]}")
+        for name, given in (("falloff map", falloff), ("raw noise map", raw_noise)):
+            if given is not None and given.shape != visible.shape:
+                raise RcamError(f"{path}: a {name} must be {visible.shape[1]}x{visible.shape[0]}, not {given.shape[1::-1]}")
         if falloff is not None or raw_noise is not None:
             values = visible.astype(np.float64)
             if falloff is not None:
                 if not np.all((falloff > 0) & (falloff <= 1)):
                     raise RcamError(f"{path}: a falloff map must hold gains in (0, 1]")
-                black = np.asarray(raw.black_level_per_channel, dtype=np.float64)[raw.raw_colors_visible]
+                black = _black_per_pixel(raw)
                 values = black + (values - black) / falloff
             if raw_noise is not None:
                 values += raw_noise

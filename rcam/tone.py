@@ -70,9 +70,9 @@ def fit_tone(
     reference: (H, W, 3) uint8 render of the same frame in the same orientation; usable: (H, W) bool, pixels
     the encoder could reconstruct exactly (all by default). Clipped pixels on either side say nothing about
     the tone and are left out; knots with little data lean on the channel's single gain and offset (RIDGE).
-    Returns 6 K²
-    values, gains (3, K, K) then offsets (3, K, K), rounded to float16 as the header stores them and clamped
-    to GAIN_RANGE / OFFSET_RANGE; a channel with fewer than MIN_FIT_PIXELS usable pixels stays as decoded.
+    Returns 6 K² values, gains (3, K, K) then offsets (3, K, K), rounded to float16 as the header stores them
+    and clamped to GAIN_RANGE / OFFSET_RANGE; a channel with fewer than MIN_FIT_PIXELS usable pixels stays as
+    decoded.
     """
     height, width = decoded.shape[:2]
     if reference.shape[:2] != (height, width):
