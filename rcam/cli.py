@@ -129,11 +129,12 @@ def cli() -> None:
 @click.option("--overlap", type=int, default=DEFAULT_OVERLAP, show_default=True, help="Tile overlap in packed pixels (multiple of 32).")
 @click.option("--tile-batch", type=click.IntRange(1, 64), default=1, show_default=True, help="Tiles run through the encoder at once (speed only).")
 @click.option("--tone-fit/--no-tone-fit", default=True, show_default=True, help="Fit a per-channel tone correction against LibRaw's render of the file (a 6x6 gain and offset field per channel, 432 header bytes; every other tile is synthesised once more).")
+@click.option("--look", type=click.Choice(container.LOOKS), default="clean", show_default=True, help="clean: sensor and lens defects (vignetting, dark shading, noise) removed; faithful: LibRaw's development of the file as it is (SPEC §3).")
 @device_option
 @threads_option
 @force_option
 @quiet_option
-def encode(inputs, output, out_dir, lam, model_name, tile, overlap, tile_batch, tone_fit, device, threads, force, quiet) -> None:
+def encode(inputs, output, out_dir, lam, model_name, tile, overlap, tile_batch, tone_fit, look, device, threads, force, quiet) -> None:
     """Encode RAW files (or folders of them) into .rcb bitstreams."""
     sources = expand_inputs(inputs, RAW_SUFFIXES)
     check_out_dir(out_dir)
@@ -144,7 +145,8 @@ def encode(inputs, output, out_dir, lam, model_name, tile, overlap, tile_batch, 
         check_output_path(target, force, tuple(sources))
         with tile_progress(source.name) as bar:
             encoded = encode_file(
-                codec, source, lam, tone_fit=tone_fit, tile=tile, overlap=overlap, tile_batch=tile_batch, progress=lambda: bar.update(1)
+                codec, source, lam, tone_fit=tone_fit, tile=tile, overlap=overlap, tile_batch=tile_batch, look=look,
+                progress=lambda: bar.update(1),
             )  # fmt: skip
         write_atomic(target, encoded.data)
         pixels = encoded.header.output_height * encoded.header.output_width
@@ -205,6 +207,7 @@ def info(inputs) -> None:
             f"  format       rcb v{header.format_version}, {len(data)} bytes, {8 * len(data) / pixels:.4f} bpp",
             f"  model        {header.model_name} (weights {header.weights_digest.hex()})",
             f"  lambda       {header.lam:.6g}",
+            f"  look         {header.look}" + (f" (colour matrix and white {header.white:.4g} for the skeleton decoder)" if header.format_version >= 4 else ""),
             f"  sensor       {header.sensor_width}x{header.sensor_height} visible, CFA padding top {header.pad_top} left {header.pad_left}",
             f"  output       {header.output_width}x{header.output_height}, orientation flip code {header.flip}",
             f"  tone         {describe_tone(header.tone)}",
@@ -292,10 +295,11 @@ def export(checkpoint, name, half, weights_dir) -> None:
 @click.option("--out-dir", type=click.Path(file_okay=False), default="out/eval", show_default=True, help="Where results.json, CSVs and rd.png go.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N images.")
 @click.option("--speed/--no-speed", default=True, show_default=True, help="Also time whole encode/decode commands and the cascade.")
+@click.option("--look", type=click.Choice(("auto",) + container.LOOKS), default="auto", show_default=True, help="auto: faithful for protocol R (its reference is the file's own render), clean for S (SPEC §8); a model without the faithful look is measured in clean.")
 @model_option
 @device_option
 @threads_option
-def evaluate(inputs, protocol, lambdas, baselines, out_dir, limit, speed, model_name, device, threads) -> None:
+def evaluate(inputs, protocol, lambdas, baselines, out_dir, limit, speed, look, model_name, device, threads) -> None:
     """Measure rcam against develop-then-compress cascades: tables, BD-rate, RD plot (SPEC §8)."""
     import numpy as np
 
@@ -307,11 +311,13 @@ def evaluate(inputs, protocol, lambdas, baselines, out_dir, limit, speed, model_
     except ValueError:
         raise RcamError(f"--lambdas: '{lambdas}' is not a comma-separated list of numbers") from None
     codec = load_codec(model_name, _setup(device, threads))
+    if look == "auto":
+        look = "faithful" if protocol == "R" and "faithful" in codec.model.config.looks else "clean"
     # The λ sweep of one file fits its tone to one render.
-    render = functools.lru_cache(maxsize=1)(functools.partial(tone_reference, codec))
+    render = functools.lru_cache(maxsize=1)(functools.partial(tone_reference, codec, look=look))
 
     def run_codec(raw_path: Path, lam: float) -> tuple[int, np.ndarray]:
-        encoded = encode_file(codec, raw_path, lam, reference=render(raw_path))
+        encoded = encode_file(codec, raw_path, lam, reference=render(raw_path), look=look)
         return len(encoded.data), quantize(decode_bytes(codec, encoded.data), 8)
 
     extra = ["--model", model_name, "--device", "cpu" if codec.device.type == "cpu" else "cuda"]
@@ -321,7 +327,7 @@ def evaluate(inputs, protocol, lambdas, baselines, out_dir, limit, speed, model_
     results = run_eval(
         Path(inputs), protocol, lambda_values, [b.strip() for b in baselines.split(",") if b.strip()], Path(out_dir),
         run_codec, timer, limit=limit, speed=speed, numthreads=threads,
-        setup={"model": codec.name, "weights": codec.digest.hex(), "device": str(codec.device)},
+        setup={"model": codec.name, "weights": codec.digest.hex(), "device": str(codec.device), "look": look},
     )  # fmt: skip
     print_table(results)
 

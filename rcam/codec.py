@@ -13,7 +13,8 @@ from rcam.entropy import TileLatents
 from rcam.errors import RcamError
 from rcam.layers import log_gain_at
 from rcam.models import LAMBDA_RANGE
-from rcam.rawio import RawImage, apply_flip, network_input, read_raw, reference_render, undo_flip
+from rcam.rawio import RawImage, apply_flip, auto_bright_white, network_input, read_raw, reference_render, undo_flip
+from rcam.skeleton import Development
 from rcam.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, blend_weights, coordinate_map, crop_tile, plan_tiles, thumbnail
 from rcam.tone import apply_tone, fit_tone
 from rcam.zoo import Codec
@@ -39,6 +40,32 @@ def check_lambda(lam: float) -> float:
     return float(np.float32(lam))  # the header stores float32: use exactly that value on both sides
 
 
+def check_look(codec: Codec, look: str) -> str:
+    """The look must be one this model renders (SPEC §3)."""
+    if look not in codec.model.config.looks:
+        raise RcamError(f"model {codec.name} renders the looks {', '.join(codec.model.config.looks)}, not {look!r}")
+    return look
+
+
+def look_tensor(look: str, batch: int, device: torch.device | str) -> torch.Tensor:
+    """(B,) look indices as the model takes them."""
+    return torch.full((batch,), container.LOOKS.index(look), dtype=torch.long, device=device)
+
+
+def frame_development(image: RawImage) -> Development:
+    """The colour matrix and auto-brightness level network_input applies to this frame, as the header stores them
+    (float32: the decoder applies exactly what the file holds)."""
+    white = auto_bright_white(image.planes, image.wb_gains, image.cam_to_srgb)
+    return Development(tuple(float(v) for v in np.float32(image.cam_to_srgb).ravel()), float(np.float32(white)))
+
+
+def header_development(codec: Codec, header: container.Header, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What a skeleton model's synthesis needs of the header (None for other models)."""
+    if not codec.model.config.skeleton:
+        return None
+    return Development(header.cam_to_srgb, header.white).tensors(batch, codec.device)
+
+
 def _batches(tiles: list[Tile], size: int):
     for start in range(0, len(tiles), size):
         yield tiles[start : start + size]
@@ -46,16 +73,18 @@ def _batches(tiles: list[Tile], size: int):
 
 def encode_image(
     codec: Codec, image: RawImage, lam: float, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
-    tile_batch: int = DEFAULT_TILE_BATCH, progress=None, reference: np.ndarray | None = None,
+    tile_batch: int = DEFAULT_TILE_BATCH, progress=None, reference: np.ndarray | None = None, look: str = "clean",
 ) -> Encoded:  # fmt: skip
-    """RawImage -> Encoded (.rcb bytes + latents); `progress` is called once per tile.
+    """RawImage -> Encoded (.rcb bytes + latents) in `look` (SPEC §3); `progress` is called once per tile.
 
     With `reference` ((H, W, 3) uint8, the reference render of the same file) the encoder also synthesises
     tiles spread over the frame as the decoder will and stores a fitted tone correction (rcam.tone) in the header.
     """
     lam = check_lambda(lam)
+    look = check_look(codec, look)
     model, device = codec.model, codec.device
-    planes = torch.from_numpy(network_input(image))
+    development = frame_development(image)
+    planes = torch.from_numpy(network_input(image, development.white))
     _, packed_height, packed_width = planes.shape
     tiles = plan_tiles(packed_height, packed_width, tile, overlap)
     thumb = thumbnail(planes, model.config.thumbnail).to(device)
@@ -66,7 +95,7 @@ def encode_image(
         for batch in _batches(tiles, tile_batch):
             x = torch.stack([crop_tile(planes, t) for t in batch]).to(device)
             coords = torch.stack([coordinate_map(t, packed_height, packed_width, absolute) for t in batch]).to(device)
-            y = model.analysis(x, coords, thumb.expand(len(batch), -1, -1, -1)) * gain
+            y = model.analysis(x, coords, thumb.expand(len(batch), -1, -1, -1), look_tensor(look, len(batch), device)) * gain
             z = model.hyper_analysis(y)
             for index in range(len(batch)):
                 stream, tile_latents = codec.coder.encode(y[index : index + 1], z[index : index + 1])
@@ -80,7 +109,7 @@ def encode_image(
         sensor_height=image.height, sensor_width=image.width, pad_top=image.pad_top, pad_left=image.pad_left,
         flip=image.flip, output_height=image.output_size[0], output_width=image.output_size[1],
         tile_height=tiles[0].height, tile_width=tiles[0].width, overlap=overlap,
-        tile_rows=rows, tile_cols=len(tiles) // rows,
+        tile_rows=rows, tile_cols=len(tiles) // rows, look=look, cam_to_srgb=development.cam_to_srgb, white=development.white,
     )  # fmt: skip
     if reference is not None:
         header = replace(header, tone=fit_header_tone(codec, header, latents, reference))
@@ -127,28 +156,32 @@ def estimated_falloff(codec: Codec, image: RawImage) -> np.ndarray | None:
     return np.ascontiguousarray(gains[image.pad_top : image.pad_top + image.height, image.pad_left : image.pad_left + image.width])
 
 
-def tone_reference(codec: Codec, path: Path, image: RawImage | None = None) -> np.ndarray:
-    """The render the encoder fits its tone to: (H, W, 3) uint8, the reference render of the file with the
-    model's estimated falloff divided out, as the decoded image has it (the plain reference render without
-    an estimator). LibRaw's auto-brightness then sees the frame as the decoder shows it: the clean target's
-    exposure depends on how bright the corners really are.
+def tone_reference(codec: Codec, path: Path, image: RawImage | None = None, look: str = "clean") -> np.ndarray:
+    """The render the encoder fits its tone to: (H, W, 3) uint8. For the clean look the reference render of the
+    file with the model's estimated falloff divided out, as the decoded image has it (the plain reference
+    render without an estimator): LibRaw's auto-brightness then sees the frame as the decoder shows it, and the
+    clean target's exposure depends on how bright the corners really are. For the faithful look the plain
+    reference render, its target.
     """
+    if check_look(codec, look) == "faithful":
+        return reference_render(path)
     image = read_raw(path) if image is None else image
     return reference_render(path, falloff=estimated_falloff(codec, image))
 
 
 def encode_file(
-    codec: Codec, path: Path, lam: float, tone_fit: bool = True, reference: np.ndarray | None = None, **options
+    codec: Codec, path: Path, lam: float, tone_fit: bool = True, reference: np.ndarray | None = None, look: str = "clean",
+    **options,
 ) -> Encoded:  # fmt: skip
-    """Read a RAW file and encode it (options as for encode_image).
+    """Read a RAW file and encode it in `look` (options as for encode_image).
 
     `tone_fit` fits the tone against tone_reference(): pass it as `reference` when the caller already has it
     (e.g. one render for several λ), else it is rendered here.
     """
     image = read_raw(path)  # first: its checks give the precise reason a file is refused
     if tone_fit and reference is None:
-        reference = tone_reference(codec, path, image)
-    return encode_image(codec, image, lam, reference=reference if tone_fit else None, **options)
+        reference = tone_reference(codec, path, image, look)
+    return encode_image(codec, image, lam, reference=reference if tone_fit else None, look=look, **options)
 
 
 def header_tiles(header: container.Header) -> list[Tile]:
@@ -168,6 +201,7 @@ def check_model(codec: Codec, header: container.Header) -> None:
             f"made with model {header.model_name} ({header.weights_digest.hex()[:12]}), "
             f"have {codec.name} ({codec.digest.hex()[:12]}); decode with --model {header.model_name}"
         )
+    check_look(codec, header.look)
 
 
 def decode_latents(codec: Codec, header: container.Header, streams: list[bytes]) -> list[TileLatents]:
@@ -202,6 +236,8 @@ def synthesize(
     missing_weight = torch.zeros(2 * extent[0], 2 * extent[1])  # blend weight of tiles left out
     with torch.inference_mode():
         _, inverse_gain = model.gains(torch.tensor([header.lam], device=device))
+        development = header_development(codec, header, 1)
+        look = look_tensor(header.look, 1, device)
         for tile, tile_latents, run in zip(tiles, latents, wanted):
             weights = blend_weights(tile, extent, header.overlap, scale=2)
             rows = slice(2 * tile.top, 2 * (tile.top + tile.height))
@@ -209,7 +245,7 @@ def synthesize(
             if not run:
                 missing_weight[rows, cols] += weights
                 continue
-            tile_rgb = model.synthesis(tile_latents.y_hat.to(device) * inverse_gain)[0].float().cpu()
+            tile_rgb = model.synthesis(tile_latents.y_hat.to(device) * inverse_gain, development, look)[0].float().cpu()
             canvas[:, rows, cols] += tile_rgb * weights
             weight_sum[rows, cols] += weights
             if progress:

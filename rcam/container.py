@@ -1,6 +1,7 @@
-"""The .rcb container, version 3 (docs/FORMAT.md): header, tone correction field, stream table, checksums, then
-one stream per tile. Version 2 files (one gain and offset per channel) and version 1 files (no tone correction)
-are still read.
+"""The .rcb container, version 4 (docs/FORMAT.md): header, tone correction field, look and development (the colour
+matrix and brightness the skeleton decoder applies), stream table, checksums, then one stream per tile. Version 3
+files (no look: clean, no development), version 2 (one gain and offset per channel) and version 1 (no tone
+correction) are still read.
 
 Parsing reads fixed-size little-endian fields with explicit bounds checks, never unpickles or evaluates
 anything, and checks every declared size against both a fixed limit and the bytes actually present before
@@ -9,6 +10,7 @@ anything is allocated from it.
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -17,18 +19,22 @@ from rcam.errors import RcamError
 from rcam.tone import IDENTITY, MAX_KNOTS, check_tone, knots_of
 
 MAGIC = b"\x89RCB\r\n\x1a\n"  # like PNG's: catches text-mode transfers and truncation to a few bytes
-FORMAT_VERSION = 3  # written
-READABLE_VERSIONS = (1, 2, 3)  # 1: no tone correction; 2: one gain and offset per channel (six float32)
+FORMAT_VERSION = 4  # written
+READABLE_VERSIONS = (1, 2, 3, 4)  # 1: no tone correction; 2: one gain and offset per channel (six float32)
 MAX_SIDE = 65535  # sensor rows / columns
 MAX_PIXELS = 200_000_000  # same bound as the RAW reader
 MAX_TILE = 4096  # packed pixels per tile side
 MAX_STREAMS = 65535
 MAX_NAME = 64
+LOOKS = ("clean", "faithful")  # SPEC §3; the header stores the index
+MAX_MATRIX_ENTRY = 64.0  # |colour matrix entries|: real cameras stay within about ±8
+IDENTITY_MATRIX = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 _PREFIX = struct.Struct("<8sHI")  # magic, version, header body length
 _GEOMETRY = struct.Struct("<16sfIIBBBIIHHHHHI")
 _TONE_V2 = struct.Struct("<6f")  # gains R, G, B, offsets R, G, B (version 2)
 _TONE_KNOTS = struct.Struct("<B")  # K, then 6 K² float16: gains (3, K, K), offsets (3, K, K) (version 3)
+_LOOK_DEVELOPMENT = struct.Struct("<B9ff")  # look code, camera -> sRGB matrix (row-major), white (version 4)
 _STREAM_ENTRY = struct.Struct("<II")  # length, crc32
 _CRC = struct.Struct("<I")
 
@@ -53,6 +59,9 @@ class Header:
     tile_rows: int
     tile_cols: int
     tone: tuple[float, ...] = IDENTITY  # encoder-fitted gain and offset fields, 6 K² values (rcam.tone)
+    look: str = "clean"  # SPEC §3: which target the decoder renders (files before version 4: clean)
+    cam_to_srgb: tuple[float, ...] = IDENTITY_MATRIX  # 9 values, the skeleton decoder's colour matrix (rcam.skeleton)
+    white: float = 1.0  # the skeleton decoder's auto-brightness level (linear sRGB value that becomes 1)
     stream_lengths: tuple[int, ...] = ()
     stream_crcs: tuple[int, ...] = ()
     format_version: int = FORMAT_VERSION  # of the file it was read from
@@ -83,6 +92,13 @@ def _check_geometry(header: Header) -> None:
             raise RcamError("bad header: tile grid does not match the image size")
     if not (0.0 < header.lam < 1.0):
         raise RcamError(f"bad header: lambda {header.lam} out of range")
+    if header.look not in LOOKS:
+        raise RcamError(f"bad header: look {header.look!r} unknown")
+    finite = all(math.isfinite(value) for value in (*header.cam_to_srgb, header.white))
+    if len(header.cam_to_srgb) != 9 or not finite or max(map(abs, header.cam_to_srgb)) > MAX_MATRIX_ENTRY:
+        raise RcamError("bad header: colour matrix out of range")
+    if not (1e-6 <= header.white <= 2.0):
+        raise RcamError(f"bad header: white level {header.white} out of range")
 
 
 def write(header: Header, streams: list[bytes]) -> bytes:
@@ -101,6 +117,7 @@ def write(header: Header, streams: list[bytes]) -> bytes:
         header.tile_width, header.overlap, header.tile_rows, header.tile_cols, len(streams),
     )  # fmt: skip
     body += _TONE_KNOTS.pack(knots_of(header.tone)) + _pack_float16(header.tone)
+    body += _LOOK_DEVELOPMENT.pack(LOOKS.index(header.look), *header.cam_to_srgb, header.white)
     for stream in streams:
         body += _STREAM_ENTRY.pack(len(stream), zlib.crc32(stream))
     head = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(body)) + bytes(body)
@@ -151,7 +168,7 @@ def read(data: bytes) -> tuple[Header, list[bytes]]:
     if version not in READABLE_VERSIONS:
         readable = ", ".join(map(str, READABLE_VERSIONS))
         raise RcamError(f"format version {version} is not supported (this rcam reads versions {readable})")
-    max_body = 1 + MAX_NAME + _GEOMETRY.size + _TONE_KNOTS.size + 12 * MAX_KNOTS**2 + MAX_STREAMS * _STREAM_ENTRY.size
+    max_body = 1 + MAX_NAME + _GEOMETRY.size + _TONE_KNOTS.size + 12 * MAX_KNOTS**2 + _LOOK_DEVELOPMENT.size + MAX_STREAMS * _STREAM_ENTRY.size
     if body_length > max_body:
         raise RcamError(f"bad header: declared header length {body_length} is too large")
     body = reader.take(body_length, "header")
@@ -173,12 +190,18 @@ def read(data: bytes) -> tuple[Header, list[bytes]]:
         raise RcamError(f"bad header: {stream_count} streams ({tile_rows}x{tile_cols} tiles), at most {MAX_STREAMS}")
     tone = _read_tone(fields, version)
     check_tone(tone)
+    look, cam_to_srgb, white = "clean", IDENTITY_MATRIX, 1.0
+    if version >= 4:
+        look_code, *cam_to_srgb, white = _LOOK_DEVELOPMENT.unpack(fields.take(_LOOK_DEVELOPMENT.size, "header"))
+        if look_code >= len(LOOKS):
+            raise RcamError(f"bad header: look code {look_code} unknown")
+        look = LOOKS[look_code]
     entries = [_STREAM_ENTRY.unpack(fields.take(_STREAM_ENTRY.size, "stream table")) for _ in range(stream_count)]
     if fields.offset != len(body):
         raise RcamError("bad header: unexpected bytes after the stream table")
     header = Header(
         model_name, digest, lam, sensor_height, sensor_width, pad_top, pad_left, flip, output_height, output_width,
-        tile_height, tile_width, overlap, tile_rows, tile_cols, tuple(tone),
+        tile_height, tile_width, overlap, tile_rows, tile_cols, tuple(tone), look, tuple(cam_to_srgb), white,
         tuple(length for length, _ in entries), tuple(crc for _, crc in entries), version,
     )  # fmt: skip
     _check_geometry(header)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rcam.skeleton import linear_to_srgb, srgb_to_linear
+
 
 def conv(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> nn.Conv2d:
     """A 'same'-padded convolution (downsamples by `stride`)."""
@@ -306,6 +308,5 @@ def devignette(x: torch.Tensor, log_gain: torch.Tensor, limit: float = 1.5) -> t
 
     Values are capped at `limit` in linear light, as rawio.normalise_planes caps its input.
     """
-    linear = torch.where(x <= 0.04045, x / 12.92, ((x.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4)
-    linear = (linear * torch.exp(-log_gain)).clamp(0.0, limit)
-    return torch.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear.clamp(min=0.0031308) ** (1 / 2.4) - 0.055)
+    linear = torch.where(x <= 0.04045, x / 12.92, srgb_to_linear(x))  # negative inputs stay negative, as before
+    return linear_to_srgb((linear * torch.exp(-log_gain)).clamp(0.0, limit))

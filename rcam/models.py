@@ -2,6 +2,9 @@
 
 Shapes, with a packed tile of (B, 4, h, w), h and w multiples of 32:
   y: (B, M, h/8, w/8), z: (B, Nh, h/32, w/32), output: (B, 3, 2h, 2w) sRGB in [0, 1] (unclamped while training).
+
+With `skeleton` the CSA decoder reconstructs the packed planes (the encoder's input space), the classical
+path of rcam.skeleton develops them, and a correction head adds what that path gets wrong, one per look.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ import torch.nn.functional as F
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from torch import nn
 
+from rcam.container import LOOKS  # a look tensor holds indices into it, as the header does
 from rcam.errors import RcamError
 from rcam.layers import CADR, CSA, GFT, GlobalPrior, LocalPrior, VignettingEstimator, conv, deconv, devignette, log_gain_at
+from rcam.skeleton import develop
 
 # λ values with their own learned gain vector; any λ in between is interpolated (Cui et al., CVPR 2021).
 LAMBDA_ANCHORS = (0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -46,6 +51,14 @@ class ModelConfig:
     # An estimator of the frame's lens falloff (from the thumbnail) whose estimate is divided out of the input
     # before the encoder; trained with its own supervised loss (off for weights trained before it existed).
     vignetting: bool = False
+    # SPEC §4: the decoder reconstructs the packed planes, a classical demosaic and colour path develops them
+    # and the network adds a correction per look (off for weights trained before it existed: clean look only).
+    skeleton: bool = False
+
+    @property
+    def looks(self) -> tuple[str, ...]:
+        """The looks this model can render."""
+        return LOOKS if self.skeleton else LOOKS[:1]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,13 +146,22 @@ class RealCamNet(nn.Module):
         self.up2 = deconv(n, n)
         self.decoder_stage2 = nn.ModuleList(CSA(n, heads, window) for _ in range(config.decoder_blocks))
         self.up3 = deconv(n, n)
-        self.tail = conv(n, 12)
+        if config.skeleton:
+            self.plane_head = conv(n, 4)
+            # Zero at the start: the output is the skeleton's development until training finds corrections.
+            self.correction = conv(n, 12 * len(LOOKS))
+            nn.init.zeros_(self.correction.weight)
+            nn.init.zeros_(self.correction.bias)
+        else:
+            self.tail = conv(n, 12)
 
-    def analysis(self, x: torch.Tensor, coords: torch.Tensor, thumbnail: torch.Tensor) -> torch.Tensor:
-        """Encoder E: packed tile (B,4,h,w), coordinates (B,2,h,w), thumbnail (B,4,S,S) -> y (B,M,h/8,w/8), before gains."""
+    def analysis(self, x: torch.Tensor, coords: torch.Tensor, thumbnail: torch.Tensor, look: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder E: packed tile (B,4,h,w), coordinates (B,2,h,w), thumbnail (B,4,S,S), look (B,) indices into
+        LOOKS (None: clean) -> y (B,M,h/8,w/8), before gains. The faithful look keeps the lens falloff."""
         if self.vignetting is not None:
             # Detached: the estimator learns only from its own loss (train.py), not from the codec's.
-            x = devignette(x, log_gain_at(self.vignetting(thumbnail).detach(), coords))
+            devignetted = devignette(x, log_gain_at(self.vignetting(thumbnail).detach(), coords))
+            x = devignetted if look is None else torch.where((look == 0)[:, None, None, None], devignetted, x)
         half_prior, quarter_prior = self.local_prior(x)
         global_prior = self.global_prior(thumbnail) if self.global_prior is not None else None
         features = self.cadr(x, coords, global_prior) if self.cadr is not None else self.first(x)
@@ -154,8 +176,19 @@ class RealCamNet(nn.Module):
             y = self.gft(y, global_prior)
         return y
 
-    def synthesis(self, y_hat: torch.Tensor) -> torch.Tensor:
-        """Decoder D: ŷ after inverse gains (B,M,h/8,w/8) -> sRGB (B,3,2h,2w)."""
+    def synthesis(
+        self, y_hat: torch.Tensor, development: tuple[torch.Tensor, torch.Tensor] | None = None, look: torch.Tensor | None = None
+    ) -> torch.Tensor:  # fmt: skip
+        """Decoder D: ŷ after inverse gains (B,M,h/8,w/8) -> sRGB (B,3,2h,2w).
+
+        A skeleton model also needs the development (colour matrix (B,3,3), white (B,)) and the look (B,).
+        """
+        return self.synthesis_parts(y_hat, development, look)[0]
+
+    def synthesis_parts(
+        self, y_hat: torch.Tensor, development: tuple[torch.Tensor, torch.Tensor] | None = None, look: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """synthesis, also returning the reconstructed planes (B,4,h,w) of a skeleton model (else None)."""
         features = self.up1(y_hat)
         for block in self.decoder_stage1:
             features = block(features)
@@ -163,17 +196,28 @@ class RealCamNet(nn.Module):
         for block in self.decoder_stage2:
             features = block(features)
         features = self.up3(features)
-        return F.pixel_shuffle(self.tail(features), 2)
+        if not self.config.skeleton:
+            return F.pixel_shuffle(self.tail(features), 2), None
+        if development is None or look is None:
+            raise RcamError("a skeleton model's synthesis needs the frame's development and look")
+        planes = self.plane_head(features)
+        batch, _, height, width = features.shape
+        corrections = self.correction(features).view(batch, len(LOOKS), 12, height, width)
+        correction = corrections[torch.arange(batch, device=look.device), look]
+        return develop(planes, *development) + F.pixel_shuffle(correction, 2), planes
 
     def hyper_parameters(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ẑ -> (means, scales) of the scaled latent, float path used in training."""
         means, scales = self.hyper_synthesis(z_hat).chunk(2, dim=1)
         return means, scales
 
-    def forward(self, x: torch.Tensor, coords: torch.Tensor, thumbnail: torch.Tensor, lam: torch.Tensor) -> dict:
+    def forward(
+        self, x: torch.Tensor, coords: torch.Tensor, thumbnail: torch.Tensor, lam: torch.Tensor,
+        look: torch.Tensor | None = None, development: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> dict:  # fmt: skip
         """Training pass: rate terms by additive noise, the decoder sees rounded ŷ (straight-through)."""
         gain, inverse_gain = self.gains(lam)
-        y = self.analysis(x, coords, thumbnail) * gain
+        y = self.analysis(x, coords, thumbnail, look) * gain
         z = self.hyper_analysis(y)
         z_hat, z_likelihoods = self.entropy_bottleneck(z, training=self.training)
         if self.training:
@@ -182,8 +226,8 @@ class RealCamNet(nn.Module):
         _, y_likelihoods = self.gaussian_conditional(y, scales, means=means, training=self.training)
         y_hat = torch.round(y - means) + means
         y_hat = y + (y_hat - y).detach()
-        rgb = self.synthesis(y_hat * inverse_gain)
-        return {"rgb": rgb, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
+        rgb, planes = self.synthesis_parts(y_hat * inverse_gain, development, look)
+        return {"rgb": rgb, "planes": planes, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
 
 
 def build_model(config: ModelConfig | str) -> RealCamNet:

@@ -187,14 +187,14 @@ def read_raw(path: Path) -> RawImage:
     )
 
 
-def network_input(image: RawImage) -> np.ndarray:
+def network_input(image: RawImage, white: float | None = None) -> np.ndarray:
     """Metadata-driven normalisation of packed planes: white balance, colour matrix, exposure, sRGB curve; (4, Hp, Wp) float32.
 
     This mirrors LibRaw's order (scale and clip, colour matrix, auto-brightness) at half resolution so that the
     network sees camera-independent, roughly display-referred data and can spend its capacity on demosaicing,
     tone, defects and compression. Green detail (G1 - G2) is kept by shifting both greens by the same amount.
     """
-    return normalise_planes(image.planes, image.wb_gains, image.cam_to_srgb)
+    return normalise_planes(image.planes, image.wb_gains, image.cam_to_srgb, white)
 
 
 def _camera_to_srgb(planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from rcam.errors import RcamError
 from rcam.models import CONFIGS, LAMBDA_RANGE, ModelConfig, RealCamNet, rate_bits
-from rcam.rawio import RawImage, auto_bright_white, network_input, normalise_planes, read_raw
+from rcam.rawio import RawImage, auto_bright_white, network_input, normalise_planes, read_raw, reference_render, undo_flip
 from rcam.layers import VignettingEstimator
 from rcam.synth import DefectParams, SensorParams, degrade_planes, sample_defects, vignetting_at
 from rcam.tiling import Tile, coordinate_map, thumbnail
@@ -76,6 +76,13 @@ class TrainConfig:
     # against 0.031).
     vignetting_dropout: float = 0.0
     vignetting_weight_decay: float = 0.0
+    # Skeleton models (SPEC §3, §4): share of patches trained for the faithful look (input the degraded DNG as
+    # written, target its own reference render; or a clean twin with its render), the rest for the clean look.
+    faithful_fraction: float = 0.0
+    # Weight of the skeleton's plane reconstruction loss (MSE against the input planes, on patches whose target
+    # keeps them: faithful look or clean input), in the units of the image term; it gives the new plane head a
+    # direct signal, where the skeleton's clipping would hide gradients from a bad start.
+    plane_weight: float = 0.0
 
     @staticmethod
     def load(path: Path) -> "TrainConfig":
@@ -104,6 +111,7 @@ class CleanFrame:
     wb_gains: np.ndarray
     cam_to_srgb: np.ndarray
     sensor: SensorParams
+    clean_white: float = 1.0  # the clean twin's own auto-brightness level
 
     # The strided sample has about this many rows and columns: a few per thumbnail cell.
     SAMPLE_SIDE = 128
@@ -116,17 +124,19 @@ class CleanFrame:
             raw=torch.from_numpy(image.planes).half(), sample=np.ascontiguousarray(image.planes[:, ::stride, ::stride]),
             stride=stride, frame_shape=(image.height, image.width), pad_top=image.pad_top, pad_left=image.pad_left,
             wb_gains=image.wb_gains, cam_to_srgb=image.cam_to_srgb, sensor=sensor,
+            clean_white=auto_bright_white(image.planes, image.wb_gains, image.cam_to_srgb),
         )  # fmt: skip
 
 
 def fresh_crop(
     frame: CleanFrame, top: int, left: int, patch: int, thumbnail_size: int, defects: DefectParams | None,
     rng: np.random.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Network input of a (patch × patch) packed crop at (top, left) with `defects` (None: clean), and its frame's thumbnail.
+) -> tuple[torch.Tensor, torch.Tensor, float]:  # fmt: skip
+    """Network input of a (patch × patch) packed crop at (top, left) with `defects` (None: clean), its frame's
+    thumbnail and auto-brightness level.
 
     The frame's auto-brightness and thumbnail come from the strided sample with the same defects, so the crop
-    is normalised as the whole degraded frame would be. Returns ((4, patch, patch), (4, S, S)) float32.
+    is normalised as the whole degraded frame would be. Returns ((4, patch, patch), (4, S, S)) float32, white.
     """
     crop = frame.raw[:, top : top + patch, left : left + patch].float().numpy()
     sample = frame.sample
@@ -136,7 +146,7 @@ def fresh_crop(
         sample = degrade_planes(sample, frame.sensor, defects, (-frame.pad_top, -frame.pad_left), 2 * frame.stride, rng)
     white, frame_thumbnail = sample_thumbnail(frame, sample, thumbnail_size)
     x = normalise_planes(crop, frame.wb_gains, frame.cam_to_srgb, white)
-    return torch.from_numpy(x), frame_thumbnail
+    return torch.from_numpy(x), frame_thumbnail, white
 
 
 def sample_thumbnail(frame: CleanFrame, sample: np.ndarray, thumbnail_size: int) -> tuple[float, torch.Tensor]:
@@ -159,16 +169,21 @@ class TrainingImage:
     clean_planes: torch.Tensor | None = None  # (4, Hp, Wp) float16, the defect-free twin's input
     clean_thumbnail: torch.Tensor | None = None  # (4, S, S) float32
     clean_frame: CleanFrame | None = None
+    cam_to_srgb: torch.Tensor | None = None  # (3, 3) float32, the frame's colour matrix (skeleton development)
+    white: float = 1.0  # auto-brightness level of `planes`
+    clean_white: float = 1.0  # of `clean_planes`
+    faithful_target: torch.Tensor | None = None  # (3, 2Hp, 2Wp) uint8: the degraded DNG's own render, padded
 
 
-def _input_planes(raw_path: Path) -> tuple[torch.Tensor, RawImage]:
+def _input_planes(raw_path: Path) -> tuple[torch.Tensor, RawImage, float]:
     image = read_raw(raw_path)
-    return torch.from_numpy(network_input(image)), image
+    white = auto_bright_white(image.planes, image.wb_gains, image.cam_to_srgb)
+    return torch.from_numpy(network_input(image, white)), image, white
 
 
-def _padded_target(target: Path, image: RawImage) -> torch.Tensor:
-    """The target render (orientation 1) padded like the packed mosaic: (3, 2Hp, 2Wp) uint8."""
-    render = np.asarray(Image.open(target).convert("RGB"))
+def _padded_target(target: Path | np.ndarray, image: RawImage) -> torch.Tensor:
+    """The target render (orientation 1; a PNG path or an (H, W, 3) uint8 array) padded like the packed mosaic: (3, 2Hp, 2Wp) uint8."""
+    render = target if isinstance(target, np.ndarray) else np.asarray(Image.open(target).convert("RGB"))
     if render.shape[:2] != (image.height, image.width):
         raise RcamError(f"{target}: size {render.shape[:2]} does not match its RAW ({image.height}, {image.width})")
     padded_height, padded_width = 2 * image.planes.shape[1], 2 * image.planes.shape[2]
@@ -180,31 +195,47 @@ def _padded_target(target: Path, image: RawImage) -> torch.Tensor:
     return torch.from_numpy(render).permute(2, 0, 1).contiguous()
 
 
-def load_pair(degraded: Path, target: Path, thumbnail_size: int, clean: Path | None = None) -> TrainingImage:
-    """Read a degraded DNG, its target render (orientation 1) and optionally its clean twin into aligned tensors."""
-    planes, image = _input_planes(degraded)
-    pair = TrainingImage(planes=planes.half(), target=_padded_target(target, image), thumbnail=thumbnail(planes, thumbnail_size))
+def load_pair(
+    degraded: Path, target: Path, thumbnail_size: int, clean: Path | None = None, faithful: bool = False
+) -> TrainingImage:  # fmt: skip
+    """Read a degraded DNG, its target render (orientation 1) and optionally its clean twin into aligned tensors.
+
+    faithful: also render the degraded DNG itself (LibRaw), the faithful look's target.
+    """
+    planes, image, white = _input_planes(degraded)
+    pair = TrainingImage(
+        planes=planes.half(), target=_padded_target(target, image), thumbnail=thumbnail(planes, thumbnail_size),
+        cam_to_srgb=torch.from_numpy(image.cam_to_srgb.astype(np.float32)), white=white,
+    )  # fmt: skip
+    if faithful:
+        pair.faithful_target = _padded_target(undo_flip(reference_render(degraded), image.flip), image)
     if clean is not None:
-        clean_planes, _ = _input_planes(clean)
+        clean_planes, _, clean_white = _input_planes(clean)
         if clean_planes.shape != planes.shape:
             raise RcamError(f"{clean}: clean twin size {tuple(clean_planes.shape)} does not match {degraded}")
         pair.clean_planes = clean_planes.half()
         pair.clean_thumbnail = thumbnail(clean_planes, thumbnail_size)
+        pair.clean_white = clean_white
     return pair
 
 
 def load_clean_frame(clean: Path, target: Path, sensor: SensorParams) -> TrainingImage:
     """Read a clean twin as raw planes (for fresh defects) and its target render."""
     image = read_raw(clean)
-    return TrainingImage(planes=None, target=_padded_target(target, image), thumbnail=None, clean_frame=CleanFrame.from_raw(image, sensor))
+    return TrainingImage(
+        planes=None, target=_padded_target(target, image), thumbnail=None, clean_frame=CleanFrame.from_raw(image, sensor),
+        cam_to_srgb=torch.from_numpy(image.cam_to_srgb.astype(np.float32)),
+    )  # fmt: skip
 
 
 def load_dataset(
-    index: Path, thumbnail_size: int, limit: int | None = None, with_clean: bool = False, fresh_defects: bool = False
+    index: Path, thumbnail_size: int, limit: int | None = None, with_clean: bool = False, fresh_defects: bool = False,
+    faithful: bool = False,
 ) -> list[TrainingImage]:  # fmt: skip
     """All pairs listed in an index.jsonl (paths relative to the index's folder), with a progress bar.
 
-    fresh_defects: keep only the clean twins as raw planes, with their sensor from the index (see fresh_crop).
+    fresh_defects: keep the clean twins as raw planes, with their sensor from the index (see fresh_crop).
+    faithful: also keep each degraded DNG's planes and its own render (the faithful look's pairs).
     """
     index = Path(index)
     if not index.is_file():
@@ -213,47 +244,67 @@ def load_dataset(
     images = []
     for entry in tqdm(entries, desc="loading pairs", unit="pair"):
         if fresh_defects:
-            images.append(load_clean_frame(index.parent / entry["clean"], index.parent / entry["target"], SensorParams(**entry["sensor"])))
+            image = load_clean_frame(index.parent / entry["clean"], index.parent / entry["target"], SensorParams(**entry["sensor"]))
+            if faithful:
+                pair = load_pair(index.parent / entry["degraded"], index.parent / entry["target"], thumbnail_size, faithful=True)
+                image.planes, image.thumbnail, image.white, image.faithful_target = pair.planes, pair.thumbnail, pair.white, pair.faithful_target
+            images.append(image)
             continue
         clean = index.parent / entry["clean"] if with_clean else None
-        images.append(load_pair(index.parent / entry["degraded"], index.parent / entry["target"], thumbnail_size, clean))
+        images.append(load_pair(index.parent / entry["degraded"], index.parent / entry["target"], thumbnail_size, clean, faithful))
     return images
 
 
 def sample_batch(
     images: list[TrainingImage], batch_size: int, patch: int, absolute: bool, rng: np.random.Generator,
-    clean_fraction: float = 0.0, thumbnail_size: int | None = None,
+    clean_fraction: float = 0.0, thumbnail_size: int | None = None, faithful_fraction: float = 0.0,
 ) -> dict:  # fmt: skip
-    """Random patches with their absolute offsets and thumbnails; a clean_fraction share comes from clean twins.
+    """Random patches with their absolute offsets, thumbnails, look, development and whether the input is
+    defect-free; a clean_fraction share comes from clean twins, a faithful_fraction share has the faithful look.
 
-    Images loaded with fresh defects get a new draw of defects per patch (thumbnail_size is then needed).
+    Images loaded with fresh defects get a new draw of defects per patch (thumbnail_size is then needed) for
+    the clean look; faithful patches with defects read the degraded DNG and target its own render.
     """
-    inputs, targets, coords, thumbs = [], [], [], []
+    inputs, targets, coords, thumbs, looks, matrices, whites, clean_inputs = [], [], [], [], [], [], [], []
     for _ in range(batch_size):
         image = images[rng.integers(len(images))]
         clean = clean_fraction > 0 and rng.random() < clean_fraction
-        frame = image.clean_frame
+        faithful = faithful_fraction > 0 and rng.random() < faithful_fraction
+        frame = image.clean_frame if not (faithful and not clean) else None
         planes = frame.raw if frame is not None else image.planes
         _, height, width = planes.shape
         top = int(rng.integers(0, max(height - patch, 0) + 1))
         left = int(rng.integers(0, max(width - patch, 0) + 1))
+        target = image.target
         if frame is not None:
             if thumbnail_size is None:
                 raise RcamError("fresh defects need the model's thumbnail size")
             defects = None if clean else sample_defects(rng, frame.frame_shape, frame.sensor)
-            crop, image_thumbnail = fresh_crop(frame, top, left, patch, thumbnail_size, defects, rng)
+            crop, image_thumbnail, white = fresh_crop(frame, top, left, patch, thumbnail_size, defects, rng)
         else:
-            image_thumbnail = image.thumbnail
+            image_thumbnail, white = image.thumbnail, image.white
             if clean:
                 if image.clean_planes is None:
                     raise RcamError("clean_fraction > 0 needs the clean twins loaded (load_dataset(..., with_clean=True))")
-                planes, image_thumbnail = image.clean_planes, image.clean_thumbnail
+                planes, image_thumbnail, white = image.clean_planes, image.clean_thumbnail, image.clean_white
+            elif faithful:
+                if image.faithful_target is None:
+                    raise RcamError("faithful_fraction > 0 needs the degraded DNGs' renders (load_dataset(..., faithful=True))")
+                target = image.faithful_target
             crop = planes[:, top : top + patch, left : left + patch].float()
         inputs.append(crop)
-        targets.append(image.target[:, 2 * top : 2 * (top + patch), 2 * left : 2 * (left + patch)].float() / 255.0)
+        targets.append(target[:, 2 * top : 2 * (top + patch), 2 * left : 2 * (left + patch)].float() / 255.0)
         coords.append(coordinate_map(Tile(top, left, patch, patch), height, width, absolute=absolute))
         thumbs.append(image_thumbnail)
-    return {"x": torch.stack(inputs), "target": torch.stack(targets), "coords": torch.stack(coords), "thumbnail": torch.stack(thumbs)}
+        looks.append(int(faithful))
+        matrices.append(image.cam_to_srgb if image.cam_to_srgb is not None else torch.eye(3))
+        whites.append(white)
+        clean_inputs.append(clean)
+    return {
+        "x": torch.stack(inputs), "target": torch.stack(targets), "coords": torch.stack(coords), "thumbnail": torch.stack(thumbs),
+        "look": torch.tensor(looks, dtype=torch.long), "cam_to_srgb": torch.stack(matrices),
+        "white": torch.tensor(whites, dtype=torch.float32), "clean_input": torch.tensor(clean_inputs),
+    }  # fmt: skip
 
 
 def vignetting_examples(
@@ -318,13 +369,24 @@ def sample_lambdas(batch_size: int, low: float, high: float, rng: np.random.Gene
     return torch.from_numpy(np.exp(rng.uniform(math.log(low), math.log(high), batch_size))).float()
 
 
-def rd_loss(output: dict, target: torch.Tensor, lam: torch.Tensor) -> dict:
-    """Per-sample R + λ·255²·MSE, averaged; also returns bpp and MSE (8-bit scale) for logging."""
+def rd_loss(
+    output: dict, target: torch.Tensor, lam: torch.Tensor, planes_target: torch.Tensor | None = None,
+    planes_mask: torch.Tensor | None = None, plane_weight: float = 0.0,
+) -> dict:  # fmt: skip
+    """Per-sample R + λ·255²·MSE, averaged; also returns bpp and MSE (8-bit scale) for logging.
+
+    With plane_weight, a skeleton model's reconstructed planes also pay plane_weight·λ·255²·MSE against
+    planes_target (B, 4, h, w) on the samples planes_mask (B,) picks.
+    """
     batch, _, height, width = target.shape
     bits = sum(-torch.log2(lik).reshape(batch, -1).sum(dim=1) for lik in output["likelihoods"].values())
     bpp = bits / (height * width)
     mse = ((output["rgb"] - target) ** 2).reshape(batch, -1).mean(dim=1)
-    loss = (bpp + lam.to(bpp.device) * 255.0**2 * mse).mean()
+    distortion = mse
+    if plane_weight and output.get("planes") is not None:
+        plane_mse = ((output["planes"] - planes_target) ** 2).reshape(batch, -1).mean(dim=1)
+        distortion = distortion + plane_weight * planes_mask.float() * plane_mse
+    loss = (bpp + lam.to(bpp.device) * 255.0**2 * distortion).mean()
     return {"loss": loss, "bpp": bpp.mean(), "mse255": (mse * 255.0**2).mean()}
 
 
@@ -341,11 +403,11 @@ def validation_sets(config: TrainConfig) -> dict[str, list[tuple[Path, Path | No
 
 
 def validate(model: RealCamNet, config: TrainConfig) -> dict:
-    """Real encode/decode of the val pairs and real DNGs at val_lambda: mean bpp and PSNR per set."""
+    """Real encode/decode of the val pairs (clean look) and real DNGs (faithful look where the model has it:
+    the target is the file's own render) at val_lambda: mean bpp and PSNR per set."""
     from rcam.codec import decode_bytes, encode_file, tone_reference
     from rcam.metrics import psnr
     from rcam.output import quantize
-    from rcam.rawio import reference_render
     from rcam.zoo import codec_from_model
 
     sets = validation_sets(config)
@@ -355,9 +417,11 @@ def validate(model: RealCamNet, config: TrainConfig) -> dict:
     results = {}
     for name, items in sets.items():
         bpps, psnrs = [], []
+        look = "faithful" if name == "val_raw" and "faithful" in model.config.looks else "clean"
         for raw_path, target_path in items:
             reference = np.asarray(Image.open(target_path).convert("RGB")) if target_path else reference_render(raw_path)
-            encoded = encode_file(codec, raw_path, config.val_lambda, reference=tone_reference(codec, raw_path))
+            tone_target = reference if look == "faithful" else tone_reference(codec, raw_path)
+            encoded = encode_file(codec, raw_path, config.val_lambda, reference=tone_target, look=look)
             decoded = quantize(decode_bytes(codec, encoded.data), 8)
             bpps.append(8 * len(encoded.data) / (reference.shape[0] * reference.shape[1]))
             psnrs.append(psnr(decoded, reference))
@@ -393,7 +457,10 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 
 
 # Modules added after rcam-small v1 was trained; zero-initialised, so older weights still define the model.
-ZERO_STARTED_MODULES = ("cadr.prior_modulation.", "global_prior.layout_head.")
+ZERO_STARTED_MODULES = ("cadr.prior_modulation.", "global_prior.layout_head.", "correction.")
+# The skeleton's plane head replaces the end-to-end decoder's RGB tail: a model gaining a skeleton starts it
+# afresh (its starting weights' `tail.` is left out with init_exclude).
+FRESH_MODULES = ("plane_head.",)
 # The vignetting estimator: weights without it are fine, train() pre-trains it before the codec's first step.
 PRETRAINED_MODULES = ("vignetting.",)
 
@@ -424,7 +491,7 @@ def load_starting_weights(model: RealCamNet, path: Path, exclude: tuple[str, ...
         result = model.load_state_dict(tensors, strict=False)
     except RuntimeError as error:  # tensor shapes differ
         raise RcamError(f"{path}: weights do not fit model '{model.config.name}' ({str(error).splitlines()[-1].strip()})") from None
-    missing = [key for key in result.missing_keys if not key.startswith(ZERO_STARTED_MODULES + PRETRAINED_MODULES)]
+    missing = [key for key in result.missing_keys if not key.startswith(ZERO_STARTED_MODULES + PRETRAINED_MODULES + FRESH_MODULES)]
     zero_started = [key for key in result.missing_keys if key.startswith(ZERO_STARTED_MODULES)]
     if missing or result.unexpected_keys or any(model.state_dict()[key].any() for key in zero_started):
         raise RcamError(f"{path}: weights do not fit model '{model.config.name}' (missing {missing}, unexpected {result.unexpected_keys})")
@@ -498,7 +565,8 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
         estimator_ready = not any(key.startswith(PRETRAINED_MODULES) for key in lacking)
     if images is None:
         images = load_dataset(
-            Path(config.dataset), model_config.thumbnail, with_clean=config.clean_fraction > 0, fresh_defects=config.fresh_defects
+            Path(config.dataset), model_config.thumbnail, with_clean=config.clean_fraction > 0, fresh_defects=config.fresh_defects,
+            faithful=config.faithful_fraction > 0,
         )
     examples = None
     if estimator is not None:
@@ -542,11 +610,16 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
             while step < config.steps and not interrupted:
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(config, step)
-                batch = sample_batch(images, config.batch_size, config.patch, absolute, rng, config.clean_fraction, model_config.thumbnail)
+                batch = sample_batch(
+                    images, config.batch_size, config.patch, absolute, rng, config.clean_fraction, model_config.thumbnail, config.faithful_fraction
+                )  # fmt: skip
                 lam = sample_lambdas(config.batch_size, config.lambda_min, config.lambda_max, rng)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                output = model(batch["x"], batch["coords"], batch["thumbnail"], lam.to(device))
-                terms = rd_loss(output, batch["target"], lam)
+                development = (batch["cam_to_srgb"], batch["white"]) if model_config.skeleton else None
+                output = model(batch["x"], batch["coords"], batch["thumbnail"], lam.to(device), batch["look"], development)
+                # The planes the skeleton should get back are the input itself where the target keeps them.
+                keeps_planes = (batch["look"] == 1) | batch["clean_input"]
+                terms = rd_loss(output, batch["target"], lam, batch["x"], keeps_planes, config.plane_weight)
                 optimizer.zero_grad(set_to_none=True)
                 terms["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(codec_parameters, 1.0)

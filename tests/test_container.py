@@ -48,11 +48,11 @@ def valid(tiny_codec, tmp_path_factory):
 
 def header_size(header: container.Header) -> int:
     """Bytes from the start of the file to the end of the header CRC (FORMAT.md)."""
-    return 14 + 1 + len(header.model_name) + 53 + 1 + 2 * len(header.tone) + 8 * len(header.stream_lengths) + 4
+    return 14 + 1 + len(header.model_name) + 53 + 1 + 2 * len(header.tone) + 41 + 8 * len(header.stream_lengths) + 4
 
 
 def build(
-    fields: dict, entries: list[tuple[int, int]], streams: bytes = b"", body_length: int | None = None, version: int = 3
+    fields: dict, entries: list[tuple[int, int]], streams: bytes = b"", body_length: int | None = None, version: int = 4
 ) -> bytes:  # fmt: skip
     """A file laid out as docs/FORMAT.md says, with a correct header CRC and whatever field values we like."""
     name = fields.get("name", b"tiny")
@@ -77,6 +77,9 @@ def build(
     elif version >= 3:
         knots = fields.get("tone_knots", math.isqrt(len(tone) // 6))
         body += bytes([knots]) + struct.pack(f"<{len(tone)}e", *tone)
+    if version >= 4:
+        matrix = fields.get("cam_to_srgb", (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+        body += struct.pack("<B9ff", fields.get("look", 0), *matrix, fields.get("white", 1.0))
     body += b"".join(struct.pack("<II", length, crc) for length, crc in entries)
     head = MAGIC + struct.pack("<HI", version, len(body) if body_length is None else body_length) + body
     return head + struct.pack("<I", zlib.crc32(head)) + streams
@@ -264,8 +267,8 @@ def test_bad_header_fields_are_named(fields, words):
 
 def test_other_format_version_is_rejected(valid):
     data = bytearray(valid[0])
-    data[8:10] = struct.pack("<H", 4)
-    assert "version 4" in reject(bytes(data))
+    data[8:10] = struct.pack("<H", 5)
+    assert "version 5" in reject(bytes(data))
 
 
 def test_version_1_and_2_files_still_read(tiny_codec):
@@ -276,6 +279,29 @@ def test_version_1_and_2_files_still_read(tiny_codec):
     tone = (1.25, 1.0, 0.75, 0.0, -0.125, 0.5)
     header2, _ = container.read(build({"digest": tiny_codec.digest, "tone": tone}, [(4, zlib.crc32(stream))], stream, version=2))
     assert header2.format_version == 2 and header2.tone == tone
+    # Version 3 has no look or development: clean, and the identity a non-skeleton model ignores.
+    header3, _ = container.read(build({"digest": tiny_codec.digest}, [(4, zlib.crc32(stream))], stream, version=3))
+    assert (header3.format_version, header3.look, header3.cam_to_srgb, header3.white) == (3, "clean", container.IDENTITY_MATRIX, 1.0)
+
+
+def test_look_and_development_round_trip(tiny_codec):
+    stream = b"\x01\x00\x00\x00"
+    matrix = tuple(float(v) for v in np.float32([1.75, -0.5, -0.25, -0.125, 1.5, -0.375, 0.0625, -0.5, 1.4375]))
+    data = build({"digest": tiny_codec.digest, "look": 1, "cam_to_srgb": matrix, "white": 0.375}, [(4, zlib.crc32(stream))], stream)
+    header, _ = container.read(data)
+    assert (header.format_version, header.look, header.cam_to_srgb, header.white) == (4, "faithful", matrix, 0.375)
+    assert container.write(dataclasses.replace(header, stream_lengths=(), stream_crcs=()), [stream]) == data
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [({"look": 2}, "look code 2"), ({"white": 0.0}, "white level"), ({"white": float("nan")}, "colour matrix"),
+     ({"cam_to_srgb": (1.0, 0.0, 0.0, 0.0, 1e6, 0.0, 0.0, 0.0, 1.0)}, "colour matrix")],
+)  # fmt: skip
+def test_bad_look_or_development_is_rejected(fields, words):
+    stream = b"\x01\x00\x00\x00"
+    message = reject(build(fields, [(4, zlib.crc32(stream))], stream))
+    assert "bad header" in message and words in message
 
 
 def test_tone_field_round_trips(tiny_codec):
@@ -283,7 +309,7 @@ def test_tone_field_round_trips(tiny_codec):
     tone = tuple(float(v) for v in np.float16(np.concatenate([np.linspace(0.8, 1.2, 48), np.linspace(-0.1, 0.1, 48)])))
     data = build({"digest": tiny_codec.digest, "tone": tone}, [(4, zlib.crc32(stream))], stream)
     header, _ = container.read(data)
-    assert header.format_version == 3 and header.tone == tone
+    assert header.format_version == 4 and header.tone == tone
     assert container.write(dataclasses.replace(header, stream_lengths=(), stream_crcs=()), [stream]) == data
     with pytest.raises(ValueError, match="float16"):
         container.write(dataclasses.replace(header, tone=(1.0001, 1, 1, 0, 0, 0)), [stream])
@@ -309,7 +335,7 @@ def test_a_tone_field_of_impossible_size_is_rejected(knots):
 
 def test_a_tone_field_longer_than_the_header_is_truncation():
     stream = b"\x01\x00\x00\x00"
-    assert "truncated" in reject(build({"tone": IDENTITY, "tone_knots": 2}, [(4, zlib.crc32(stream))], stream))
+    assert "truncated" in reject(build({"tone": IDENTITY, "tone_knots": 3}, [(4, zlib.crc32(stream))], stream))
 
 
 # ---------------------------------------------------------------------------------------------------------

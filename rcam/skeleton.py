@@ -1,0 +1,78 @@
+"""The classical skeleton of the decoder (SPEC §4): packed planes in the encoder's input space -> sRGB image.
+
+The encoder's input (rawio.normalise_planes) is the white-balanced camera mosaic, taken to linear sRGB per
+2x2 cell with the file's colour matrix, scaled by the auto-brightness level and sRGB-encoded; the two greens
+keep their difference. The skeleton undoes that per cell, puts the white-balanced camera values back into
+an RGGB mosaic, demosaics it at full resolution (Malvar, He and Cutler 2004: LibRaw's own order is white
+balance, demosaic, colour matrix, brightness, gamma) and applies the colour and tone again per pixel. Every
+step is a fixed, differentiable torch operation: the network reconstructs the planes and predicts only what
+this path gets wrong (LibRaw's AHD look, detail, noise and, for the clean look, the defects).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def srgb_to_linear(x: torch.Tensor) -> torch.Tensor:
+    """sRGB-encoded values -> linear light (same shape); negative inputs map to 0."""
+    return torch.where(x <= 0.04045, x.clamp(min=0.0) / 12.92, ((x.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4)
+
+
+def linear_to_srgb(x: torch.Tensor) -> torch.Tensor:
+    """Linear light -> sRGB-encoded values (same shape); negative inputs map to 0."""
+    return torch.where(x <= 0.0031308, 12.92 * x.clamp(min=0.0), 1.055 * x.clamp(min=0.0031308) ** (1 / 2.4) - 0.055)
+
+
+# Malvar-He-Cutler 5x5 kernels (×1/8): green at a red/blue site; red/blue at a green site whose row holds
+# that colour; the same along columns; red at a blue site and blue at a red site.
+_GREEN_AT_RED_BLUE = [[0, 0, -1, 0, 0], [0, 0, 2, 0, 0], [-1, 2, 4, 2, -1], [0, 0, 2, 0, 0], [0, 0, -1, 0, 0]]
+_ALONG_ROW = [[0, 0, 0.5, 0, 0], [0, -1, 0, -1, 0], [-1, 4, 5, 4, -1], [0, -1, 0, -1, 0], [0, 0, 0.5, 0, 0]]
+_ALONG_COLUMN = [list(column) for column in zip(*_ALONG_ROW)]
+_DIAGONAL = [[0, 0, -1.5, 0, 0], [0, 2, 0, 2, 0], [-1.5, 0, 6, 0, -1.5], [0, 2, 0, 2, 0], [0, 0, -1.5, 0, 0]]
+MALVAR_KERNELS = torch.tensor([_GREEN_AT_RED_BLUE, _ALONG_ROW, _ALONG_COLUMN, _DIAGONAL], dtype=torch.float32)[:, None] / 8
+
+
+def demosaic(packed: torch.Tensor) -> torch.Tensor:
+    """Malvar-He-Cutler demosaic of packed RGGB planes (B, 4, h, w) (R, G1, G2, B) -> RGB (B, 3, 2h, 2w)."""
+    mosaic = F.pixel_shuffle(packed, 2)
+    kernels = MALVAR_KERNELS.to(device=packed.device, dtype=packed.dtype)
+    # Reflection keeps each border pixel's CFA colour, as rawio's phase unification does.
+    filtered = F.pixel_unshuffle(F.conv2d(F.pad(mosaic, (2, 2, 2, 2), mode="reflect"), kernels), 2)
+    # filtered[:, 4k + p]: kernel k evaluated at CFA position p (0 = R, 1 = G1, 2 = G2, 3 = B).
+    red, green1, green2, blue = packed.unbind(1)
+    at = lambda kernel, position: filtered[:, 4 * kernel + position]  # noqa: E731
+    planes_r = torch.stack([red, at(1, 1), at(2, 2), at(3, 3)], 1)
+    planes_g = torch.stack([at(0, 0), green1, green2, at(0, 3)], 1)
+    planes_b = torch.stack([at(3, 0), at(2, 1), at(1, 2), blue], 1)
+    return torch.cat([F.pixel_shuffle(planes, 2) for planes in (planes_r, planes_g, planes_b)], 1)
+
+
+@dataclass(frozen=True)
+class Development:
+    """The colour and tone the encoder applied, which the skeleton applies again: per frame, from the header."""
+
+    cam_to_srgb: tuple[float, ...]  # 9 values, row-major (3, 3): white-balanced camera RGB -> linear sRGB
+    white: float  # auto-brightness level: linear sRGB value that becomes 1
+
+    def tensors(self, batch: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(matrix (B, 3, 3), white (B,)) float32 for `batch` tiles."""
+        matrix = torch.tensor(self.cam_to_srgb, dtype=torch.float32, device=device).view(1, 3, 3).expand(batch, 3, 3)
+        return matrix, torch.full((batch,), float(self.white), dtype=torch.float32, device=device)
+
+
+def develop(planes: torch.Tensor, cam_to_srgb: torch.Tensor, white: torch.Tensor) -> torch.Tensor:
+    """Encoder-space planes (B, 4, h, w) -> sRGB (B, 3, 2h, 2w) in [0, 1]; cam_to_srgb (B, 3, 3), white (B,)."""
+    linear = srgb_to_linear(planes) * white[:, None, None, None]
+    red, green1, green2, blue = linear.unbind(1)
+    green = 0.5 * (green1 + green2)
+    camera = torch.einsum("bij,bjhw->bihw", torch.linalg.inv(cam_to_srgb), torch.stack([red, green, blue], 1))
+    # The encoder shifted both greens by (sRGB green - camera green) of their cell: shift them back.
+    shift = green - camera[:, 1]
+    mosaic_planes = torch.stack([camera[:, 0], green1 - shift, green2 - shift, camera[:, 2]], 1)
+    camera_rgb = demosaic(mosaic_planes).clamp(0.0, 1.0)  # LibRaw clips at white after white balance
+    srgb = torch.einsum("bij,bjhw->bihw", cam_to_srgb, camera_rgb).clamp(0.0, 1.0)
+    return linear_to_srgb((srgb / white[:, None, None, None]).clamp(0.0, 1.0))
