@@ -46,10 +46,10 @@ GAIN_BOOST = 30.0
 torch.set_num_threads(1)
 
 
-def save_tiny_model(path, seed: int = 0) -> Path:
+def save_tiny_model(path, seed: int = 0, **config_changes) -> Path:
     """Save a tiny random model (with boosted gains, see GAIN_BOOST) as a .safetensors checkpoint."""
     torch.manual_seed(seed)
-    model = RealCamNet(TINY_CONFIG).eval()
+    model = RealCamNet(dataclasses.replace(TINY_CONFIG, **config_changes)).eval()
     with torch.no_grad():
         model.gains.log_gain += math.log(GAIN_BOOST)
         model.gains.log_inverse_gain -= math.log(GAIN_BOOST)

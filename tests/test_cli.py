@@ -124,7 +124,7 @@ def test_encode_decode_info_round_trip(run, tmp_path, make_dng, tiny_model_path)
     assert (status, err) == (0, "")
     assert "tiny" in out and "0.025" in out and "bpp" in out and "checksums" in out
     assert f"{reference.shape[1]}x{reference.shape[0]}" in out
-    assert "rcb v3" in out and "tone         6x6 field: gain R" in out
+    assert "rcb v4" in out and "tone         6x6 field: gain R" in out and "look         clean" in out
     assert part_files(tmp_path) == []
 
 

@@ -76,3 +76,66 @@ def test_the_skeleton_alone_comes_close_to_libraw_on_real_dngs(path):
     luma = reference.mean(axis=2)
     dark = luma <= np.percentile(luma, 5)
     assert abs(float(decoded[dark].astype(float).mean() - reference[dark].astype(float).mean())) < 2.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A skeleton model through the codec: looks, header, the estimator only for the clean look
+
+
+@pytest.fixture(scope="module")
+def skeleton_codec(tmp_path_factory):
+    from conftest import save_tiny_model
+    from rcam.zoo import load_codec
+
+    return load_codec(save_tiny_model(tmp_path_factory.mktemp("skeleton") / "tiny.safetensors", skeleton=True, vignetting=True))
+
+
+def test_an_untrained_skeleton_model_outputs_the_development_of_its_planes(skeleton_codec):
+    model = skeleton_codec.model
+    y_hat = torch.randn(2, model.config.latent_channels, 4, 4)
+    development = (torch.eye(3).expand(2, 3, 3) * 1.2, torch.tensor([0.5, 0.8]))
+    rgb, planes = model.synthesis_parts(y_hat, development, torch.tensor([0, 1]))
+    assert planes.shape == (2, 4, 32, 32) and rgb.shape == (2, 3, 64, 64)
+    assert torch.allclose(rgb, develop(planes, *development), atol=1e-6)  # the correction starts at zero
+
+
+def test_only_the_clean_look_divides_out_the_estimated_falloff(skeleton_codec):
+    model = skeleton_codec.model
+    x, coords, thumb = torch.rand(2, 4, 32, 32), torch.rand(2, 2, 32, 32), torch.rand(2, 4, 32, 32)
+    looks = torch.tensor([0, 1])
+    with torch.no_grad():
+        before = model.analysis(x, coords, thumb, looks)
+        saved = {k: v.clone() for k, v in model.vignetting.state_dict().items()}
+        model.vignetting.head[2].bias.fill_(-0.5)  # a strong falloff estimate everywhere
+        after = model.analysis(x, coords, thumb, looks)
+        model.vignetting.load_state_dict(saved)
+    assert not torch.allclose(before[0], after[0])  # clean: the estimate changes the input
+    assert torch.equal(before[1], after[1])  # faithful: the falloff stays in
+
+
+@pytest.mark.parametrize("look", ["clean", "faithful"])
+def test_both_looks_round_trip_and_are_recorded(skeleton_codec, make_dng, look):
+    from rcam import container
+    from rcam.codec import decode_bytes, encode_file
+
+    source = make_dng("scene.dng", 64, 96, cfa="GRBG")
+    encoded = encode_file(skeleton_codec, source, 0.01, look=look)
+    header, _ = container.read(encoded.data)
+    image = read_raw(source)
+    assert header.look == look and header.format_version == container.FORMAT_VERSION
+    assert header.cam_to_srgb == tuple(float(v) for v in np.float32(image.cam_to_srgb).ravel())
+    assert header.white == pytest.approx(auto_bright_white(image.planes, image.wb_gains, image.cam_to_srgb), rel=1e-6)
+    decoded = decode_bytes(skeleton_codec, encoded.data)
+    assert decoded.shape == reference_render(source).shape
+    assert np.array_equal(decoded, decode_bytes(skeleton_codec, encoded.data))
+
+
+def test_a_model_without_the_skeleton_refuses_the_faithful_look(tiny_codec, make_dng, run, tiny_model_path):
+    from rcam.codec import encode_file
+    from rcam.errors import RcamError
+
+    source = make_dng("scene.dng", 64, 96)
+    with pytest.raises(RcamError, match="renders the looks clean, not 'faithful'"):
+        encode_file(tiny_codec, source, 0.01, look="faithful")
+    status, _, err = run("encode", source, "--model", tiny_model_path, "--look", "faithful", "-o", source.with_suffix(".rcb"))
+    assert status == 2 and "not 'faithful'" in err and not source.with_suffix(".rcb").exists()

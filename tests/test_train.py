@@ -161,10 +161,10 @@ def test_fresh_defects_reproduce_the_synthesised_degradation_and_vary_per_patch(
     _, height, width = degraded.shape
     rng = np.random.default_rng(0)
     # Without defects: the clean twin's network input (a tiny frame is sampled at stride 1), to float16 storage.
-    x, thumb = fresh_crop(frame, 0, 0, max(height, width), TINY["thumbnail"], None, rng)
+    x, thumb, _ = fresh_crop(frame, 0, 0, max(height, width), TINY["thumbnail"], None, rng)
     assert torch.allclose(x, clean, atol=2e-3) and torch.allclose(thumb, thumbnail(clean, TINY["thumbnail"]), atol=2e-3)
     # With the pair's own defects: the degraded DNG's input up to the noise draw, far closer than the clean twin.
-    x, thumb = fresh_crop(frame, 0, 0, max(height, width), TINY["thumbnail"], DefectParams(**entry["defects"]), rng)
+    x, thumb, _ = fresh_crop(frame, 0, 0, max(height, width), TINY["thumbnail"], DefectParams(**entry["defects"]), rng)
     block_means = lambda planes: torch.nn.functional.avg_pool2d(planes[None], 8)[0]  # noise averages out
     degraded_thumb = block_means(thumbnail(degraded, TINY["thumbnail"]))
     clean_thumb = block_means(thumbnail(clean, TINY["thumbnail"]))
@@ -292,3 +292,30 @@ def test_moving_average_of_weights_is_validated_kept_across_resumes_and_exported
     with pytest.raises(RcamError, match="ema_decay"):
         train(replace(config, ema_decay=1.0, run_dir=str(tmp_path / "other")), images)
     assert not (tmp_path / "other").exists()
+
+
+def test_a_skeleton_model_fine_tunes_from_end_to_end_weights_with_both_looks(dataset, tmp_path):
+    # The stage-8 recipe in small: start from weights whose decoder ends in an RGB tail, leave the tail out,
+    # train both looks (faithful patches read the degraded DNG and target its own render) with the plane loss.
+    end_to_end = save_checkpoint(build_model(replace(CONFIGS["small"], **TINY)), tmp_path / "e2e.safetensors", total_steps=4)
+    config = TrainConfig(
+        dataset=str(dataset), run_dir=str(tmp_path / "run"), model_overrides=TINY | {"skeleton": True}, steps=2, batch_size=4,
+        patch=32, threads=1, val_every=0, init_from=str(end_to_end), init_exclude=["tail."], faithful_fraction=0.5,
+        clean_fraction=0.3, plane_weight=1.0, seed=3,
+    )  # fmt: skip
+    images = load_dataset(dataset, TINY["thumbnail"], with_clean=True, faithful=True)
+    assert all(image.faithful_target is not None and image.faithful_target.shape == image.target.shape for image in images)
+    # The degraded file's own render differs from the clean twin's: the looks have different targets.
+    assert not torch.equal(images[0].faithful_target, images[0].target)
+    batch = sample_batch(images, 64, 32, True, np.random.default_rng(0), 0.3, TINY["thumbnail"], 0.5)
+    assert 10 < int(batch["look"].sum()) < 54 and batch["cam_to_srgb"].shape == (64, 3, 3) and bool((batch["white"] > 0).all())
+    checkpoint = train(config, images)
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["step"] == 2 and "plane_head.weight" in state["model"] and "tail.weight" not in state["model"]
+    # The correction head started at zero and has moved.
+    assert float(state["model"]["correction.weight"].abs().sum()) > 0
+    codec = load_codec(export_checkpoint(checkpoint, "tiny-skeleton", tmp_path / "weights"))
+    raw = dataset.parent / json.loads(dataset.read_text().splitlines()[0])["degraded"]
+    for look in ("clean", "faithful"):
+        decoded = decode_bytes(codec, encode_file(codec, raw, 0.01, look=look).data)
+        assert decoded.shape[2] == 3 and np.isfinite(decoded).all()
