@@ -1,5 +1,8 @@
 """bpp and PSNR of rcam at several λ: real DNGs against their reference render, synthetic pairs against their target.
 
+Real DNGs are encoded in the faithful look where the model has it (their reference keeps noise and falloff),
+synthetic pairs in the clean look.
+
     .venv/bin/python bench/real_dngs.py [../shared/data/raw] [--lambdas 0.005,0.01,0.025] [--model rcam-small]
         [--pairs cache/synth_val/index.jsonl] [--no-raw] [--no-tone-fit] [--threads N]
 
@@ -65,10 +68,12 @@ def main() -> None:
     for set_name, path, target in items(args):
         # Once per file: the score's reference (real files: their own render) and the tone fit's.
         reference = np.asarray(Image.open(target).convert("RGB")) if target else reference_render(path)
-        render = None if args.no_tone_fit else tone_reference(codec, path)
+        # Real files in the faithful look (their target is their own render) where the model has it, pairs clean.
+        look = "faithful" if target is None and "faithful" in codec.model.config.looks else "clean"
+        render = None if args.no_tone_fit else tone_reference(codec, path, look=look)
         for lam in (float(v) for v in args.lambdas.split(",")):
             start = time.perf_counter()
-            encoded = encode_file(codec, path, lam, tone_fit=not args.no_tone_fit, reference=render)
+            encoded = encode_file(codec, path, lam, tone_fit=not args.no_tone_fit, reference=render, look=look)
             middle = time.perf_counter()
             decoded = quantize(decode_bytes(codec, encoded.data), 8)
             end = time.perf_counter()
