@@ -111,6 +111,17 @@ def test_internal_error_exits_1(run, tmp_path, make_dng, tiny_model_path, monkey
     assert not (tmp_path / "out.rcb").exists()
 
 
+def info_fields(out: str) -> dict[str, str]:
+    """`rcam info` of one file as label -> value; the contract is a two-column table whose values line up, not
+    the number of spaces."""
+    lines = out.rstrip("\n").splitlines()[1:]  # the first line names the file
+    labels = [line.split()[0] for line in lines]
+    starts = {line.index(label) + len(label) + len(line[line.index(label) + len(label) :]) - len(line[line.index(label) + len(label) :].lstrip()) for line, label in zip(lines, labels)}
+    assert len(starts) == 1, out  # every value starts in the same column
+    column = starts.pop()
+    return {label: line[column:] for line, label in zip(lines, labels)}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Successful runs and output safety
 
@@ -129,7 +140,8 @@ def test_encode_decode_info_round_trip(run, tmp_path, make_dng, tiny_model_path)
     assert (status, err) == (0, "")
     assert "tiny" in out and "0.025" in out and "bpp" in out and "checksums" in out
     assert f"{reference.shape[1]}x{reference.shape[0]}" in out
-    assert "rcb v3" in out and "tone         6x6 field: gain R" in out
+    fields = info_fields(out)
+    assert fields["format"].startswith("rcb v3") and fields["tone"].startswith("6x6 field: gain R")
     assert part_files(tmp_path) == []
 
 
@@ -138,7 +150,7 @@ def test_encode_without_tone_fit(run, tmp_path, make_dng, tiny_model_path):
     assert run("encode", source, "--model", tiny_model_path, "-o", encoded, "--no-tone-fit")[0] == 0
     assert container.read(encoded.read_bytes())[0].tone == IDENTITY
     status, out, _ = run("info", encoded)
-    assert status == 0 and "tone         none" in out
+    assert status == 0 and info_fields(out)["tone"] == "none"
 
 
 def test_outputs_get_normal_permissions(run, tmp_path, make_dng, tiny_model_path):
