@@ -13,14 +13,15 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES as TINY
 
-from rcam.codec import estimated_falloff, tone_reference
+from rcam import container
+from rcam.codec import decode_bytes, decode_latents, encode_file, estimated_falloff, tone_reference
 from rcam.errors import RcamError
 from rcam.layers import devignette, log_gain_at
 from rcam.models import CONFIGS, build_model
 from rcam.rawio import read_raw, reference_render
 from rcam.tiling import Tile, coordinate_map
 from rcam.train import TrainConfig, load_dataset, pretrain_vignetting, rd_loss, sample_lambdas, train, vignetting_examples
-from rcam.zoo import codec_from_model, save_checkpoint
+from rcam.zoo import codec_from_model, load_codec, save_checkpoint
 
 def test_log_gain_map_follows_absolute_position_across_tiles():
     grid = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8) * -0.01
@@ -213,3 +214,22 @@ def test_the_codec_loss_sends_no_gradient_to_the_estimator():
     model.zero_grad(set_to_none=True)
     devignette(x, log_gain_at(model.vignetting(thumb), coords)).sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vignetting.parameters())
+
+
+def test_tiny_model_with_the_estimator_round_trips(tmp_path, make_dng):
+    """The estimator path as rcam-small ships it, in a tiny model: saved, loaded, encoded with the falloff
+    divided out (tone fitted to tone_reference), decoded exactly and deterministically."""
+    codec = _codec_with_fixed_falloff(0.5)
+    weights = save_checkpoint(codec.model, tmp_path / "estimator.safetensors")
+    loaded = load_codec(str(weights))
+    assert loaded.model.vignetting is not None
+    path = make_dng(height=64, width=96, cfa="GBRG", orientation=6)
+    encoded = encode_file(loaded, path, 0.01)
+    assert encoded.data == encode_file(loaded, path, 0.01, reference=tone_reference(loaded, path)).data
+    assert encoded.data != encode_file(loaded, path, 0.01, reference=reference_render(path)).data  # the falloff counts
+    header, streams = container.read(encoded.data)
+    for sent, received in zip(encoded.latents, decode_latents(loaded, header, streams)):
+        assert torch.equal(sent.y_hat, received.y_hat)
+    decoded = decode_bytes(loaded, encoded.data)
+    assert decoded.shape == reference_render(path).shape
+    np.testing.assert_array_equal(decoded, decode_bytes(loaded, encoded.data))
