@@ -273,6 +273,9 @@ def train(config, steps, device) -> None:
         settings = replace(settings, device=device)
     checkpoint = run_training(settings)
     click.echo(f"checkpoint: {checkpoint}")
+    if torch.load(checkpoint, map_location="cpu", weights_only=True)["step"] < settings.steps:
+        # Ctrl-C (or SIGTERM): the checkpoint is saved, but the run did not finish; a script must not go on as if it had.
+        raise click.exceptions.Abort()
 
 
 @cli.command()

@@ -177,6 +177,8 @@ def read(data: bytes) -> tuple[Header, list[bytes]]:
         raise RcamError("checksum mismatch in header")
     fields = _Reader(body)
     name_length = fields.take(1, "header")[0]
+    if not 1 <= name_length <= MAX_NAME:  # FORMAT.md: 1..64, as the writer enforces
+        raise RcamError(f"bad header: model name of {name_length} bytes, expected 1 to {MAX_NAME}")
     name_bytes = fields.take(name_length, "header")
     try:
         model_name = name_bytes.decode("ascii")

@@ -10,6 +10,7 @@ or column at the bottom/right. The decoder crops the same amounts off again.
 from __future__ import annotations
 
 import os
+import struct
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -49,7 +50,7 @@ class RawImage:
 
 
 def _open(path: Path) -> rawpy.RawPy:
-    """Open and unpack a RAW file, turning every LibRaw failure into an RcamError."""
+    """Open and unpack a RAW file, turning every LibRaw failure into an RcamError that says which failure it is."""
     path = Path(path)
     if not path.exists():
         raise RcamError(f"{path}: no such file")
@@ -69,16 +70,89 @@ def _open(path: Path) -> rawpy.RawPy:
                 )
             raw.unpack()
         except (rawpy.LibRawFileUnsupportedError, rawpy.LibRawIOError):
+            # LibRaw says only "unsupported" or "I/O error" whatever went wrong; the file's own structure
+            # tells a text file from a truncated or oversized DNG.
+            if reason := _diagnose(path):
+                raise RcamError(f"{path}: {reason}") from None
             if remark := remarks():
                 raise RcamError(f"{path}: truncated or damaged (LibRaw: {remark})") from None
-            raise RcamError(
-                f"{path}: not a RAW file LibRaw can read (unknown format, truncated, or a side under 22 or over 64000 pixels)"
-            ) from None
+            raise RcamError(f"{path}: not a RAW file LibRaw can read (a format it does not know, or damaged)") from None
         except rawpy.LibRawError as error:
             raise RcamError(f"{path}: LibRaw cannot read it ({_libraw_message(error)})") from None
         if remark := remarks():  # LibRaw went on past a data error: the pixels are not what the camera recorded
-            raise RcamError(f"{path}: damaged RAW data (LibRaw: {remark})")
+            reason = _diagnose(path)
+            raise RcamError(f"{path}: {reason or 'damaged RAW data'} (LibRaw: {remark})")
     return raw
+
+
+# LibRaw refuses images with a side outside these (LibRaw 0.22: 21 and 64001 are refused, 22 and 64000 read).
+LIBRAW_MIN_SIDE = 22
+LIBRAW_MAX_SIDE = 64000
+_TIFF_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
+_TAG_SUBFILE, _TAG_WIDTH, _TAG_LENGTH, _TAG_BITS, _TAG_COMPRESSION = 254, 256, 257, 258, 259
+_TAG_STRIP_OFFSETS, _TAG_STRIP_BYTES = 273, 279
+
+
+def _diagnose(path: Path) -> str | None:
+    """Why LibRaw refused a file, from its first bytes and (for TIFF-based RAW, DNG included) its first IFD.
+
+    None when nothing here explains it (then LibRaw's own remark is all there is). Reads at most the IFD and
+    the values it points to, never the image data.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if head[:2] not in (b"II", b"MM"):
+            return _not_tiff(head + handle.read(504))
+        order = "<" if head[:2] == b"II" else ">"
+        if len(head) < 8:
+            return f"truncated: the file ends inside its 8-byte TIFF header ({size} bytes)"
+        magic, ifd = struct.unpack(order + "HI", head[2:8])
+        if magic != 42:  # BigTIFF and the RAW formats that only start like TIFF (ORF, RW2): LibRaw knows best
+            return None
+        handle.seek(ifd)
+        count_bytes = handle.read(2)
+        if len(count_bytes) < 2:
+            return f"truncated: its first IFD (at byte {ifd}) lies past the end of the file ({size} bytes)"
+        (count,) = struct.unpack(order + "H", count_bytes)
+        entries = handle.read(12 * count)
+        if len(entries) < 12 * count:
+            return f"truncated: the file ends inside its first IFD ({count} entries from byte {ifd}, file {size} bytes)"
+        values: dict[int, list[int]] = {}
+        for number in range(count):
+            code, kind, items, inline = struct.unpack_from(order + "HHI4s", entries, 12 * number)
+            length = _TIFF_TYPE_SIZES.get(kind, 1) * items
+            if length > 4 and struct.unpack(order + "I", inline)[0] + length > size:
+                return f"truncated: the values of TIFF tag {code} lie past the end of the file ({size} bytes)"
+            if kind in (3, 4) and length <= 4:
+                values[code] = list(struct.unpack(order + ("H" if kind == 3 else "I") * items, inline[:length]))
+            elif kind in (3, 4) and code in (_TAG_STRIP_OFFSETS, _TAG_STRIP_BYTES):
+                handle.seek(struct.unpack(order + "I", inline)[0])
+                values[code] = list(struct.unpack(order + ("H" if kind == 3 else "I") * items, handle.read(length)))
+    if values.get(_TAG_SUBFILE, [0])[0] != 0 or _TAG_WIDTH not in values or _TAG_LENGTH not in values:
+        return None  # the first IFD is a preview: the RAW image is elsewhere
+    width, height = values[_TAG_WIDTH][0], values[_TAG_LENGTH][0]
+    if min(width, height) < LIBRAW_MIN_SIDE:
+        return f"declares a {width}x{height} image, under the {LIBRAW_MIN_SIDE} pixels a side LibRaw reads"
+    if max(width, height) > LIBRAW_MAX_SIDE:
+        return f"declares a {width}x{height} image, over the {LIBRAW_MAX_SIDE} pixels a side LibRaw reads"
+    offsets, counts = values.get(_TAG_STRIP_OFFSETS, []), values.get(_TAG_STRIP_BYTES, [])
+    if any(offset + length > size for offset, length in zip(offsets, counts)):
+        return f"truncated: its image data runs past the end of the file ({size} bytes)"
+    if values.get(_TAG_COMPRESSION, [1])[0] == 1 and counts:  # uncompressed: the declared size must be there
+        needed = width * height * values.get(_TAG_BITS, [16])[0] // 8
+        if needed > sum(counts):
+            return f"truncated: declares a {width}x{height} image ({needed} bytes) but holds {sum(counts)} bytes of it"
+    return None
+
+
+def _not_tiff(head: bytes) -> str | None:
+    """What a file that is not TIFF-structured seems to be, from its first bytes."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "a JPEG image, not a RAW file"
+    if all(32 <= byte < 127 or byte in b"\t\r\n" for byte in head):
+        return "a text file, not a RAW file"
+    return None  # some other RAW format (RAF, CR3, ...), perhaps damaged: LibRaw's word stands
 
 
 @contextmanager

@@ -90,7 +90,7 @@ class TrainConfig:
         try:
             values = json.loads(Path(path).read_text())
             return TrainConfig(**values)
-        except (OSError, json.JSONDecodeError, TypeError) as error:
+        except (OSError, ValueError, TypeError) as error:  # ValueError: bad JSON, or not text at all (UnicodeDecodeError)
             raise RcamError(f"{path}: not a valid training config ({error})") from None
 
     def model_config(self) -> ModelConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,8 +185,9 @@ def export_checkpoint(checkpoint: Path, name: str = DEFAULT_MODEL, weights_dir: 
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         config = ModelConfig(**state["model_config"])
-    except (OSError, RuntimeError, KeyError, TypeError) as error:
-        raise RcamError(f"{checkpoint}: not an rcam training checkpoint ({error})") from None
+    except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError, EOFError) as error:
+        # A file that is not a torch checkpoint at all (e.g. the JSON config) fails to unpickle.
+        raise RcamError(f"{checkpoint}: not an rcam training checkpoint ({str(error).splitlines()[0]})") from None
     model = RealCamNet(config)
     model.load_state_dict(checkpoint_weights(state))
     steps = int(state["step"])

@@ -281,3 +281,36 @@ def truncation_points(path) -> dict[str, int]:
         "image data": data_start + data_length // 2,
         "last byte": size - 1,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real sensor data
+
+RAW_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "raw"
+
+
+def real_dng_crop(source: Path, path: Path, height: int, width: int) -> Path:
+    """A Bayer DNG holding the central height x width of a real DNG's visible mosaic, with its CFA, black and
+    white levels, as-shot neutral and ColorMatrix1: the camera's own data at a size a test can code quickly."""
+    with tifffile.TiffFile(source) as tiff:
+        tags = tiff.pages[0].tags  # DNG keeps the colour tags in IFD0, the mosaic in a SubIFD
+        ratio = lambda values: [n / d for n, d in zip(values[0::2], values[1::2])]  # noqa: E731
+        matrix = np.array(ratio(tags["ColorMatrix1"].value)).reshape(3, 3)
+        neutral = tuple(ratio(tags["AsShotNeutral"].value))
+    import rawpy  # noqa: PLC0415 (only this helper needs LibRaw directly)
+
+    with rawpy.imread(str(source)) as raw:
+        visible, pattern, desc = raw.raw_image_visible, raw.raw_pattern, raw.color_desc.decode()
+        # Even offsets keep the CFA phase; the crop's pattern is then the file's own.
+        top, left = (visible.shape[0] - height) // 4 * 2, (visible.shape[1] - width) // 4 * 2
+        mosaic = visible[top : top + height, left : left + width].copy()
+        cfa = "".join(desc[pattern[y, x]] for y in range(2) for x in range(2))
+        black = [raw.black_level_per_channel[pattern[y, x]] for y in range(2) for x in range(2)]
+        white = int(raw.white_level)
+    return write_bayer_dng(path, mosaic, cfa=cfa, black_level=black, white_level=white, as_shot_neutral=neutral, xyz_to_camera=matrix)
+
+
+@pytest.fixture(scope="session")
+def shipped_codec():
+    """The model rcam uses by default (weights/manifest.json), whatever its architecture."""
+    return load_codec()

@@ -48,26 +48,31 @@ def test_script_encode_exits_0_with_clean_stderr(tmp_path, make_dng, tiny_model_
     assert (header.output_height, header.output_width) == (48, 64)
 
 
+# What each bad input's one line must say: each names its own problem, not a catch-all.
+BAD_INPUT_REASONS = {
+    "text": "a text file, not a RAW file",
+    "empty": "empty file",
+    "jpeg": "a JPEG image, not a RAW file",
+    "linear": "not a Bayer RAW (linear or demosaiced data)",
+    "xtrans": "6x6 CFA",
+    "cmyg": "with 4 colours is not RGB Bayer",
+    "too-small": "declares a 16x16 image, under the 22 pixels a side LibRaw reads",
+}
+
+
 @pytest.mark.parametrize("kind", sorted(BAD_INPUTS))
 def test_bad_input_exits_2_with_one_line(run, tmp_path, tiny_model_path, kind):
     source = BAD_INPUTS[kind](tmp_path)
     target = tmp_path / "out.rcb"
     status, out, err = run("encode", source, "--model", tiny_model_path, "-o", target)
     assert status == 2
-    check_one_error_line(err, source)
+    line = check_one_error_line(err, source)
+    assert BAD_INPUT_REASONS[kind] in line, line
+    # No other kind's reason fits this file too (a catch-all message would).
+    assert [other for other, reason in BAD_INPUT_REASONS.items() if reason in line] == [kind], line
     assert out == ""
     assert not target.exists()
     assert part_files(tmp_path) == []
-
-
-@pytest.mark.parametrize("kind", ["bayer", "linear", "xtrans", "cmyg"])
-def test_non_bayer_errors_say_why(run, tmp_path, tiny_model_path, kind):
-    source = {"bayer": too_small_dng, "linear": linear_dng, "xtrans": xtrans_dng, "cmyg": cmyg_dng}[kind](tmp_path)
-    status, _, err = run("encode", source, "--model", tiny_model_path, "-o", tmp_path / "out.rcb")
-    assert status == 2
-    line = check_one_error_line(err, source)
-    expected = {"bayer": "LibRaw", "linear": "Bayer", "xtrans": "6x6", "cmyg": "Bayer"}[kind]
-    assert expected in line
 
 
 @pytest.mark.parametrize("command", ["decode", "info"])
@@ -106,6 +111,17 @@ def test_internal_error_exits_1(run, tmp_path, make_dng, tiny_model_path, monkey
     assert not (tmp_path / "out.rcb").exists()
 
 
+def info_fields(out: str) -> dict[str, str]:
+    """`rcam info` of one file as label -> value; the contract is a two-column table whose values line up, not
+    the number of spaces."""
+    lines = out.rstrip("\n").splitlines()[1:]  # the first line names the file
+    labels = [line.split()[0] for line in lines]
+    starts = {line.index(label) + len(label) + len(line[line.index(label) + len(label) :]) - len(line[line.index(label) + len(label) :].lstrip()) for line, label in zip(lines, labels)}
+    assert len(starts) == 1, out  # every value starts in the same column
+    column = starts.pop()
+    return {label: line[column:] for line, label in zip(lines, labels)}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Successful runs and output safety
 
@@ -124,7 +140,9 @@ def test_encode_decode_info_round_trip(run, tmp_path, make_dng, tiny_model_path)
     assert (status, err) == (0, "")
     assert "tiny" in out and "0.025" in out and "bpp" in out and "checksums" in out
     assert f"{reference.shape[1]}x{reference.shape[0]}" in out
-    assert "rcb v4" in out and "tone         6x6 field: gain R" in out and "look         clean" in out
+    fields = info_fields(out)
+    assert fields["format"].startswith(f"rcb v{container.FORMAT_VERSION}") and fields["tone"].startswith("6x6 field: gain R")
+    assert fields["look"].startswith("clean")
     assert part_files(tmp_path) == []
 
 
@@ -133,7 +151,7 @@ def test_encode_without_tone_fit(run, tmp_path, make_dng, tiny_model_path):
     assert run("encode", source, "--model", tiny_model_path, "-o", encoded, "--no-tone-fit")[0] == 0
     assert container.read(encoded.read_bytes())[0].tone == IDENTITY
     status, out, _ = run("info", encoded)
-    assert status == 0 and "tone         none" in out
+    assert status == 0 and info_fields(out)["tone"] == "none"
 
 
 def test_outputs_get_normal_permissions(run, tmp_path, make_dng, tiny_model_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import struct
 import tracemalloc
 import zlib
@@ -127,7 +128,8 @@ def test_random_bytes_are_rejected(data):
 @FUZZ
 @given(st.integers(0, 2000), st.binary(max_size=400))
 def test_random_bytes_after_a_valid_prefix_are_rejected(body_length, rest):
-    reject(MAGIC + struct.pack("<HI", 1, body_length) + rest)
+    # Almost always refused at the header CRC; test_fuzzed_fields_behind_a_valid_checksum_are_checked gets past it.
+    reject(MAGIC + struct.pack("<HI", container.FORMAT_VERSION, body_length) + rest)
 
 
 @FUZZ
@@ -140,6 +142,100 @@ def test_random_damage_is_rejected_by_the_decoder(tiny_codec, valid, data):
         damaged[position] ^= data.draw(st.integers(1, 255))
     with pytest.raises(RcamError):
         codec.decode_bytes(tiny_codec, bytes(damaged))
+
+
+# Field values near the valid ones and anywhere in each field's range: most files then pass the signature
+# and the CRC (computed over whatever was drawn) and reach the field checks behind them.
+U8, U16, U32 = st.integers(0, 2**8 - 1), st.integers(0, 2**16 - 1), st.integers(0, 2**32 - 1)
+FIELDS = {
+    "name": st.one_of(st.just(b"tiny"), st.binary(max_size=70)),
+    "lam": st.one_of(st.just(0.01), st.floats(width=32)),
+    "sensor_height": st.one_of(st.sampled_from([2, 63, 64, 65]), U32),
+    "sensor_width": st.one_of(st.sampled_from([2, 96, 97]), U32),
+    "pad_top": st.one_of(st.sampled_from([0, 1]), U8),
+    "pad_left": st.one_of(st.sampled_from([0, 1]), U8),
+    "flip": st.one_of(st.sampled_from([0, 5, 6]), U8),
+    "output_height": st.one_of(st.sampled_from([64, 96]), U32),
+    "output_width": st.one_of(st.sampled_from([64, 96]), U32),
+    "tile_height": st.one_of(st.sampled_from([32, 64, 96]), U16),
+    "tile_width": st.one_of(st.sampled_from([32, 64, 96]), U16),
+    "overlap": st.one_of(st.sampled_from([0, 32]), U16),
+    "tile_rows": st.one_of(st.sampled_from([1, 2]), U16),
+    "tile_cols": st.one_of(st.sampled_from([1, 2]), U16),
+    "stream_count": st.one_of(st.sampled_from([1, 2, 4]), U32),
+    "look": st.one_of(st.sampled_from([0, 1]), U8),
+    "white": st.one_of(st.just(0.25), st.floats(width=32)),
+    "cam_to_srgb": st.one_of(
+        st.just((1.5, -0.25, -0.25, -0.125, 1.25, -0.125, 0.0, -0.5, 1.5)), st.tuples(*[st.floats(width=32)] * 9)
+    ),
+}
+
+
+@st.composite
+def headers(draw):
+    """(fields for build(), table entries, stream bytes) with any subset of the fields drawn at random."""
+    # Each field drawn one time in eight, the others left valid: mostly files with one or two bad fields.
+    fields = {name: draw(strategy) for name, strategy in FIELDS.items() if draw(st.integers(0, 7)) == 0}
+    knots = draw(st.one_of(st.sampled_from([1, 2, 6]), U8))
+    half = 3 * min(knots, 17) ** 2
+    kind = draw(st.sampled_from(["in range", "in range", "any"]))
+    if kind == "in range":  # gains in [0.5, 2], offsets in [-0.5, 0.5], as float16
+        gains = draw(st.lists(st.floats(0.5, 2.0, width=16), min_size=half, max_size=half))
+        offsets = draw(st.lists(st.floats(-0.5, 0.5, width=16), min_size=half, max_size=half))
+    else:  # any float16, NaN and infinities included
+        gains = draw(st.lists(st.floats(width=16), min_size=half, max_size=half))
+        offsets = draw(st.lists(st.floats(width=16), min_size=half, max_size=half))
+    fields["tone"] = tuple(gains + offsets)
+    fields["tone_knots"] = knots
+    # As many streams as the grid has tiles where that is few, so that the stream count is not all it checks.
+    tiles = fields.get("tile_rows", 1) * fields.get("tile_cols", 1)
+    number = tiles if tiles <= 4 else draw(st.integers(0, 4))
+    streams = draw(st.lists(st.binary(min_size=0, max_size=12), min_size=number, max_size=number))
+    entries = [(len(stream), zlib.crc32(stream)) for stream in streams]
+    if entries and draw(st.integers(0, 3)) == 0:  # a table entry that lies about its stream
+        index = draw(st.integers(0, len(entries) - 1))
+        entries[index] = (draw(U32), draw(U32))
+    return fields, entries, b"".join(streams)
+
+
+def test_fuzzed_fields_behind_a_valid_checksum_are_checked():
+    """Current-version headers with a correct CRC and random field values: RcamError naming the field, or a file
+    that the writer would write byte for byte."""
+    outcomes = []
+
+    @settings(FUZZ, max_examples=200)
+    @given(headers())
+    def check(drawn):
+        fields, entries, streams = drawn
+        data = build(fields, entries, streams)
+        try:
+            header, parsed = container.read(data)
+        except RcamError as error:
+            message = str(error)
+            assert "checksum mismatch in header" not in message and "signature" not in message, message
+            outcomes.append(re.sub(r"[-+\d.]+|nan|inf", "#", message)[:40])  # the kind of error, without its numbers
+            return
+        outcomes.append("accepted")
+        assert header.format_version == container.FORMAT_VERSION
+        assert container.write(dataclasses.replace(header, stream_lengths=(), stream_crcs=()), parsed) == data
+
+    check()
+    # The fuzzing reached the field parser: files were refused for their fields, not just at the CRC.
+    assert "accepted" in outcomes, sorted(set(outcomes))
+    assert sum(outcome.startswith("bad header") for outcome in set(outcomes)) >= 5, sorted(set(outcomes))
+
+
+@FUZZ
+@given(st.binary(max_size=400))
+def test_random_header_body_behind_a_valid_checksum_is_rejected_or_read(body):
+    head = MAGIC + struct.pack("<HI", container.FORMAT_VERSION, len(body)) + body
+    data = head + struct.pack("<I", zlib.crc32(head))
+    try:
+        header, streams = container.read(data)
+    except RcamError as error:
+        assert "checksum mismatch in header" not in str(error)
+    else:  # possible in principle (e.g. a valid header with empty streams): then it must be consistent
+        assert len(streams) == header.tile_rows * header.tile_cols
 
 
 def test_truncation_at_every_offset(valid):
@@ -257,6 +353,8 @@ def test_huge_stream_length_is_rejected():
         ({"lam": float("nan")}, "lambda"),
         ({"lam": 5.0}, "lambda"),
         ({"name": b"\xff\xfe"}, "ASCII"),
+        ({"name": b""}, "model name of 0 bytes"),  # found by test_fuzzed_fields_behind_a_valid_checksum_are_checked
+        ({"name": b"m" * 65}, "model name of 65 bytes"),
     ],
 )
 def test_bad_header_fields_are_named(fields, words):

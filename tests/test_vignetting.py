@@ -3,6 +3,7 @@ its examples carry the true falloff, and training pre-trains it, keeps it out of
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import replace
@@ -12,14 +13,15 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES as TINY
 
-from rcam.codec import estimated_falloff, tone_reference
+from rcam import container
+from rcam.codec import decode_bytes, decode_latents, encode_file, estimated_falloff, tone_reference
 from rcam.errors import RcamError
 from rcam.layers import devignette, log_gain_at
 from rcam.models import CONFIGS, build_model
 from rcam.rawio import read_raw, reference_render
 from rcam.tiling import Tile, coordinate_map
-from rcam.train import TrainConfig, load_dataset, train, vignetting_examples
-from rcam.zoo import codec_from_model, save_checkpoint
+from rcam.train import TrainConfig, load_dataset, pretrain_vignetting, rd_loss, sample_lambdas, train, vignetting_examples
+from rcam.zoo import codec_from_model, load_codec, save_checkpoint
 
 def test_log_gain_map_follows_absolute_position_across_tiles():
     grid = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8) * -0.01
@@ -139,28 +141,43 @@ def test_reference_render_without_a_falloff(make_dng):
     assert not np.array_equal(tone_reference(codec, path), plain)
 
 
-def test_training_pretrains_the_estimator_keeps_it_out_of_the_codec_loss_and_resumes(dataset, tmp_path):
+def test_training_pretrains_the_estimator_keeps_it_out_of_the_codec_loss_and_resumes(dataset, tmp_path, monkeypatch):
     weights = tmp_path / "start.safetensors"
     save_checkpoint(build_model(replace(CONFIGS["small"], **TINY)), weights)  # weights without an estimator
     config = TrainConfig(
         dataset=str(dataset), run_dir=str(tmp_path / "run"), model_overrides=TINY | {"vignetting": True}, steps=2,
         batch_size=2, patch=32, checkpoint_every=1, log_every=1, threads=1, val_every=0, fresh_defects=True,
-        init_from=str(weights), vignetting_examples=16, vignetting_pretrain_steps=4, vignetting_batch=4,
+        init_from=str(weights), vignetting_examples=16, vignetting_pretrain_steps=20, vignetting_batch=4,
     )  # fmt: skip
     with pytest.raises(RcamError, match="fresh_defects"):
         train(replace(config, fresh_defects=False))
     assert not (tmp_path / "run" / "last.pt").exists()
     images = load_dataset(dataset, TINY["thumbnail"], fresh_defects=True)
-    torch.manual_seed(0)
-    untrained = build_model(replace(CONFIGS["small"], **TINY, vignetting=True)).vignetting.state_dict()
+    # The estimator train() builds, as it was just before and just after its pre-training, and its examples.
+    seen = {}
+
+    def watched_pretraining(estimator, optimizer, examples, *args):
+        seen["before"] = copy.deepcopy(estimator.state_dict())
+        seen["examples"] = examples
+        pretrain_vignetting(estimator, optimizer, examples, *args)
+        seen["after"] = copy.deepcopy(estimator.state_dict())
+
+    monkeypatch.setattr("rcam.train.pretrain_vignetting", watched_pretraining)
     checkpoint = train(config, images)
     state = torch.load(checkpoint, weights_only=True)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert [r["vignetting_pretrain_step"] for r in log if "vignetting_pretrain_step" in r] == [1, 2, 3, 4]
+    assert [r["vignetting_pretrain_step"] for r in log if "vignetting_pretrain_step" in r] == list(range(1, 21))
     steps = [r for r in log if "step" in r]
     assert [r["step"] for r in steps] == [1, 2] and all(np.isfinite(r["vignetting"]) for r in steps)
-    trained = {k[len("vignetting.") :]: v for k, v in state["model"].items() if k.startswith("vignetting.")}
-    assert any(not torch.equal(trained[k], untrained[k]) for k in untrained)
+    # Pre-training moved the estimator it was given, towards the examples' true falloff.
+    untrained, pretrained = build_model(replace(CONFIGS["small"], **TINY, vignetting=True)).vignetting, None
+    untrained.load_state_dict(seen["before"])
+    pretrained = copy.deepcopy(untrained)
+    pretrained.load_state_dict(seen["after"])
+    thumbnails, log_gains = seen["examples"]
+    with torch.no_grad():
+        error = lambda estimator: float(((estimator(thumbnails.float()) - log_gains) ** 2).mean())  # noqa: E731
+        assert error(pretrained) < error(untrained)
     # The codec's optimizer does not hold the estimator: its loss never moves it.
     model = build_model(replace(CONFIGS["small"], **TINY, vignetting=True))
     codec_parameters = [name for name, _ in model.named_parameters() if not name.startswith("vignetting.")]
@@ -169,7 +186,7 @@ def test_training_pretrains_the_estimator_keeps_it_out_of_the_codec_loss_and_res
     # Resuming continues at step 2 without pre-training again.
     train(replace(config, steps=3), images)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert len([r for r in log if "vignetting_pretrain_step" in r]) == 4
+    assert len([r for r in log if "vignetting_pretrain_step" in r]) == 20
     assert [r["step"] for r in log if "step" in r] == [1, 2, 3]
     # Fine-tuning from weights that have a trained estimator does not pre-train it again.
     train(replace(config, run_dir=str(tmp_path / "again"), init_from=str(checkpoint)), images)
@@ -178,3 +195,41 @@ def test_training_pretrains_the_estimator_keeps_it_out_of_the_codec_loss_and_res
     # ... unless told to leave its estimator out: then a new one is pre-trained.
     train(replace(config, run_dir=str(tmp_path / "new"), init_from=str(checkpoint), init_exclude=["vignetting."]), images)
     assert "vignetting_pretrain_step" in (tmp_path / "new" / "log.jsonl").read_text()
+
+
+def test_the_codec_loss_sends_no_gradient_to_the_estimator():
+    """The estimator learns from its own loss only: the codec's rate-distortion loss leaves its gradients empty."""
+    model = build_model(replace(CONFIGS["small"], **TINY, vignetting=True)).train()
+    # A falloff estimate below 1 everywhere: at a gain of exactly 1 the estimator's clamp at 0 would block the
+    # gradient by itself, and this test would pass without the detach it is about.
+    torch.nn.init.constant_(model.vignetting.head[-1].bias, -0.3)
+    generator = torch.Generator().manual_seed(0)
+    x, thumb = torch.rand(2, 4, 32, 32, generator=generator), torch.rand(2, 4, 32, 32, generator=generator)
+    coords = coordinate_map(Tile(0, 0, 32, 32), 64, 64)[None].expand(2, -1, -1, -1)
+    target = torch.rand(2, 3, 64, 64, generator=generator)
+    rd_loss(model(x, coords, thumb, sample_lambdas(2, 0.0025, 0.1, np.random.default_rng(0))), target, torch.full((2,), 0.01))["loss"].backward()
+    assert all(p.grad is None for p in model.vignetting.parameters())
+    assert model.cadr.features.weight.grad is not None and model.cadr.features.weight.grad.abs().sum() > 0
+    # The same input through the estimator without the detach does reach it: the test can see a leak.
+    model.zero_grad(set_to_none=True)
+    devignette(x, log_gain_at(model.vignetting(thumb), coords)).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vignetting.parameters())
+
+
+def test_tiny_model_with_the_estimator_round_trips(tmp_path, make_dng):
+    """The estimator path as rcam-small ships it, in a tiny model: saved, loaded, encoded with the falloff
+    divided out (tone fitted to tone_reference), decoded exactly and deterministically."""
+    codec = _codec_with_fixed_falloff(0.5)
+    weights = save_checkpoint(codec.model, tmp_path / "estimator.safetensors")
+    loaded = load_codec(str(weights))
+    assert loaded.model.vignetting is not None
+    path = make_dng(height=64, width=96, cfa="GBRG", orientation=6)
+    encoded = encode_file(loaded, path, 0.01)
+    assert encoded.data == encode_file(loaded, path, 0.01, reference=tone_reference(loaded, path)).data
+    assert encoded.data != encode_file(loaded, path, 0.01, reference=reference_render(path)).data  # the falloff counts
+    header, streams = container.read(encoded.data)
+    for sent, received in zip(encoded.latents, decode_latents(loaded, header, streams)):
+        assert torch.equal(sent.y_hat, received.y_hat)
+    decoded = decode_bytes(loaded, encoded.data)
+    assert decoded.shape == reference_render(path).shape
+    np.testing.assert_array_equal(decoded, decode_bytes(loaded, encoded.data))

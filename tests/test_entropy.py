@@ -1,0 +1,111 @@
+"""rcam/entropy.py directly: the fixed-point hyper-synthesis' overflow guard and its exactness at the limit,
+its distance from the float network training sees, and the clamping of latents outside the coded range."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rcam.entropy import ACTIVATION_LIMIT, FIXED_POINT_BITS, WEIGHT_BITS, Y_MAX, Z_MAX, IntegerHyperSynthesis
+from rcam.errors import RcamError
+
+# The guard's limit on a layer's sum of |weights| (in weight units 2^-12): every input at ±ACTIVATION_LIMIT
+# times it, plus the bias, must stay below 2^53 so float64 holds every partial sum exactly.
+WEIGHT_SUM_LIMIT = 2**53 / (2 * ACTIVATION_LIMIT) / 2**WEIGHT_BITS
+
+
+def one_by_one(weights: list[float], bias: float = 0.0) -> nn.Sequential:
+    conv = nn.Conv2d(len(weights), 1, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor(weights, dtype=torch.float32).view(1, -1, 1, 1))
+        conv.bias.fill_(bias)
+    return nn.Sequential(conv)
+
+
+def test_weights_too_large_for_exact_arithmetic_are_refused():
+    with pytest.raises(RcamError, match="too large"):
+        IntegerHyperSynthesis(one_by_one([WEIGHT_SUM_LIMIT / 2, WEIGHT_SUM_LIMIT / 2]))
+    IntegerHyperSynthesis(one_by_one([WEIGHT_SUM_LIMIT / 2 - 1, WEIGHT_SUM_LIMIT / 2 - 1]))  # just under: accepted
+
+
+def test_exact_at_the_limit_of_the_guard():
+    """Largest accepted weights and inputs whose activations sit at the clamp: the float64 result equals exact
+    integer arithmetic (Python ints), rounding half up and clamping as documented."""
+    weights = [WEIGHT_SUM_LIMIT / 4 - 1, -(WEIGHT_SUM_LIMIT / 4 - 1), WEIGHT_SUM_LIMIT / 4 - 1, 0.7]
+    network = IntegerHyperSynthesis(one_by_one(weights, bias=3.3))
+    layer = network.layers[0]
+    w = [int(v) for v in layer.weight.flatten().tolist()]
+    b = int(layer.bias.item())
+    for z in ([64, -64, 64, 64], [64, 64, 64, -64], [1, 2, 3, 4], [-64, 64, -64, 7]):
+        # The network clamps its own output, so drive it with already-clamped 2^-10 activations directly.
+        activation = torch.tensor(z, dtype=torch.float64).view(1, 4, 1, 1) * 2**FIXED_POINT_BITS
+        out = F.conv2d(activation, layer.weight) + layer.bias.view(1, 1, 1, 1)
+        got = float(torch.floor(out / 2**WEIGHT_BITS + 0.5).clamp(-ACTIVATION_LIMIT, ACTIVATION_LIMIT))
+        exact_sum = sum(wi * zi * 2**FIXED_POINT_BITS for wi, zi in zip(w, z)) + b
+        exact = max(-ACTIVATION_LIMIT, min(ACTIVATION_LIMIT, (2 * exact_sum + 2**WEIGHT_BITS) // 2 ** (WEIGHT_BITS + 1)))
+        assert got == exact, (z, got, exact)
+        assert abs(exact_sum) < 2**53
+
+
+def fixed_point_bound(network: nn.Sequential, z: torch.Tensor) -> torch.Tensor:
+    """Per-value bound on |float network - fixed-point copy| for input z, propagated layer by layer: the
+    error carried in through |W|, the weight rounding times |activation|, the bias rounding, and half a unit
+    (2^-11) of output rounding. ReLU and the clamp are 1-Lipschitz."""
+    error = torch.zeros_like(z, dtype=torch.float64)
+    activation = z.to(torch.float64)
+    for module in network:
+        if isinstance(module, nn.ReLU):
+            activation = activation.clamp_min(0)
+            continue
+        weight = module.weight.detach().double()
+        bias = module.bias.detach().double()
+        weight_error = (weight - torch.round(weight * 2**WEIGHT_BITS) / 2**WEIGHT_BITS).abs()
+        bias_error = (bias - torch.round(bias * 2 ** (WEIGHT_BITS + FIXED_POINT_BITS)) / 2 ** (WEIGHT_BITS + FIXED_POINT_BITS)).abs()
+        if isinstance(module, nn.ConvTranspose2d):
+            op = lambda x, w: F.conv_transpose2d(x, w, None, module.stride, module.padding, module.output_padding)  # noqa: E731
+        else:
+            op = lambda x, w: F.conv2d(x, w, None, module.stride, module.padding)  # noqa: E731
+        error = op(error, weight.abs()) + op(activation.abs() + error, weight_error) + bias_error.view(1, -1, 1, 1) + 2.0 ** -(FIXED_POINT_BITS + 1)
+        activation = op(activation, weight) + bias.view(1, -1, 1, 1)
+    return error
+
+
+@pytest.mark.parametrize("spread", [2, 64])
+def test_fixed_point_means_stay_within_the_rounding_bound(tiny_codec, shipped_codec, spread):
+    """The documented relation between the two hyper-syntheses: they differ only by the rounding of weights
+    and activations, never by more than that rounding can explain."""
+    generator = torch.Generator().manual_seed(spread)
+    for coded in (tiny_codec, shipped_codec):
+        model = coded.model
+        z = torch.randint(-spread, spread + 1, (1, model.config.hyper_channels, 4, 4), generator=generator).double()
+        with torch.no_grad():
+            float_means, _ = model.hyper_parameters(z.float())
+        fixed_means, _ = coded.coder.hyper_synthesis(z)
+        difference = (float_means.double() - fixed_means.double() / 2**FIXED_POINT_BITS).abs()
+        bound = fixed_point_bound(model.hyper_synthesis, z).chunk(2, dim=1)[0]
+        assert (difference <= bound + 1e-5).all(), float((difference - bound).max())  # 1e-5: float32 of the float network
+
+
+def test_latents_outside_the_coded_range_are_clamped_alike_on_both_sides(tiny_codec):
+    config = tiny_codec.model.config
+    y_shape, z_shape = (config.latent_channels, 4, 4), (config.hyper_channels, 1, 1)
+    generator = torch.Generator().manual_seed(3)
+    y = torch.randn(1, *y_shape, generator=generator) * 3
+    y[0, 0, 0, 0], y[0, 1, 2, 3] = 1e6, -1e6  # far outside ±Y_MAX around any mean
+    z = torch.randn(1, *z_shape, generator=generator)
+    z[0, 0, 0, 0], z[0, 1, 0, 0] = 500.0, -500.0  # outside ±Z_MAX
+    stream, sent = tiny_codec.coder.encode(y, z)
+    received = tiny_codec.coder.decode(stream, y_shape, z_shape)
+    assert sent.z_symbols[0] == Z_MAX and sent.z_symbols[1] == -Z_MAX
+    symbols = sent.y_symbols.reshape(y_shape)
+    assert symbols[0, 0, 0] == Y_MAX and symbols[1, 2, 3] == -Y_MAX
+    assert np.abs(sent.y_symbols).max() == Y_MAX
+    np.testing.assert_array_equal(received.y_symbols, sent.y_symbols)
+    np.testing.assert_array_equal(received.z_symbols, sent.z_symbols)
+    assert torch.equal(received.y_hat, sent.y_hat)
+    # Values inside the range survive: ŷ is within half a step of y wherever y was not clamped.
+    inside = torch.from_numpy(np.abs(symbols) < Y_MAX)[None]
+    assert ((sent.y_hat - y).abs()[inside] <= 0.5 + 1e-6).all()
