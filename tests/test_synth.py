@@ -508,14 +508,22 @@ def test_wide_exposure_and_white_balance():
     assert np.corrcoef(reds, blues)[0, 1] < -0.5  # tungsten to shade: red and blue gains move apart
 
 
-def test_held_out_dataset_has_only_held_out_frames(tmp_path):
+def test_rcam_synth_held_out_makes_a_set_of_only_held_out_frames(tmp_path, run):
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.fromarray(smooth_photo(40, 56)).save(photos / "a.png")
-    index = synth.build_dataset([photos], tmp_path / "val", 2, seed=3, held_out=True)
-    records = [json.loads(line) for line in index.read_text().splitlines()]
+    out = tmp_path / "val"
+    code, stdout, _ = run("synth", photos, "--out-dir", out, "--variants", "2", "--seed", "3", "--held-out")
+    assert code == 0 and "index.jsonl" in stdout
+    records = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     assert len(records) == 2
     for record in records:
-        assert record["held_out"] is True
         defects = synth.DefectParams(**record["defects"])
-        assert defects.vignette_law == "poly" and defects.column_banding > 0
+        assert record["held_out"] is True and defects.vignette_law == "poly" and defects.column_banding > 0
+    # The same folder without --held-out: the held-out pairs are not taken as finished training pairs.
+    assert run("synth", photos, "--out-dir", out, "--variants", "2", "--seed", "3")[0] == 0
+    records = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    for record in records:
+        defects = synth.DefectParams(**record["defects"])
+        assert record["held_out"] is False and defects.vignette_law != "poly" and defects.column_banding == 0
