@@ -248,11 +248,12 @@ def demo(raw_path, out_dir, lam, model_name, device, threads) -> None:
 @click.option("--variants", type=click.IntRange(1, 100), default=2, show_default=True, help="Synthetic RAW pairs per photo.")
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--max-side", type=click.IntRange(32, 20000), default=1024, show_default=True, help="Downscale photos to this longest side first.")
-def synth(photo_dirs, out_dir, variants, seed, max_side) -> None:
+@click.option("--held-out", is_flag=True, help="A validation set whose every frame has the held-out defect families (radial-polynomial vignetting, column banding), which training data never has.")
+def synth(photo_dirs, out_dir, variants, seed, max_side, held_out) -> None:
     """Build a training set of synthetic RAW pairs (degraded DNG, clean twin, target render) from photos; resumable."""
     from rcam.synth import build_dataset
 
-    index = build_dataset([Path(d) for d in photo_dirs], Path(out_dir), variants, seed, max_side=max_side)
+    index = build_dataset([Path(d) for d in photo_dirs], Path(out_dir), variants, seed, max_side=max_side, held_out=held_out)
     click.echo(f"dataset index: {index}")
 
 

@@ -10,6 +10,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from rcam.errors import RcamError
 from rcam.models import CONFIGS, LAMBDA_RANGE, ModelConfig, RealCamNet, rate_bits
 from rcam.rawio import RawImage, auto_bright_white, network_input, normalise_planes, read_raw, reference_render, undo_flip
 from rcam.layers import VignettingEstimator
-from rcam.synth import DefectParams, SensorParams, degrade_planes, sample_defects, vignetting_at
+from rcam.synth import HELD_OUT_FAMILIES, DefectParams, SensorParams, degrade_planes, sample_defects, vignetting_at, without_vignetting
 from rcam.tiling import Tile, coordinate_map, thumbnail
 
 
@@ -83,6 +84,9 @@ class TrainConfig:
     # keeps them: faithful look or clean input), in the units of the image term; it gives the new plane head a
     # direct signal, where the skeleton's clipping would hide gradients from a bad start.
     plane_weight: float = 0.0
+    # Defect families (rcam.synth.FAMILIES) that fresh defects and vignetting examples never draw: kept for a
+    # validation set made with `rcam synth --held-out`, which then measures generalisation to unseen defects.
+    held_out_families: list = field(default_factory=lambda: list(HELD_OUT_FAMILIES))
 
     @staticmethod
     def load(path: Path) -> "TrainConfig":
@@ -258,6 +262,7 @@ def load_dataset(
 def sample_batch(
     images: list[TrainingImage], batch_size: int, patch: int, absolute: bool, rng: np.random.Generator,
     clean_fraction: float = 0.0, thumbnail_size: int | None = None, faithful_fraction: float = 0.0,
+    held_out: Sequence[str] = HELD_OUT_FAMILIES,
 ) -> dict:  # fmt: skip
     """Random patches with their absolute offsets, thumbnails, look, development and whether the input is
     defect-free; a clean_fraction share comes from clean twins, a faithful_fraction share has the faithful look.
@@ -279,7 +284,7 @@ def sample_batch(
         if frame is not None:
             if thumbnail_size is None:
                 raise RcamError("fresh defects need the model's thumbnail size")
-            defects = None if clean else sample_defects(rng, frame.frame_shape, frame.sensor)
+            defects = None if clean else sample_defects(rng, frame.frame_shape, frame.sensor, exclude=held_out)
             crop, image_thumbnail, white = fresh_crop(frame, top, left, patch, thumbnail_size, defects, rng)
         else:
             image_thumbnail, white = image.thumbnail, image.white
@@ -308,7 +313,8 @@ def sample_batch(
 
 
 def vignetting_examples(
-    frames: list[CleanFrame], count: int, thumbnail_size: int, rng: np.random.Generator, clean_fraction: float = 0.3
+    frames: list[CleanFrame], count: int, thumbnail_size: int, rng: np.random.Generator, clean_fraction: float = 0.3,
+    held_out: Sequence[str] = HELD_OUT_FAMILIES,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Thumbnails (N, 4, S, S) float16 of random frames with fresh defects and their log falloff (N, 1, G, G) float32.
 
@@ -337,9 +343,9 @@ def vignetting_examples(
         sample = np.ascontiguousarray(sample)
         step = 2 * frame.stride  # sensor pixels per sample pixel
         frame_shape = (sample.shape[1] * step, sample.shape[2] * step)
-        defects = sample_defects(rng, frame_shape, frame.sensor)
+        defects = sample_defects(rng, frame_shape, frame.sensor, exclude=held_out)
         if rng.random() < clean_fraction:
-            defects = replace(defects, vignette_strength=0.0)
+            defects = without_vignetting(defects)
         sample = degrade_planes(sample, frame.sensor, defects, (0, 0), step, rng)
         centres = (np.arange(grid) + 0.5) / grid
         log_gain = np.log(vignetting_at(defects, centres[:, None] * frame_shape[0], centres[None, :] * frame_shape[1]))
@@ -570,7 +576,10 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
         )
     examples = None
     if estimator is not None:
-        examples = vignetting_examples([image.clean_frame for image in images], config.vignetting_examples, model_config.thumbnail, rng)
+        examples = vignetting_examples(
+            [image.clean_frame for image in images], config.vignetting_examples, model_config.thumbnail, rng,
+            held_out=tuple(config.held_out_families),
+        )  # fmt: skip
 
     evaluated = model if average is None else average.module  # what validation scores (zoo.checkpoint_weights)
 
@@ -611,7 +620,8 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(config, step)
                 batch = sample_batch(
-                    images, config.batch_size, config.patch, absolute, rng, config.clean_fraction, model_config.thumbnail, config.faithful_fraction
+                    images, config.batch_size, config.patch, absolute, rng, config.clean_fraction, model_config.thumbnail, config.faithful_fraction,
+                    held_out=tuple(config.held_out_families),
                 )  # fmt: skip
                 lam = sample_lambdas(config.batch_size, config.lambda_min, config.lambda_max, rng)
                 batch = {k: v.to(device) for k, v in batch.items()}

@@ -341,3 +341,30 @@ def test_a_skeleton_model_fine_tunes_from_end_to_end_weights_with_both_looks(dat
     for look in ("clean", "faithful"):
         decoded = decode_bytes(codec, encode_file(codec, raw, 0.01, look=look).data)
         assert decoded.shape[2] == 3 and np.isfinite(decoded).all()
+
+
+def test_fresh_defects_and_vignetting_examples_never_draw_the_held_out_families(dataset, monkeypatch):
+    from rcam import train as train_module
+    from rcam.synth import HELD_OUT_FAMILIES
+
+    assert TrainConfig(dataset="d", run_dir="r").held_out_families == list(HELD_OUT_FAMILIES)
+    images = load_dataset(dataset, TINY["thumbnail"], fresh_defects=True)
+    drawn = []
+    real_sample_defects = train_module.sample_defects
+
+    def recording(*args, **kwargs):
+        drawn.append(real_sample_defects(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(train_module, "sample_defects", recording)
+    sample_batch(images, 40, 16, True, np.random.default_rng(0), thumbnail_size=TINY["thumbnail"])
+    # Falloff-free examples have no falloff whatever the law drawn (log gain 0), noise and shading kept.
+    _, log_gains = train_module.vignetting_examples([image.clean_frame for image in images], 30, TINY["thumbnail"],
+                                                    np.random.default_rng(1), clean_fraction=1.0)  # fmt: skip
+    assert torch.all(log_gains == 0)
+    assert len(drawn) == 70 and {d.vignette_law for d in drawn} == {"rational", "cos4"}
+    assert all(d.column_banding == 0 and not set(HELD_OUT_FAMILIES) & set(d.families) for d in drawn)
+    # With nothing held out (a config's held_out_families = []), they do occur.
+    drawn.clear()
+    sample_batch(images, 40, 16, True, np.random.default_rng(0), thumbnail_size=TINY["thumbnail"], held_out=())
+    assert any(d.vignette_law == "poly" for d in drawn) and any(d.column_banding > 0 for d in drawn)
