@@ -124,7 +124,11 @@ def test_encode_decode_info_round_trip(run, tmp_path, make_dng, tiny_model_path)
     assert (status, err) == (0, "")
     assert "tiny" in out and "0.025" in out and "bpp" in out and "checksums" in out
     assert f"{reference.shape[1]}x{reference.shape[0]}" in out
-    assert "rcb v3" in out and "tone         6x6 field: gain R" in out
+    assert "rcb v4" in out and "tone         6x6 field: gain R" in out
+    # The DNG writer's Make and Model and its orientation (6: the pixels were turned, the PNG says 1).
+    assert "camera       rcam Synthetic" in out and "orientation  right, top" in out
+    exif = Image.open(image).getexif()
+    assert (exif[0x010F], exif[0x0110], exif[0x0112]) == ("rcam", "Synthetic", 1)
     assert part_files(tmp_path) == []
 
 
