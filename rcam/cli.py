@@ -20,7 +20,7 @@ from tqdm import tqdm
 from rcam import container
 from rcam.codec import decode_bytes, encode_file, metadata_of, tone_reference
 from rcam.errors import RcamError
-from rcam.metadata import EMPTY, Metadata, read_metadata, summary
+from rcam.metadata import EMPTY, Metadata, read_metadata, summary, upright
 from rcam.output import check_output_path, encode_image, image_kind, write_atomic
 from rcam.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 from rcam.tone import describe_tone
@@ -221,6 +221,11 @@ def decode(inputs, output, out_dir, image_format, bits, quality, strip_metadata,
         with tile_progress(source.name) as bar:
             image = decode_bytes(codec, data, progress=lambda: bar.update(1))
         metadata = EMPTY if strip_metadata else metadata_of(data)
+        try:
+            metadata = upright(metadata)
+        except RcamError as error:  # the pixels are sound: write them, say what is missing
+            click.echo(f"rcam: warning: {source}: {error}: not written", err=True)
+            metadata = EMPTY
         write_atomic(target, encode_image(image, kind, int(bits), quality, metadata))
         return f"{source} -> {target}: {image.shape[1]}x{image.shape[0]}"
 
@@ -253,7 +258,10 @@ def info(inputs) -> None:
             "  checksums    header, metadata and all streams OK" if header.format_version >= 4 else "  checksums    header and all streams OK",
         ]
         metadata = Metadata(header.exif, header.xmp)
-        rows = summary(metadata) if metadata else [("metadata", "none")]
+        try:
+            rows = summary(metadata) if metadata else [("metadata", "none")]
+        except RcamError as error:
+            rows = [("metadata", str(error))]
         lines += [f"  {label:<12} {value}" for label, value in rows]
         return "\n".join(lines)
 

@@ -123,10 +123,18 @@ def _encode_exif(data: exiv2.ExifData) -> bytes:
 
 
 def _decode_exif(block: bytes) -> exiv2.ExifData:
-    """A TIFF-structured EXIF block -> exiv2 ExifData."""
-    image = exiv2.ImageFactory.open(block)
-    image.readMetadata()
-    return image.exifData()
+    """A TIFF-structured EXIF block (as stored in an .rcb) -> exiv2 ExifData; RcamError if it is damaged."""
+    with _exiv2_messages() as messages:
+        try:
+            image = exiv2.ImageFactory.open(block)
+            image.readMetadata()
+            data = image.exifData() if image.mimeType() == "image/tiff" else None
+        except exiv2.Exiv2Error as error:
+            data = None
+            messages.append(str(error.args[-1] if error.args else error))
+    if messages or data is None:
+        raise RcamError(f"stored EXIF is damaged ({_problem(messages) or 'not a TIFF-structured block'})")
+    return data
 
 
 def _select(source: exiv2.ExifData, gps: bool, warn: Callable[[str], None]) -> exiv2.ExifData:
@@ -154,9 +162,12 @@ def _select(source: exiv2.ExifData, gps: bool, warn: Callable[[str], None]) -> e
 
 def _xmp_data(packet: bytes, what: str) -> exiv2.XmpData:
     with _exiv2_messages() as messages:
-        image = exiv2.ImageFactory.open(packet)
-        image.readMetadata()
-        data = image.xmpData()
+        try:
+            image = exiv2.ImageFactory.open(packet)
+            image.readMetadata()
+            data = image.xmpData()
+        except exiv2.Exiv2Error as error:
+            messages.append(str(error.args[-1] if error.args else error))
     if messages:
         raise RcamError(f"{what} cannot be parsed ({_problem(messages)})")
     return data
@@ -263,8 +274,8 @@ def upright(metadata: Metadata) -> Metadata:
         if data.findKey(exiv2.ExifKey(ORIENTATION_KEY)) != data.end() and data[ORIENTATION_KEY].toInt64() != 1:
             data[ORIENTATION_KEY] = exiv2.UShortValue(1)
             exif = _encode_exif(data)
-    if xmp and re.search(rb"tiff:Orientation", xmp):
-        data = _xmp_data(xmp, "stored XMP packet")
+    if xmp:
+        data = _xmp_data(xmp, "stored XMP packet")  # parsed even when unchanged: no junk goes into an image
         key = "Xmp.tiff.Orientation"
         if data.findKey(exiv2.XmpKey(key)) != data.end() and data[key].toString() != "1":
             data[key] = "1"
@@ -344,5 +355,5 @@ def summary(metadata: Metadata) -> list[tuple[str, str]]:
                 rows.append((label, value))
         rows.append(("exif", f"{len(metadata.exif)} bytes, {data.count()} fields"))
     if metadata.xmp:
-        rows.append(("xmp", f"{len(metadata.xmp)} bytes"))
+        rows.append(("xmp", f"{len(metadata.xmp)} bytes, {_xmp_data(metadata.xmp, 'stored XMP packet').count()} properties"))
     return rows

@@ -64,7 +64,10 @@ class RcbImageFile(ImageFile.ImageFile):
         self._model_name = header.model_name
         self._size = (header.output_width, header.output_height)
         self._mode = "RGB"
-        metadata = upright(Metadata(header.exif, header.xmp))
+        try:
+            metadata = upright(Metadata(header.exif, header.xmp))
+        except RcamError:  # damaged metadata does not make the pixels unreadable
+            metadata = Metadata()
         if metadata.exif:
             self.info["exif"] = b"Exif\x00\x00" + metadata.exif
         if metadata.xmp:

@@ -3,6 +3,7 @@ unchanged (orientation aside); privacy switches; hostile EXIF and XMP blocks dro
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 from rcam import container
+import rcam.pillow  # noqa: F401 (registers the .rcb plugin)
 from rcam.codec import decode_bytes, encode_file
 from rcam.errors import RcamError
 from rcam.metadata import MAX_XMP, Metadata, read_metadata, summary, upright
@@ -258,3 +260,19 @@ def test_decoded_pixels_do_not_depend_on_metadata(tmp_path, tiny_codec):
     with_metadata = encode_file(tiny_codec, source, 0.01, tone_fit=False, metadata=read_metadata, tile=64, overlap=32)
     without = encode_file(tiny_codec, source, 0.01, tone_fit=False, tile=64, overlap=32)
     assert np.array_equal(decode_bytes(tiny_codec, with_metadata.data), decode_bytes(tiny_codec, without.data))
+
+
+@pytest.mark.parametrize("field, junk", [("exif", b"II*\x00\xff\xff\xff\x7f"), ("exif", b"not a tiff"), ("xmp", b"<x:xmpmeta><unclosed")])
+def test_damaged_metadata_in_an_rcb_leaves_the_pixels_decodable(run, tmp_path, tiny_codec, tiny_model_path, field, junk):
+    # Valid CRC, garbage content: written by a buggy or hostile encoder.
+    encoded = encode_file(tiny_codec, capture_dng(tmp_path / "capture.dng"), 0.01, tone_fit=False, metadata=read_metadata, tile=64, overlap=32)
+    header = dataclasses.replace(encoded.header, stream_lengths=(), stream_crcs=(), **{field: junk})
+    source = tmp_path / "junk.rcb"
+    source.write_bytes(container.write(header, container.read(encoded.data)[1]))
+    status, out, err = run("decode", source, "--model", tiny_model_path, "-o", tmp_path / "junk.jpg")
+    assert status == 0 and "Traceback" not in err
+    assert err.startswith(f"rcam: warning: {source}: stored") and err.strip().endswith("not written")
+    status, out, err = run("info", source)
+    assert status == 0 and "metadata     stored" in out
+    with Image.open(source) as image:  # the Pillow plugin too
+        assert "exif" not in image.info and image.size == (64, 96)
