@@ -159,7 +159,7 @@ def lambda_for_size(
     def describe(size: int) -> str:
         return f"{size} bytes ({8 * size / pixels:.3f} bpp)"
 
-    if target < sizes[low] * (1 - tolerance) or target > sizes[high] * (1 + tolerance):
+    if sizes[low] > target * (1 + tolerance) or sizes[high] < target * (1 - tolerance):
         raise RcamError(
             f"target {describe(target)} is outside what λ in [{LAMBDA_RANGE[0]}, {LAMBDA_RANGE[1]}] reaches "
             f"for this image: {describe(sizes[low])} to {describe(sizes[high])}"
@@ -175,6 +175,8 @@ def lambda_for_size(
             break
         sizes[middle] = file_size(codec, analysis, middle, tone_fit, metadata)
     best = min(sizes, key=lambda lam: abs(sizes[lam] - target))
+    if abs(sizes[best] - target) > tolerance * target:  # a jump in the rate between two float32 λ
+        raise RcamError(f"target {describe(target)} cannot be met within {tolerance:.0%}: the closest is {describe(sizes[best])}")
     return best, sizes[best]
 
 

@@ -85,3 +85,13 @@ def test_parse_size(text, size):
 def test_parse_size_refuses_nonsense(text):
     with pytest.raises(RcamError, match="--size"):
         parse_size(text)
+
+
+def test_a_target_just_below_the_smallest_file_is_met_or_refused_within_tolerance(tiny_codec, analysed):
+    _, analysis = analysed
+    smallest = file_size(tiny_codec, analysis, LAMBDA_RANGE[0], tone_fit=False)
+    # Within 5% of the smallest file: met. Just over 5% below it: refused (the tolerance is the target's).
+    lam, size = lambda_for_size(tiny_codec, analysis, round(smallest / 1.049), tone_fit=False)
+    assert size == smallest and lam == LAMBDA_RANGE[0]
+    with pytest.raises(RcamError, match="outside what"):
+        lambda_for_size(tiny_codec, analysis, round(smallest / 1.051), tone_fit=False)
