@@ -7,6 +7,7 @@ Exit status: 0 success, 2 bad input or usage (one line per problem on stderr, no
 from __future__ import annotations
 
 import functools
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -17,8 +18,9 @@ import torch
 from tqdm import tqdm
 
 from rcam import container
-from rcam.codec import decode_bytes, encode_file, tone_reference
+from rcam.codec import decode_bytes, encode_file, metadata_of, tone_reference
 from rcam.errors import RcamError
+from rcam.metadata import EMPTY, Metadata, read_metadata, summary, upright
 from rcam.output import check_output_path, encode_image, image_kind, write_atomic
 from rcam.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 from rcam.tone import describe_tone
@@ -48,6 +50,21 @@ def expand_inputs(inputs: tuple[str, ...], suffixes: set[str]) -> list[Path]:
         else:
             paths.append(path)
     return paths
+
+
+SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """A file size such as 2MB, 500kB, 1.5MiB or 123456 (bytes) -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match and SIZE_UNITS.get(match.group(2).lower())
+    if not unit:
+        raise RcamError(f"--size {text!r}: expected a number of bytes with an optional unit (kB, MB, GB, KiB, MiB, GiB)")
+    size = round(float(match.group(1)) * unit)
+    if size < 1:
+        raise RcamError(f"--size {text!r}: must be at least one byte")
+    return size
 
 
 def output_path(source: Path, output: str | None, out_dir: str | None, suffix: str, many: bool) -> Path:
@@ -123,7 +140,12 @@ def cli() -> None:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", help="Output .rcb file (one input only).")
 @click.option("--out-dir", type=click.Path(file_okay=False), help="Folder for outputs (default: beside each input).")
-@click.option("--lambda", "lam", type=float, default=0.01, show_default=True, help="Rate-distortion trade-off in [0.0025, 0.1]; larger = more bits, higher quality.")
+@click.option("--lambda", "lam", type=float, default=None, help="Rate-distortion trade-off in [0.0025, 0.1]; larger = more bits, higher quality.  [default: 0.01]")
+@click.option("--bpp", type=click.FloatRange(min=0, min_open=True), default=None, help="Target bits per output pixel instead of a λ: the file lands within ±5% or the command says what is reachable.")
+@click.option("--size", "size_text", default=None, help="Target file size instead of a λ, e.g. 2MB, 500kB, 1.5MiB or bytes (within ±5%).")
+@click.option("--strip-metadata", is_flag=True, help="Store no EXIF or XMP from the RAW (camera, lens, exposure, date, place).")
+@click.option("--strip-gps", is_flag=True, help="Store the metadata without its GPS position (EXIF GPS IFD and XMP GPS properties).")
+@click.option("--strict-metadata", is_flag=True, help="Refuse a RAW whose EXIF or XMP is damaged or oversized instead of dropping that block with a warning.")
 @model_option
 @click.option("--tile", type=int, default=DEFAULT_TILE, show_default=True, help="Tile side in packed pixels (multiple of 32): memory/speed knob.")
 @click.option("--overlap", type=int, default=DEFAULT_OVERLAP, show_default=True, help="Tile overlap in packed pixels (multiple of 32).")
@@ -134,8 +156,17 @@ def cli() -> None:
 @threads_option
 @force_option
 @quiet_option
-def encode(inputs, output, out_dir, lam, model_name, tile, overlap, tile_batch, tone_fit, look, device, threads, force, quiet) -> None:
-    """Encode RAW files (or folders of them) into .rcb bitstreams."""
+def encode(
+    inputs, output, out_dir, lam, bpp, size_text, strip_metadata, strip_gps, strict_metadata, model_name, tile, overlap,
+    tile_batch, tone_fit, look, device, threads, force, quiet,
+) -> None:  # fmt: skip
+    """Encode RAW files (or folders of them) into .rcb bitstreams, with their capture metadata."""
+    if sum(option is not None for option in (lam, bpp, size_text)) > 1:
+        raise RcamError("give one of --lambda, --bpp and --size")
+    target_bytes = parse_size(size_text) if size_text is not None else None
+    lam = 0.01 if lam is None and bpp is None and target_bytes is None else lam
+    if strip_metadata and (strip_gps or strict_metadata):
+        raise RcamError("--strip-metadata stores no metadata: --strip-gps and --strict-metadata do not apply")
     sources = expand_inputs(inputs, RAW_SUFFIXES)
     check_out_dir(out_dir)
     codec = load_codec(model_name, _setup(device, threads))
@@ -143,14 +174,20 @@ def encode(inputs, output, out_dir, lam, model_name, tile, overlap, tile_batch, 
     def work(source: Path) -> str:
         target = output_path(source, output, out_dir, ".rcb", len(sources) > 1)
         check_output_path(target, force, tuple(sources))
+
+        def warn(message: str) -> None:
+            click.echo(f"rcam: warning: {source}: {message}", err=True)
+
+        reader = None if strip_metadata else functools.partial(read_metadata, gps=not strip_gps, strict=strict_metadata, warn=warn)
         with tile_progress(source.name) as bar:
             encoded = encode_file(
-                codec, source, lam, tone_fit=tone_fit, tile=tile, overlap=overlap, tile_batch=tile_batch, look=look,
-                progress=lambda: bar.update(1),
+                codec, source, lam, tone_fit=tone_fit, metadata=reader, target_bytes=target_bytes, target_bpp=bpp,
+                tile=tile, overlap=overlap, tile_batch=tile_batch, look=look, progress=lambda: bar.update(1),
             )  # fmt: skip
         write_atomic(target, encoded.data)
         pixels = encoded.header.output_height * encoded.header.output_width
-        return f"{source} -> {target}: {len(encoded.data)} bytes, {8 * len(encoded.data) / pixels:.4f} bpp"
+        chosen = f", lambda {encoded.header.lam:.6g}" if lam is None else ""
+        return f"{source} -> {target}: {len(encoded.data)} bytes, {8 * len(encoded.data) / pixels:.4f} bpp{chosen}"
 
     run_batch(sources, work, quiet)
 
@@ -162,13 +199,14 @@ def encode(inputs, output, out_dir, lam, model_name, tile, overlap, tile_batch, 
 @click.option("--format", "image_format", type=click.Choice(["png", "jpg", "tif"]), default="png", show_default=True, help="Output format when no -o is given.")
 @click.option("--bits", type=click.Choice(["8", "16"]), default="8", show_default=True, help="Bits per sample (PNG and TIFF).")
 @click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="JPEG quality.")
+@click.option("--strip-metadata", is_flag=True, help="Write no EXIF or XMP into the images.")
 @model_option
 @device_option
 @threads_option
 @force_option
 @quiet_option
-def decode(inputs, output, out_dir, image_format, bits, quality, model_name, device, threads, force, quiet) -> None:
-    """Decode .rcb bitstreams into sRGB images with an embedded sRGB profile."""
+def decode(inputs, output, out_dir, image_format, bits, quality, strip_metadata, model_name, device, threads, force, quiet) -> None:
+    """Decode .rcb bitstreams into sRGB images with an embedded sRGB profile and the capture metadata."""
     sources = expand_inputs(inputs, {".rcb"})
     check_out_dir(out_dir)
     codec = load_codec(model_name, _setup(device, threads))
@@ -183,7 +221,13 @@ def decode(inputs, output, out_dir, image_format, bits, quality, model_name, dev
             raise RcamError(f"cannot read ({error.strerror})") from None
         with tile_progress(source.name) as bar:
             image = decode_bytes(codec, data, progress=lambda: bar.update(1))
-        write_atomic(target, encode_image(image, kind, int(bits), quality))
+        metadata = EMPTY if strip_metadata else metadata_of(data)
+        try:
+            metadata = upright(metadata)
+        except RcamError as error:  # the pixels are sound: write them, say what is missing
+            click.echo(f"rcam: warning: {source}: {error}: not written", err=True)
+            metadata = EMPTY
+        write_atomic(target, encode_image(image, kind, int(bits), quality, metadata))
         return f"{source} -> {target}: {image.shape[1]}x{image.shape[0]}"
 
     run_batch(sources, work, quiet)
@@ -213,8 +257,14 @@ def info(inputs) -> None:
             f"  tone         {describe_tone(header.tone)}",
             f"  tiles        {header.tile_cols}x{header.tile_rows} of {header.tile_width}x{header.tile_height} packed px, overlap {header.overlap}",
             f"  streams      {len(streams)}, {sum(header.stream_lengths)} bytes, smallest {min(header.stream_lengths)}, largest {max(header.stream_lengths)}",
-            "  checksums    header and all streams OK",
+            "  checksums    header, metadata and all streams OK" if header.format_version >= 4 else "  checksums    header and all streams OK",
         ]
+        metadata = Metadata(header.exif, header.xmp)
+        try:
+            rows = summary(metadata) if metadata else [("metadata", "none")]
+        except RcamError as error:
+            rows = [("metadata", str(error))]
+        lines += [f"  {label:<12} {value}" for label, value in rows]
         return "\n".join(lines)
 
     run_batch(sources, work, quiet=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -12,14 +14,17 @@ from rcam import container
 from rcam.entropy import TileLatents
 from rcam.errors import RcamError
 from rcam.layers import log_gain_at
+from rcam.metadata import EMPTY, Metadata, check_metadata
 from rcam.models import LAMBDA_RANGE
 from rcam.rawio import RawImage, apply_flip, auto_bright_white, network_input, read_raw, reference_render, undo_flip
 from rcam.skeleton import Development
 from rcam.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, blend_weights, coordinate_map, crop_tile, plan_tiles, thumbnail
-from rcam.tone import apply_tone, fit_tone
+from rcam.tone import FIELD_KNOTS, IDENTITY, apply_tone, fit_tone, identity
 from rcam.zoo import Codec
 
 DEFAULT_TILE_BATCH = 1
+SIZE_TOLERANCE = 0.05  # a target size is met within ±5%
+SIZE_SEARCH_STEPS = 12  # bisection steps in log λ at most (the λ range spans a factor of 40)
 ALL_TILES_UP_TO = 4  # the tone fit synthesises every tile of a frame this small (see tone_fit_tiles)
 
 
@@ -71,16 +76,24 @@ def _batches(tiles: list[Tile], size: int):
         yield tiles[start : start + size]
 
 
-def encode_image(
-    codec: Codec, image: RawImage, lam: float, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
-    tile_batch: int = DEFAULT_TILE_BATCH, progress=None, reference: np.ndarray | None = None, look: str = "clean",
-) -> Encoded:  # fmt: skip
-    """RawImage -> Encoded (.rcb bytes + latents) in `look` (SPEC §3); `progress` is called once per tile.
+@dataclass(frozen=True)
+class Analysis:
+    """An image through the analysis transform, before the λ gain: what every λ's encoding shares."""
 
-    With `reference` ((H, W, 3) uint8, the reference render of the same file) the encoder also synthesises
-    tiles spread over the frame as the decoder will and stores a fitted tone correction (rcam.tone) in the header.
-    """
-    lam = check_lambda(lam)
+    image: RawImage
+    tiles: list[Tile]
+    overlap: int
+    batches: list[torch.Tensor]  # per tile batch, (tiles in the batch, M, h, w) unscaled latents
+    look: str
+    development: Development
+
+
+def analyse_image(
+    codec: Codec, image: RawImage, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
+    tile_batch: int = DEFAULT_TILE_BATCH, look: str = "clean",
+) -> Analysis:  # fmt: skip
+    """Run the analysis transform over every tile once, for `look` (SPEC §3; it does not depend on λ: the gain
+    comes after it)."""
     look = check_look(codec, look)
     model, device = codec.model, codec.device
     development = frame_development(image)
@@ -89,31 +102,115 @@ def encode_image(
     tiles = plan_tiles(packed_height, packed_width, tile, overlap)
     thumb = thumbnail(planes, model.config.thumbnail).to(device)
     absolute = model.config.coordinates == "absolute"
-    streams, latents = [], []
+    batches = []
     with torch.inference_mode():
-        gain, _ = model.gains(torch.tensor([lam], device=device))
         for batch in _batches(tiles, tile_batch):
             x = torch.stack([crop_tile(planes, t) for t in batch]).to(device)
             coords = torch.stack([coordinate_map(t, packed_height, packed_width, absolute) for t in batch]).to(device)
-            y = model.analysis(x, coords, thumb.expand(len(batch), -1, -1, -1), look_tensor(look, len(batch), device)) * gain
+            batches.append(model.analysis(x, coords, thumb.expand(len(batch), -1, -1, -1), look_tensor(look, len(batch), device)))
+    return Analysis(image, tiles, overlap, batches, look, development)
+
+
+def _code(codec: Codec, analysis: Analysis, lam: float, progress=None) -> tuple[list[bytes], list[TileLatents]]:
+    """Scale the analysed latents for λ, run the hyper-analysis and entropy-code every tile."""
+    model, device = codec.model, codec.device
+    streams, latents = [], []
+    with torch.inference_mode():
+        gain, _ = model.gains(torch.tensor([lam], device=device))
+        for unscaled in analysis.batches:
+            y = unscaled * gain
             z = model.hyper_analysis(y)
-            for index in range(len(batch)):
+            for index in range(len(y)):
                 stream, tile_latents = codec.coder.encode(y[index : index + 1], z[index : index + 1])
                 streams.append(stream)
                 latents.append(tile_latents)
                 if progress:
                     progress()
+    return streams, latents
+
+
+def _header(codec: Codec, analysis: Analysis, lam: float, metadata: Metadata) -> container.Header:
+    image, tiles = analysis.image, analysis.tiles
     rows = len({t.top for t in tiles})
-    header = container.Header(
+    return container.Header(
         model_name=codec.name, weights_digest=codec.digest, lam=lam,
         sensor_height=image.height, sensor_width=image.width, pad_top=image.pad_top, pad_left=image.pad_left,
         flip=image.flip, output_height=image.output_size[0], output_width=image.output_size[1],
-        tile_height=tiles[0].height, tile_width=tiles[0].width, overlap=overlap,
-        tile_rows=rows, tile_cols=len(tiles) // rows, look=look, cam_to_srgb=development.cam_to_srgb, white=development.white,
+        tile_height=tiles[0].height, tile_width=tiles[0].width, overlap=analysis.overlap,
+        tile_rows=rows, tile_cols=len(tiles) // rows, look=analysis.look, cam_to_srgb=analysis.development.cam_to_srgb,
+        white=analysis.development.white, exif=metadata.exif, xmp=metadata.xmp,
     )  # fmt: skip
+
+
+def encode_analysed(
+    codec: Codec, analysis: Analysis, lam: float, reference: np.ndarray | None = None, metadata: Metadata = EMPTY,
+    progress=None,
+) -> Encoded:  # fmt: skip
+    """An analysed image -> Encoded at λ (tone fit against `reference` when given, as encode_image)."""
+    lam = check_lambda(lam)
+    streams, latents = _code(codec, analysis, lam, progress)
+    header = _header(codec, analysis, lam, check_metadata(metadata))
     if reference is not None:
         header = replace(header, tone=fit_header_tone(codec, header, latents, reference))
     return Encoded(container.write(header, streams), header, latents)
+
+
+def encode_image(
+    codec: Codec, image: RawImage, lam: float, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
+    tile_batch: int = DEFAULT_TILE_BATCH, progress=None, reference: np.ndarray | None = None,
+    metadata: Metadata = EMPTY, look: str = "clean",
+) -> Encoded:  # fmt: skip
+    """RawImage -> Encoded (.rcb bytes + latents) in `look` (SPEC §3); `progress` is called once per tile.
+
+    With `reference` ((H, W, 3) uint8, the reference render of the same file) the encoder also synthesises
+    tiles spread over the frame as the decoder will and stores a fitted tone correction (rcam.tone) in the header.
+    `metadata` (EXIF and XMP, rcam.metadata) is stored as it is.
+    """
+    lam = check_lambda(lam)
+    analysis = analyse_image(codec, image, tile, overlap, tile_batch, look)
+    return encode_analysed(codec, analysis, lam, reference, metadata, progress)
+
+
+def file_size(codec: Codec, analysis: Analysis, lam: float, tone_fit: bool, metadata: Metadata = EMPTY) -> int:
+    """The exact .rcb size at λ without synthesising anything: the tone field's size does not depend on its values."""
+    lam = check_lambda(lam)
+    streams, _ = _code(codec, analysis, lam)
+    header = replace(_header(codec, analysis, lam, metadata), tone=identity(FIELD_KNOTS) if tone_fit else IDENTITY)
+    return len(container.write(header, streams))
+
+
+def lambda_for_size(
+    codec: Codec, analysis: Analysis, target: int, tone_fit: bool = True, metadata: Metadata = EMPTY,
+    tolerance: float = SIZE_TOLERANCE, steps: int = SIZE_SEARCH_STEPS,
+) -> tuple[float, int]:  # fmt: skip
+    """(λ, file bytes) closest to `target` bytes, by bisection in log λ (the rate grows with λ); RcamError naming
+    the reachable range when the target lies outside it by more than `tolerance`."""
+    low, high = LAMBDA_RANGE
+    sizes = {low: file_size(codec, analysis, low, tone_fit, metadata), high: file_size(codec, analysis, high, tone_fit, metadata)}
+    pixels = analysis.image.output_size[0] * analysis.image.output_size[1]
+
+    def describe(size: int) -> str:
+        return f"{size} bytes ({8 * size / pixels:.3f} bpp)"
+
+    if sizes[low] > target * (1 + tolerance) or sizes[high] < target * (1 - tolerance):
+        raise RcamError(
+            f"target {describe(target)} is outside what λ in [{LAMBDA_RANGE[0]}, {LAMBDA_RANGE[1]}] reaches "
+            f"for this image: {describe(sizes[low])} to {describe(sizes[high])}"
+        )
+    for _ in range(steps):
+        best = min(sizes, key=lambda lam: abs(sizes[lam] - target))
+        if abs(sizes[best] - target) <= tolerance / 4 * target:
+            break
+        below = max((lam for lam in sizes if sizes[lam] <= target), default=low)
+        above = min((lam for lam in sizes if sizes[lam] > target and lam > below), default=high)
+        middle = math.sqrt(below * above)
+        if check_lambda(middle) in (check_lambda(below), check_lambda(above)):  # float32 λ cannot split them
+            break
+        sizes[middle] = file_size(codec, analysis, middle, tone_fit, metadata)
+    best = min(sizes, key=lambda lam: abs(sizes[lam] - target))
+    if abs(sizes[best] - target) > tolerance * target:  # a jump in the rate between two float32 λ
+        raise RcamError(f"target {describe(target)} cannot be met within {tolerance:.0%}: the closest is {describe(sizes[best])}")
+    return best, sizes[best]
 
 
 def tone_fit_tiles(header: container.Header) -> list[bool]:
@@ -170,18 +267,30 @@ def tone_reference(codec: Codec, path: Path, image: RawImage | None = None, look
 
 
 def encode_file(
-    codec: Codec, path: Path, lam: float, tone_fit: bool = True, reference: np.ndarray | None = None, look: str = "clean",
-    **options,
+    codec: Codec, path: Path, lam: float | None = None, tone_fit: bool = True, reference: np.ndarray | None = None,
+    metadata: Callable[[Path], Metadata] | None = None, target_bytes: int | None = None, target_bpp: float | None = None,
+    tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP, tile_batch: int = DEFAULT_TILE_BATCH, progress=None,
+    look: str = "clean",
 ) -> Encoded:  # fmt: skip
-    """Read a RAW file and encode it in `look` (options as for encode_image).
+    """Read a RAW file and encode it in `look` (SPEC §3) at λ, or at the λ whose file is closest to `target_bytes` or `target_bpp`
+    (bits per output pixel) by lambda_for_size.
 
     `tone_fit` fits the tone against tone_reference(): pass it as `reference` when the caller already has it
-    (e.g. one render for several λ), else it is rendered here.
+    (e.g. one render for several λ), else it is rendered here. `metadata` reads the file's capture metadata
+    (e.g. rcam.metadata.read_metadata); without it none is stored.
     """
+    if sum(value is not None for value in (lam, target_bytes, target_bpp)) != 1:
+        raise RcamError("give one of a λ, a target size and a target bpp")
     image = read_raw(path)  # first: its checks give the precise reason a file is refused
+    captured = metadata(path) if metadata else EMPTY
+    if target_bpp is not None:
+        target_bytes = max(1, round(target_bpp * image.output_size[0] * image.output_size[1] / 8))
+    analysis = analyse_image(codec, image, tile, overlap, tile_batch, look)
+    if target_bytes is not None:
+        lam, _ = lambda_for_size(codec, analysis, target_bytes, tone_fit, captured)
     if tone_fit and reference is None:
         reference = tone_reference(codec, path, image, look)
-    return encode_image(codec, image, lam, reference=reference if tone_fit else None, look=look, **options)
+    return encode_analysed(codec, analysis, lam, reference if tone_fit else None, captured, progress)
 
 
 def header_tiles(header: container.Header) -> list[Tile]:
@@ -264,6 +373,12 @@ def decode_bytes(codec: Codec, data: bytes, progress=None) -> np.ndarray:
     image, _ = synthesize(codec, header, latents, progress=progress)
     toned = apply_tone(np.ascontiguousarray(image.clamp_(0.0, 1.0).permute(1, 2, 0).numpy()), header.tone)
     return apply_flip(toned, header.flip)
+
+
+def metadata_of(data: bytes) -> Metadata:
+    """The capture metadata an .rcb file holds (empty for files before version 4), checked as decode_bytes checks."""
+    header, _ = container.read(data)
+    return Metadata(header.exif, header.xmp)
 
 
 def decode_file(codec: Codec, path: Path, **options) -> np.ndarray:

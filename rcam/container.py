@@ -1,7 +1,7 @@
 """The .rcb container, version 4 (docs/FORMAT.md): header, tone correction field, look and development (the colour
-matrix and brightness the skeleton decoder applies), stream table, checksums, then one stream per tile. Version 3
-files (no look: clean, no development), version 2 (one gain and offset per channel) and version 1 (no tone
-correction) are still read.
+matrix and brightness the skeleton decoder applies), capture metadata (EXIF and XMP lengths, own CRC), stream
+table, checksums, then the metadata and one stream per tile. Version 3 files (no look: clean, no development,
+no metadata), version 2 (one gain and offset per channel) and version 1 (no tone correction) are still read.
 
 Parsing reads fixed-size little-endian fields with explicit bounds checks, never unpickles or evaluates
 anything, and checks every declared size against both a fixed limit and the bytes actually present before
@@ -13,14 +13,16 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rcam.errors import RcamError
+from rcam.metadata import MAX_EXIF, MAX_XMP
 from rcam.tone import IDENTITY, MAX_KNOTS, check_tone, knots_of
 
 MAGIC = b"\x89RCB\r\n\x1a\n"  # like PNG's: catches text-mode transfers and truncation to a few bytes
 FORMAT_VERSION = 4  # written
-READABLE_VERSIONS = (1, 2, 3, 4)  # 1: no tone correction; 2: one gain and offset per channel (six float32)
+# 1: no tone correction; 2: one gain and offset per channel (six float32); 3: no capture metadata
+READABLE_VERSIONS = (1, 2, 3, 4)
 MAX_SIDE = 65535  # sensor rows / columns
 MAX_PIXELS = 200_000_000  # same bound as the RAW reader
 MAX_TILE = 4096  # packed pixels per tile side
@@ -35,6 +37,7 @@ _GEOMETRY = struct.Struct("<16sfIIBBBIIHHHHHI")
 _TONE_V2 = struct.Struct("<6f")  # gains R, G, B, offsets R, G, B (version 2)
 _TONE_KNOTS = struct.Struct("<B")  # K, then 6 K² float16: gains (3, K, K), offsets (3, K, K) (version 3)
 _LOOK_DEVELOPMENT = struct.Struct("<B9ff")  # look code, camera -> sRGB matrix (row-major), white (version 4)
+_METADATA = struct.Struct("<III")  # EXIF length, XMP length, crc32 of both (version 4)
 _STREAM_ENTRY = struct.Struct("<II")  # length, crc32
 _CRC = struct.Struct("<I")
 
@@ -65,6 +68,8 @@ class Header:
     stream_lengths: tuple[int, ...] = ()
     stream_crcs: tuple[int, ...] = ()
     format_version: int = FORMAT_VERSION  # of the file it was read from
+    exif: bytes = b""  # capture EXIF, TIFF-structured (rcam.metadata); stored after the header, own CRC
+    xmp: bytes = b""  # capture XMP packet, UTF-8
 
 
 def _check_geometry(header: Header) -> None:
@@ -118,10 +123,13 @@ def write(header: Header, streams: list[bytes]) -> bytes:
     )  # fmt: skip
     body += _TONE_KNOTS.pack(knots_of(header.tone)) + _pack_float16(header.tone)
     body += _LOOK_DEVELOPMENT.pack(LOOKS.index(header.look), *header.cam_to_srgb, header.white)
+    if len(header.exif) > MAX_EXIF or len(header.xmp) > MAX_XMP:
+        raise ValueError(f"metadata too large (EXIF at most {MAX_EXIF} bytes, XMP at most {MAX_XMP})")
+    body += _METADATA.pack(len(header.exif), len(header.xmp), zlib.crc32(header.exif + header.xmp))
     for stream in streams:
         body += _STREAM_ENTRY.pack(len(stream), zlib.crc32(stream))
     head = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(body)) + bytes(body)
-    return head + _CRC.pack(zlib.crc32(head)) + b"".join(streams)
+    return head + _CRC.pack(zlib.crc32(head)) + header.exif + header.xmp + b"".join(streams)
 
 
 def _pack_float16(values: tuple[float, ...]) -> bytes:
@@ -168,7 +176,10 @@ def read(data: bytes) -> tuple[Header, list[bytes]]:
     if version not in READABLE_VERSIONS:
         readable = ", ".join(map(str, READABLE_VERSIONS))
         raise RcamError(f"format version {version} is not supported (this rcam reads versions {readable})")
-    max_body = 1 + MAX_NAME + _GEOMETRY.size + _TONE_KNOTS.size + 12 * MAX_KNOTS**2 + _LOOK_DEVELOPMENT.size + MAX_STREAMS * _STREAM_ENTRY.size
+    max_body = (
+        1 + MAX_NAME + _GEOMETRY.size + _TONE_KNOTS.size + 12 * MAX_KNOTS**2 + _LOOK_DEVELOPMENT.size + _METADATA.size
+        + MAX_STREAMS * _STREAM_ENTRY.size
+    )  # fmt: skip
     if body_length > max_body:
         raise RcamError(f"bad header: declared header length {body_length} is too large")
     body = reader.take(body_length, "header")
@@ -198,6 +209,9 @@ def read(data: bytes) -> tuple[Header, list[bytes]]:
         if look_code >= len(LOOKS):
             raise RcamError(f"bad header: look code {look_code} unknown")
         look = LOOKS[look_code]
+    exif_length, xmp_length, metadata_crc = _METADATA.unpack(fields.take(_METADATA.size, "header")) if version >= 4 else (0, 0, 0)
+    if exif_length > MAX_EXIF or xmp_length > MAX_XMP:
+        raise RcamError(f"bad header: metadata of {exif_length} + {xmp_length} bytes, at most {MAX_EXIF} + {MAX_XMP}")
     entries = [_STREAM_ENTRY.unpack(fields.take(_STREAM_ENTRY.size, "stream table")) for _ in range(stream_count)]
     if fields.offset != len(body):
         raise RcamError("bad header: unexpected bytes after the stream table")
@@ -207,6 +221,10 @@ def read(data: bytes) -> tuple[Header, list[bytes]]:
         tuple(length for length, _ in entries), tuple(crc for _, crc in entries), version,
     )  # fmt: skip
     _check_geometry(header)
+    metadata = reader.take(exif_length + xmp_length, "metadata")
+    if version >= 4 and zlib.crc32(metadata) != metadata_crc:
+        raise RcamError("checksum mismatch in metadata")
+    header = replace(header, exif=metadata[:exif_length], xmp=metadata[exif_length:])
     streams = []
     for number, (length, stream_crc) in enumerate(entries):
         stream = reader.take(length, f"stream {number}")

@@ -314,3 +314,129 @@ def real_dng_crop(source: Path, path: Path, height: int, width: int) -> Path:
 def shipped_codec():
     """The model rcam uses by default (weights/manifest.json), whatever its architecture."""
     return load_codec()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DNGs with capture metadata, sound and hostile
+
+# A full capture set: written into a test DNG with libexiv2 and expected unchanged in every output.
+CAPTURE_EXIF = {
+    "Exif.Image.Make": "Nikon",
+    "Exif.Image.Model": "Z 6",
+    "Exif.Image.DateTime": "2024:05:17 14:03:22",
+    "Exif.Image.Artist": "Ada Lovelace",
+    "Exif.Photo.ExposureTime": "1/250",
+    "Exif.Photo.FNumber": "56/10",
+    "Exif.Photo.ISOSpeedRatings": "400",
+    "Exif.Photo.FocalLength": "35/1",
+    "Exif.Photo.FocalLengthIn35mmFilm": "35",
+    "Exif.Photo.DateTimeOriginal": "2024:05:17 14:03:22",
+    "Exif.Photo.OffsetTimeOriginal": "+02:00",
+    "Exif.Photo.SubSecTimeOriginal": "25",
+    "Exif.Photo.LensMake": "Nikon",
+    "Exif.Photo.LensModel": "NIKKOR Z 24-70mm f/4 S",
+    "Exif.Photo.LensSpecification": "24/1 70/1 4/1 4/1",
+    "Exif.GPSInfo.GPSVersionID": "2 3 0 0",
+    "Exif.GPSInfo.GPSLatitudeRef": "N",
+    "Exif.GPSInfo.GPSLatitude": "48/1 51/1 2436/100",
+    "Exif.GPSInfo.GPSLongitudeRef": "E",
+    "Exif.GPSInfo.GPSLongitude": "2/1 17/1 4012/100",
+    "Exif.GPSInfo.GPSAltitude": "35/1",
+}
+CAPTURE_XMP = (
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    '<rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/" xmlns:xmp="http://ns.adobe.com/xap/1.0/"'
+    ' xmlns:tiff="http://ns.adobe.com/tiff/1.0/" xmlns:exif="http://ns.adobe.com/exif/1.0/" xmp:Rating="4"'
+    ' tiff:Orientation="6" exif:GPSLatitude="48,51.406N" exif:GPSLongitude="2,17.6687E">'
+    "<dc:creator><rdf:Seq><rdf:li>Ada Lovelace</rdf:li></rdf:Seq></dc:creator>"
+    '<dc:subject><rdf:Bag><rdf:li>bridge</rdf:li><rdf:li>Paris</rdf:li></rdf:Bag></dc:subject>'
+    "</rdf:Description></rdf:RDF></x:xmpmeta>"
+)
+
+
+def add_metadata(path, exif: dict[str, str] | None = None, xmp: str | None = None, remove=()) -> Path:
+    """Write EXIF fields (exiv2 keys and values) and an XMP packet into an existing RAW file, in place."""
+    import exiv2
+
+    image = exiv2.ImageFactory.open(str(path))
+    image.readMetadata()
+    data = image.exifData()
+    for key in remove:
+        data.erase(data.findKey(exiv2.ExifKey(key)))
+    for key, value in (exif or {}).items():
+        data[key] = value
+    if xmp is not None:
+        image.setXmpPacket(xmp)
+    image.writeMetadata()
+    return Path(path)
+
+
+def capture_dng(path, orientation: int = 6) -> Path:
+    """A Bayer DNG carrying CAPTURE_EXIF and CAPTURE_XMP."""
+    return add_metadata(bayer_dng_of_size(path, 64, 96, orientation=orientation), CAPTURE_EXIF, CAPTURE_XMP)
+
+
+def _ifd_entries(data: bytes, offset: int) -> list[tuple[int, int, int, int, int]]:
+    """(entry offset, tag, type, count, value) of a little-endian classic TIFF IFD."""
+    count = struct.unpack_from("<H", data, offset)[0]
+    return [(offset + 2 + 12 * i, *struct.unpack_from("<HHII", data, offset + 2 + 12 * i)) for i in range(count)]
+
+
+def _exif_ifd(data: bytes) -> tuple[int, int]:
+    """(offset of IFD0's ExifTag entry, offset of the Exif IFD)."""
+    (entry, _, _, _, offset), = [e for e in _ifd_entries(data, struct.unpack_from("<I", data, 4)[0]) if e[1] == 34665]
+    return entry, offset
+
+
+def _exif_loop_to_ifd0(data: bytearray) -> None:
+    entry, _ = _exif_ifd(data)
+    struct.pack_into("<I", data, entry + 8, struct.unpack_from("<I", data, 4)[0])
+
+
+def _exif_next_is_itself(data: bytearray) -> None:
+    _, offset = _exif_ifd(data)
+    struct.pack_into("<I", data, offset + 2 + 12 * struct.unpack_from("<H", data, offset)[0], offset)
+
+
+def _exif_value_past_the_end(data: bytearray) -> None:
+    _, offset = _exif_ifd(data)
+    entry = next(e for e in _ifd_entries(data, offset) if e[2] in (5, 10))  # a rational: its value lies elsewhere
+    struct.pack_into("<I", data, entry[0] + 8, len(data) + 1000)
+
+
+def _huge_xmp(path) -> None:
+    text = "x" * 3_000_000
+    add_metadata(path, xmp=CAPTURE_XMP.replace("<dc:creator>", f'<dc:description><rdf:Alt><rdf:li xml:lang="x-default">{text}</rdf:li></rdf:Alt></dc:description><dc:creator>'))
+
+
+def _broken_xmp(path) -> None:
+    # A packet cut off in the middle, as a truncated write leaves it (blanked in place: libexiv2 writes only valid XMP).
+    data = bytearray(Path(path).read_bytes())
+    start = data.index(b"<x:xmpmeta")
+    end = data.index(b"</x:xmpmeta>") + len(b"</x:xmpmeta>")
+    middle = (start + end) // 2
+    data[middle:end] = b" " * (end - middle)
+    Path(path).write_bytes(bytes(data))
+
+
+HOSTILE_METADATA = {
+    # name: (how the capture DNG is damaged, the block that is dropped, words of the warning)
+    "exif-loop": (_exif_loop_to_ifd0, "exif", "EXIF is damaged"),
+    "exif-next-itself": (_exif_next_is_itself, "exif", "EXIF is damaged"),
+    "exif-truncated-value": (_exif_value_past_the_end, "exif", "EXIF is damaged"),
+    "huge-xmp": (_huge_xmp, "xmp", "XMP packet of"),
+    "broken-xmp": (_broken_xmp, "xmp", "XMP packet cannot be parsed"),
+}
+
+
+def hostile_metadata_dng(path, name: str) -> Path:
+    """A capture DNG with one HOSTILE_METADATA damage: the raw image itself still reads."""
+    damage = HOSTILE_METADATA[name][0]
+    path = capture_dng(path, orientation=1)
+    if name.startswith("exif"):
+        data = bytearray(path.read_bytes())
+        damage(data)
+        path.write_bytes(bytes(data))
+    else:
+        damage(path)
+    return path

@@ -143,6 +143,10 @@ def test_encode_decode_info_round_trip(run, tmp_path, make_dng, tiny_model_path)
     fields = info_fields(out)
     assert fields["format"].startswith(f"rcb v{container.FORMAT_VERSION}") and fields["tone"].startswith("6x6 field: gain R")
     assert fields["look"].startswith("clean")
+    # The DNG writer's Make and Model and its orientation (6: the pixels were turned, the PNG says 1).
+    assert fields["camera"] == "rcam Synthetic" and fields["orientation"].startswith("right, top")
+    exif = Image.open(image).getexif()
+    assert (exif[0x010F], exif[0x0110], exif[0x0112]) == ("rcam", "Synthetic", 1)
     assert part_files(tmp_path) == []
 
 

@@ -48,8 +48,9 @@ def valid(tiny_codec, tmp_path_factory):
 
 
 def header_size(header: container.Header) -> int:
-    """Bytes from the start of the file to the end of the header CRC (FORMAT.md)."""
-    return 14 + 1 + len(header.model_name) + 53 + 1 + 2 * len(header.tone) + 41 + 8 * len(header.stream_lengths) + 4
+    """Bytes from the start of the file to the end of the metadata (FORMAT.md): header, its CRC, EXIF, XMP."""
+    body = 1 + len(header.model_name) + 53 + 1 + 2 * len(header.tone) + 41 + 12 + 8 * len(header.stream_lengths)
+    return 14 + body + 4 + len(header.exif) + len(header.xmp)
 
 
 def build(
@@ -78,12 +79,15 @@ def build(
     elif version >= 3:
         knots = fields.get("tone_knots", math.isqrt(len(tone) // 6))
         body += bytes([knots]) + struct.pack(f"<{len(tone)}e", *tone)
+    exif, xmp = fields.get("exif", b""), fields.get("xmp", b"")
     if version >= 4:
         matrix = fields.get("cam_to_srgb", (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
         body += struct.pack("<B9ff", fields.get("look", 0), *matrix, fields.get("white", 1.0))
+        lengths = fields.get("metadata_lengths", (len(exif), len(xmp)))
+        body += struct.pack("<III", *lengths, fields.get("metadata_crc", zlib.crc32(exif + xmp)))
     body += b"".join(struct.pack("<II", length, crc) for length, crc in entries)
     head = MAGIC + struct.pack("<HI", version, len(body) if body_length is None else body_length) + body
-    return head + struct.pack("<I", zlib.crc32(head)) + streams
+    return head + struct.pack("<I", zlib.crc32(head)) + exif + xmp + streams
 
 
 def reject(data: bytes) -> str:
@@ -408,6 +412,9 @@ def test_tone_field_round_trips(tiny_codec):
     data = build({"digest": tiny_codec.digest, "tone": tone}, [(4, zlib.crc32(stream))], stream)
     header, _ = container.read(data)
     assert header.format_version == 4 and header.tone == tone
+    # Version 3 is the same without the metadata lengths and CRC.
+    old, _ = container.read(build({"digest": tiny_codec.digest, "tone": tone}, [(4, zlib.crc32(stream))], stream, version=3))
+    assert old.format_version == 3 and old.tone == tone and old.exif == old.xmp == b""
     assert container.write(dataclasses.replace(header, stream_lengths=(), stream_crcs=()), [stream]) == data
     with pytest.raises(ValueError, match="float16"):
         container.write(dataclasses.replace(header, tone=(1.0001, 1, 1, 0, 0, 0)), [stream])
@@ -451,3 +458,45 @@ def test_decoding_with_a_model_of_another_name_is_refused(tiny_codec, valid):
     renamed = dataclasses.replace(tiny_codec, name="something-else")
     with pytest.raises(RcamError, match="made with model tiny"):
         codec.decode_bytes(renamed, valid[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Capture metadata (version 4)
+
+EXIF = b"II*\x00\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00"  # an empty IFD0: the container does not look inside
+XMP = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"/>'
+
+
+def test_metadata_round_trips_between_header_and_streams(tiny_codec):
+    stream = b"\x01\x00\x00\x00"
+    data = build({"digest": tiny_codec.digest, "exif": EXIF, "xmp": XMP}, [(4, zlib.crc32(stream))], stream)
+    header, streams = container.read(data)
+    assert (header.exif, header.xmp, streams) == (EXIF, XMP, [stream])
+    assert container.write(dataclasses.replace(header, stream_lengths=(), stream_crcs=()), [stream]) == data
+    assert len(data) == header_size(header) + 4
+
+
+def test_damaged_metadata_is_a_checksum_mismatch(tiny_codec):
+    stream = b"\x01\x00\x00\x00"
+    data = bytearray(build({"digest": tiny_codec.digest, "exif": EXIF, "xmp": XMP}, [(4, zlib.crc32(stream))], stream))
+    data[-4 - 3] ^= 0x20  # a byte of the XMP
+    assert reject(bytes(data)) == "checksum mismatch in metadata"
+
+
+@pytest.mark.parametrize("lengths", [(container.MAX_EXIF + 1, 0), (0, container.MAX_XMP + 1), (2**32 - 1, 2**32 - 1)])
+def test_oversized_metadata_is_rejected_before_reading_it(lengths):
+    stream = b"\x01\x00\x00\x00"
+    message = rejected_cheaply(build({"metadata_lengths": lengths}, [(4, zlib.crc32(stream))], stream))
+    assert message.startswith("bad header: metadata of")
+
+
+def test_metadata_longer_than_the_file_is_truncation():
+    stream = b"\x01\x00\x00\x00"
+    message = reject(build({"metadata_lengths": (1000, 0)}, [(4, zlib.crc32(stream))], stream))
+    assert "truncated" in message and "metadata" in message
+
+
+def test_writer_refuses_metadata_a_reader_would_refuse(valid):
+    _, header, streams = valid
+    with pytest.raises(ValueError, match="metadata too large"):
+        container.write(dataclasses.replace(header, xmp=b" " * (container.MAX_XMP + 1)), streams)
