@@ -308,5 +308,4 @@ def devignette(x: torch.Tensor, log_gain: torch.Tensor, limit: float = 1.5) -> t
 
     Values are capped at `limit` in linear light, as rawio.normalise_planes caps its input.
     """
-    linear = torch.where(x <= 0.04045, x / 12.92, srgb_to_linear(x))  # negative inputs stay negative, as before
-    return linear_to_srgb((linear * torch.exp(-log_gain)).clamp(0.0, limit))
+    return linear_to_srgb((srgb_to_linear(x) * torch.exp(-log_gain)).clamp(-limit, limit))

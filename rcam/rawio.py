@@ -272,15 +272,20 @@ def network_input(image: RawImage, white: float | None = None) -> np.ndarray:
 
 
 def _camera_to_srgb(planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Raw planes (4, h, w) -> (linear sRGB (3, h, w), the shift that takes each green plane to sRGB green)."""
-    red, green1, green2, blue = np.maximum(planes, 0.0)
+    """Raw planes (4, h, w) -> (linear sRGB (3, h, w), the shift that takes each green plane to sRGB green).
+
+    The sRGB values are not clipped: LibRaw clips after its demosaic, per pixel, and so does the decoder's
+    skeleton (rcam.skeleton); clipping the noise of dark cells here would lift their mean, and no decoder could
+    undo that (the skeleton inverts this step exactly).
+    """
+    red, green1, green2, blue = np.maximum(planes, 0.0)  # LibRaw clips below black too
     red = np.minimum(red * wb_gains[0], 1.0)
     green1 = np.minimum(green1 * wb_gains[1], 1.0)
     green2 = np.minimum(green2 * wb_gains[1], 1.0)
     blue = np.minimum(blue * wb_gains[2], 1.0)
     green = 0.5 * (green1 + green2)
     camera_rgb = np.stack([red, green, blue]).reshape(3, -1)
-    srgb = np.clip(cam_to_srgb @ camera_rgb, 0.0, 1.0).reshape(3, *red.shape)
+    srgb = (cam_to_srgb @ camera_rgb).reshape(3, *red.shape)
     return srgb, np.stack([green1, green2])
 
 
@@ -290,8 +295,10 @@ def auto_bright_white(planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.
 
 
 def _auto_white(srgb: np.ndarray) -> float:
-    # LibRaw's auto-brightness: the level that 1% of the pixels of the brightest channel exceed becomes white.
-    return max(float(np.quantile(srgb.reshape(3, -1), 1.0 - AUTO_BRIGHT_FRACTION, axis=1).max()), 256.0 / 65535.0)
+    # LibRaw's auto-brightness: the level that 1% of the pixels of the brightest channel exceed becomes white,
+    # counted on its clipped output.
+    clipped = np.clip(srgb.reshape(3, -1), 0.0, 1.0)
+    return max(float(np.quantile(clipped, 1.0 - AUTO_BRIGHT_FRACTION, axis=1).max()), 256.0 / 65535.0)
 
 
 def normalise_planes(
@@ -305,9 +312,12 @@ def normalise_planes(
     srgb, greens = _camera_to_srgb(planes, wb_gains, cam_to_srgb)
     white = _auto_white(srgb) if white is None else white
     green_shift = srgb[1] - 0.5 * (greens[0] + greens[1])
-    planes = np.clip(np.stack([srgb[0], greens[0] + green_shift, greens[1] + green_shift, srgb[2]]) / white, 0.0, 1.5)
-    # sRGB transfer curve: the target is gamma-encoded, so the network starts from a near-identity mapping.
-    return np.where(planes <= 0.0031308, 12.92 * planes, 1.055 * planes ** (1 / 2.4) - 0.055).astype(np.float32)
+    planes = np.clip(np.stack([srgb[0], greens[0] + green_shift, greens[1] + green_shift, srgb[2]]) / white, -1.5, 1.5)
+    # sRGB transfer curve, odd-extended to the negative values of noisy dark cells: the target is gamma-encoded,
+    # so the network starts from a near-identity mapping.
+    magnitude = np.abs(planes)
+    encoded = np.where(magnitude <= 0.0031308, 12.92 * magnitude, 1.055 * magnitude ** (1 / 2.4) - 0.055)
+    return (np.sign(planes) * encoded).astype(np.float32)
 
 
 def _black_per_pixel(raw: rawpy.RawPy) -> np.ndarray:

@@ -18,13 +18,17 @@ import torch.nn.functional as F
 
 
 def srgb_to_linear(x: torch.Tensor) -> torch.Tensor:
-    """sRGB-encoded values -> linear light (same shape); negative inputs map to 0."""
-    return torch.where(x <= 0.04045, x.clamp(min=0.0) / 12.92, ((x.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4)
+    """sRGB-encoded values -> linear light (same shape), odd-extended to negative values (rawio.normalise_planes)."""
+    magnitude = x.abs()
+    linear = torch.where(magnitude <= 0.04045, magnitude / 12.92, ((magnitude.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4)
+    return torch.sign(x) * linear
 
 
 def linear_to_srgb(x: torch.Tensor) -> torch.Tensor:
-    """Linear light -> sRGB-encoded values (same shape); negative inputs map to 0."""
-    return torch.where(x <= 0.0031308, 12.92 * x.clamp(min=0.0), 1.055 * x.clamp(min=0.0031308) ** (1 / 2.4) - 0.055)
+    """Linear light -> sRGB-encoded values (same shape), odd-extended to negative values."""
+    magnitude = x.abs()
+    encoded = torch.where(magnitude <= 0.0031308, 12.92 * magnitude, 1.055 * magnitude.clamp(min=0.0031308) ** (1 / 2.4) - 0.055)
+    return torch.sign(x) * encoded
 
 
 # Malvar-He-Cutler 5x5 kernels (×1/8): green at a red/blue site; red/blue at a green site whose row holds
