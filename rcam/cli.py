@@ -119,7 +119,7 @@ def tile_progress(label: str):
 
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where the network runs.")
 model_option = click.option("--model", "model_name", default=DEFAULT_MODEL, show_default=True, help="Model name from weights/manifest.json, or a .safetensors file.")
-threads_option = click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads for torch (default: torch's choice).")
+threads_option = click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads: that many tiles at once, each on one (default: torch's choice); the output does not depend on it.")
 force_option = click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
 
@@ -149,7 +149,7 @@ def cli() -> None:
 @model_option
 @click.option("--tile", type=int, default=DEFAULT_TILE, show_default=True, help="Tile side in packed pixels (multiple of 32): memory/speed knob.")
 @click.option("--overlap", type=int, default=DEFAULT_OVERLAP, show_default=True, help="Tile overlap in packed pixels (multiple of 32).")
-@click.option("--tile-batch", type=click.IntRange(1, 64), default=1, show_default=True, help="Tiles run through the encoder at once (speed only).")
+@click.option("--tile-batch", type=click.IntRange(1, 64), default=1, show_default=True, help="Tiles per network call on a GPU; the CPU runs each tile alone, so there the bytes do not depend on it.")
 @click.option("--tone-fit/--no-tone-fit", default=True, show_default=True, help="Fit a per-channel tone correction against LibRaw's render of the file (a 6x6 gain and offset field per channel, 432 header bytes; every other tile is synthesised once more).")
 @click.option("--look", type=click.Choice(container.LOOKS), default="clean", show_default=True, help="clean: sensor and lens defects (vignetting, dark shading, noise) removed; faithful: LibRaw's development of the file as it is (SPEC §3).")
 @device_option

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -76,6 +79,53 @@ def _batches(tiles: list[Tile], size: int):
         yield tiles[start : start + size]
 
 
+@contextmanager
+def one_thread():
+    """torch's CPU work in the block runs on one intra-op thread (why: map_tiles); the caller's count is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def map_tiles(device: torch.device, function: Callable, items: Iterable) -> Iterator:
+    """function(item) for every item, in order, under inference mode; on the CPU each item runs on one
+    intra-op thread and torch.get_num_threads() items run at once.
+
+    Why: oneDNN's convolutions, MKL's matrix products and torch's vectorised loops split their work by the
+    thread count, so a tile's floats changed in the last bits with --threads and some pixels rounded the
+    other way. On one thread a tile is computed the same way whatever the thread count (or process, or
+    tile batch), and tiles side by side give the parallelism back.
+    """
+    if device.type != "cpu":
+        for item in items:
+            with torch.inference_mode():
+                result = function(item)
+            yield result
+        return
+    threads = torch.get_num_threads()
+
+    def run(item):
+        with torch.inference_mode():  # thread-local: each worker enters it itself
+            return function(item)
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="rcam-tile", initializer=torch.set_num_threads, initargs=(1,))
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(run, item))
+            if len(pending) > threads:  # at most threads + 1 tiles in hand at once: memory stays bounded
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        # A worker's set_num_threads(1) is also torch's default for threads started later: put it back.
+        torch.set_num_threads(threads)
+
+
 @dataclass(frozen=True)
 class Analysis:
     """An image through the analysis transform, before the λ gain: what every λ's encoding shares."""
@@ -100,14 +150,19 @@ def analyse_image(
     planes = torch.from_numpy(network_input(image, development.white))
     _, packed_height, packed_width = planes.shape
     tiles = plan_tiles(packed_height, packed_width, tile, overlap)
-    thumb = thumbnail(planes, model.config.thumbnail).to(device)
+    with one_thread():  # the thumbnail is made on the CPU whatever the device
+        thumb = thumbnail(planes, model.config.thumbnail).to(device)
     absolute = model.config.coordinates == "absolute"
-    batches = []
-    with torch.inference_mode():
-        for batch in _batches(tiles, tile_batch):
-            x = torch.stack([crop_tile(planes, t) for t in batch]).to(device)
-            coords = torch.stack([coordinate_map(t, packed_height, packed_width, absolute) for t in batch]).to(device)
-            batches.append(model.analysis(x, coords, thumb.expand(len(batch), -1, -1, -1), look_tensor(look, len(batch), device)))
+
+    def analyse(batch: list[Tile]) -> torch.Tensor:
+        x = torch.stack([crop_tile(planes, t) for t in batch]).to(device)
+        coords = torch.stack([coordinate_map(t, packed_height, packed_width, absolute) for t in batch]).to(device)
+        return model.analysis(x, coords, thumb.expand(len(batch), -1, -1, -1), look_tensor(look, len(batch), device))
+
+    # `tile_batch` tiles go through the network at once on a GPU; the CPU runs every tile alone (map_tiles),
+    # since a batch's floats differ from a single tile's even on one thread, so the bytes never depend on it.
+    with closing(map_tiles(device, analyse, _batches(tiles, tile_batch if device.type != "cpu" else 1))) as results:
+        batches = list(results)
     return Analysis(image, tiles, overlap, batches, look, development)
 
 
@@ -117,9 +172,13 @@ def _code(codec: Codec, analysis: Analysis, lam: float, progress=None) -> tuple[
     streams, latents = [], []
     with torch.inference_mode():
         gain, _ = model.gains(torch.tensor([lam], device=device))
-        for unscaled in analysis.batches:
-            y = unscaled * gain
-            z = model.hyper_analysis(y)
+
+    def hyper(unscaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = unscaled * gain
+        return y, model.hyper_analysis(y)
+
+    with closing(map_tiles(device, hyper, analysis.batches)) as results:
+        for y, z in results:
             for index in range(len(y)):
                 stream, tile_latents = codec.coder.encode(y[index : index + 1], z[index : index + 1])
                 streams.append(stream)
@@ -245,7 +304,7 @@ def estimated_falloff(codec: Codec, image: RawImage) -> np.ndarray | None:
     planes = torch.from_numpy(network_input(image))
     _, packed_height, packed_width = planes.shape
     whole = Tile(0, 0, packed_height, packed_width)
-    with torch.inference_mode():
+    with torch.inference_mode(), one_thread():
         grid = model.vignetting(thumbnail(planes, model.config.thumbnail)[None].to(codec.device))
         log_gain = log_gain_at(grid, coordinate_map(whole, packed_height, packed_width)[None].to(codec.device))
     gains = torch.exp(log_gain[0, 0]).float().cpu().numpy()
@@ -332,9 +391,9 @@ def synthesize(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Tiles' latents -> ((3, H, W) blended sensor-oriented RGB, unclamped; (H, W) bool: pixels whose tiles all ran).
 
-    `wanted` picks the tiles to synthesise (all by default). Tiles go through the synthesis one at a time:
-    oneDNN's batched convolutions round differently from single ones, and a file must decode to the same
-    pixels however it is run.
+    `wanted` picks the tiles to synthesise (all by default). Each tile goes through the synthesis alone, on
+    one thread (map_tiles): batched convolutions and the thread count change the rounding, and a file must
+    decode to the same pixels however it is run.
     """
     tiles = header_tiles(header)
     wanted = wanted or [True] * len(tiles)
@@ -347,15 +406,19 @@ def synthesize(
         _, inverse_gain = model.gains(torch.tensor([header.lam], device=device))
         development = header_development(codec, header, 1)
         look = look_tensor(header.look, 1, device)
-        for tile, tile_latents, run in zip(tiles, latents, wanted):
+
+    def synthesise(tile_latents: TileLatents) -> torch.Tensor:
+        return model.synthesis(tile_latents.y_hat.to(device) * inverse_gain, development, look)[0].float().cpu()
+
+    with closing(map_tiles(device, synthesise, [t for t, run in zip(latents, wanted) if run])) as tile_images:
+        for tile, run in zip(tiles, wanted):
             weights = blend_weights(tile, extent, header.overlap, scale=2)
             rows = slice(2 * tile.top, 2 * (tile.top + tile.height))
             cols = slice(2 * tile.left, 2 * (tile.left + tile.width))
             if not run:
                 missing_weight[rows, cols] += weights
                 continue
-            tile_rgb = model.synthesis(tile_latents.y_hat.to(device) * inverse_gain, development, look)[0].float().cpu()
-            canvas[:, rows, cols] += tile_rgb * weights
+            canvas[:, rows, cols] += next(tile_images) * weights
             weight_sum[rows, cols] += weights
             if progress:
                 progress()
