@@ -349,16 +349,18 @@ def export(checkpoint, name, half, weights_dir) -> None:
 @click.option("--out-dir", type=click.Path(file_okay=False), default="out/eval", show_default=True, help="Where results.json, CSVs and rd.png go.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N images.")
 @click.option("--speed/--no-speed", default=True, show_default=True, help="Also time whole encode/decode commands and the cascade.")
+@click.option("--held-out", is_flag=True, help="Protocol S: synthesise the DNGs with the defect families kept out of training (rcam.synth.HELD_OUT_FAMILIES), the generalisation check.")
 @click.option("--look", type=click.Choice(("auto",) + container.LOOKS), default="auto", show_default=True, help="auto: faithful for protocol R (its reference is the file's own render), clean for S (SPEC §8); a model without the faithful look is measured in clean.")
 @model_option
 @device_option
 @threads_option
-def evaluate(inputs, protocol, lambdas, baselines, out_dir, limit, speed, look, model_name, device, threads) -> None:
+def evaluate(inputs, protocol, lambdas, baselines, out_dir, limit, speed, held_out, look, model_name, device, threads) -> None:
     """Measure rcam against develop-then-compress cascades: tables, BD-rate, RD plot (SPEC §8)."""
     import numpy as np
 
     from rcam.evaluate import make_command_timer, print_table, run_eval
     from rcam.output import quantize
+    from rcam.synth import make_pair
 
     try:
         lambda_values = [float(v) for v in lambdas.split(",") if v.strip()]
@@ -381,7 +383,8 @@ def evaluate(inputs, protocol, lambdas, baselines, out_dir, limit, speed, look, 
     results = run_eval(
         Path(inputs), protocol, lambda_values, [b.strip() for b in baselines.split(",") if b.strip()], Path(out_dir),
         run_codec, timer, limit=limit, speed=speed, numthreads=threads,
-        setup={"model": codec.name, "weights": codec.digest.hex(), "device": str(codec.device), "look": look},
+        make_pair=functools.partial(make_pair, held_out=True) if held_out else None,
+        setup={"model": codec.name, "weights": codec.digest.hex(), "device": str(codec.device), "look": look, "held_out_families": held_out},
     )  # fmt: skip
     print_table(results)
 
