@@ -8,6 +8,7 @@ import math
 import numpy as np
 import torch
 from pytorch_msssim import ms_ssim
+from scipy.ndimage import gaussian_filter
 
 from rcam.errors import RcamError
 
@@ -197,6 +198,20 @@ def bits_per_pixel(num_bytes: int, num_pixels: int) -> float:
     if num_bytes < 0:
         raise RcamError(f"bits per pixel needs a non-negative byte count; got {num_bytes}")
     return 8.0 * num_bytes / num_pixels
+
+
+def dark_offset(reference: np.ndarray, decoded: np.ndarray, fraction: float = 0.05, sigma: float = 2.0) -> float:
+    """Mean decoded − reference (8-bit levels) over the darkest `fraction` of the reference's areas; (H,W,3) images.
+
+    The areas are chosen on the reference's luma blurred by a Gaussian of `sigma` pixels: chosen pixel by pixel
+    on a noisy render, the darkest pixels are those whose noise happened to be negative (clipped at black),
+    and any decoder that smooths noise, even the reference blurred by σ 2, would read as several levels
+    "lifted" there (5.4 levels on the Canon DNG). Lifted shadows are an area's level, which this measures.
+    """
+    _check_pair(reference, decoded)
+    luma = gaussian_filter(reference.astype(np.float64).mean(axis=2), sigma)
+    dark = luma <= np.percentile(luma, 100 * fraction)
+    return float(decoded[dark].astype(np.float64).mean() - reference[dark].astype(np.float64).mean())
 
 
 def all_metrics(reference: np.ndarray, decoded: np.ndarray) -> dict[str, float]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rcam.errors import RcamError
-from rcam.metrics import bits_per_pixel, ciede2000, ciede2000_lab, ms_ssim_db, ms_ssim_value, psnr, srgb_to_lab
+from rcam.metrics import bits_per_pixel, ciede2000, ciede2000_lab, dark_offset, ms_ssim_db, ms_ssim_value, psnr, srgb_to_lab
 
 # Sharma, Wu & Dalal (2005), "The CIEDE2000 color-difference formula: implementation notes,
 # supplementary test data, and mathematical observations", Table 1: L1 a1 b1 L2 a2 b2 ΔE00.
@@ -128,3 +128,20 @@ def test_bits_per_pixel():
     assert bits_per_pixel(0, 10) == 0.0
     with pytest.raises(RcamError):
         bits_per_pixel(10, 0)
+
+
+def test_dark_offset_measures_lifted_areas_not_the_noise_of_single_pixels():
+    rng = np.random.default_rng(0)
+    # A dark flat area (a fifth of the frame) beside a ramp, with grey sensor noise.
+    scene = np.tile(np.concatenate([np.full(52, 20.0), np.linspace(60, 200, 204)])[None, :, None], (128, 1, 3))
+    noisy = np.clip(np.rint(scene + rng.normal(0, 6, scene.shape[:2])[..., None]), 0, 255).astype(np.uint8)
+    smooth = np.clip(np.rint(scene), 0, 255).astype(np.uint8)
+    # A denoised image of the same scene is not "lifted"; chosen pixel by pixel, its darkest pixels would be
+    # far brighter than the darkest noisy ones (they are the ones whose noise was most negative).
+    luma = noisy.astype(float).mean(axis=2)
+    darkest = luma <= np.percentile(luma, 5)
+    pixelwise = smooth[darkest].mean() - noisy[darkest].mean()
+    assert pixelwise > 3 * abs(dark_offset(noisy, smooth)) and pixelwise > 6
+    # A real lift of the shadows is measured as it is.
+    lifted = np.clip(smooth.astype(int) + 4, 0, 255).astype(np.uint8)
+    assert dark_offset(noisy, lifted) - dark_offset(noisy, smooth) == pytest.approx(4.0, abs=0.01)
