@@ -357,8 +357,10 @@ def run_batch(
 
 
 def _run_pool(todo: list[tuple[Path, Path]], work: Callable, jobs: int, pool_setup: tuple, finish: Callable) -> None:
-    # spawn: a fresh interpreter per worker, no copy of this process's torch threads or open files.
-    context = multiprocessing.get_context("spawn")
+    # forkserver: one fresh interpreter imports rcam (torch: seconds) once, and every worker is a fork of it;
+    # spawn would import it again in each worker, and a plain fork would copy this process's threads.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["rcam.batch"])
     pool = ProcessPoolExecutor(min(jobs, len(todo)) or 1, mp_context=context, initializer=_worker_start, initargs=pool_setup)
     pending = {pool.submit(_worker_task, work, source, target): (source, target) for source, target in todo}
     try:
