@@ -340,6 +340,12 @@ def run_batch(
                 finish(source, outcome)
         else:
             _run_pool(todo, work, jobs, pool_setup, finish)
+    except KeyboardInterrupt:
+        bar.close()
+        if summary and many and not quiet:  # what is done stays done: say how far it got (--skip-existing resumes)
+            summary.failed, summary.seconds = len(failed), time.perf_counter() - start
+            click.echo(summary.line() + "; interrupted")
+        raise
     finally:
         bar.close()
     if summary:
@@ -386,8 +392,10 @@ def _run_pool(todo: list[tuple[Path, Path]], work: Callable, jobs: int, pool_set
             if process.is_alive():
                 os.kill(process.pid, signal.SIGINT)
         pool.shutdown(wait=True, cancel_futures=True)
-        for _, target in pending.values():  # a worker killed harder still leaves no temporary behind
-            for part in target.parent.glob(f".{target.name}.*.part"):
+        for future, (source, target) in pending.items():
+            if future.done() and not future.cancelled() and future.exception() is None:  # finished meanwhile: count it
+                finish(source, future.result())
+            for part in target.parent.glob(f".{target.name}.*.part"):  # a worker killed harder leaves none either
                 part.unlink(missing_ok=True)
         raise
     pool.shutdown(wait=True)

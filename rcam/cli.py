@@ -80,6 +80,8 @@ def run_files(
         items, lambda item: output_path(item, output, out_dir, suffix, many), force, skip_existing, mirror=bool(out_dir and recursive)
     )  # fmt: skip
     codec, pool_setup = None, None
+    # Workers for a single file to do would only add their start-up: code it here.
+    jobs = min(jobs, max(1, sum(not isinstance(target, RcamError) for _, target in plan)))
     if jobs == 1:
         codec = load_codec(model_name, _setup(device, threads))
     else:  # the workers load the model; its errors are found here first, once
