@@ -1,7 +1,19 @@
-"""Benchmark: whole-command encode / decode time and peak memory on a synthetic 24-megapixel DNG.
+"""Benchmark: where encode and decode spend their time, stage by stage, beside the develop-then-compress cascade.
 
-Prints rcam encode and decode (each a separate `rcam` process: model loading included), and beside them the
-cascade a user runs today: LibRaw's reference render plus a JPEG XL encode (effort 7) of it.
+On a synthetic DNG of --megapixels it prints:
+  - whole commands: `rcam encode` and `rcam decode` as separate processes (model loading included), wall time
+    and peak memory;
+  - the stages, in this process, called in the order rcam.codec.encode_file and decode_bytes call them (RAW
+    read, metadata, analysis, reference render, hyper path, entropy coding, the tone fit's synthesis and fit,
+    container write; container read, entropy decoding, synthesis, blending, tone, orientation, image write).
+    The staged bytes and pixels are checked against the commands' outputs, so the table cannot drift from
+    what the codec does (exit status 1 if it has);
+  - the cascade a user runs today: LibRaw's render + JPEG XL (effort 7) encode, and JPEG XL decode + the same
+    PNG write; and the ratios rcam / cascade for encode, decode and the round trip.
+
+Two stages are split here that the codec overlaps: the hyper path runs on worker threads while the main
+thread entropy-codes finished tiles, and the synthesis while the main thread blends. Their sum is therefore
+a little more than the codec's wall time for them.
 
     .venv/bin/python bench/bench_codec.py [--megapixels 24] [--lambda 0.01] [--threads 2] [--tile 512]
 """
@@ -13,16 +25,147 @@ import math
 import sys
 import tempfile
 import time
+from contextlib import closing, contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import imagecodecs
 import numpy as np
+import torch
 from PIL import Image
 
+from rcam import container
+from rcam.codec import (
+    _header, analyse_image, check_lambda, check_model, decode_latents, header_development, header_tiles, look_tensor,
+    map_tiles, metadata_of, tone_fit_tiles, tone_reference, synthesize,
+)  # fmt: skip
 from rcam.demo import sample_scene
 from rcam.evaluate import timed_command
-from rcam.rawio import reference_render
+from rcam.metadata import check_metadata, read_metadata, upright
+from rcam.output import PNG_LEVEL, _png_with_icc, encode_image, srgb_icc_profile, write_atomic
+from rcam.rawio import apply_flip, read_raw, reference_render, undo_flip
 from rcam.synth import make_pair
+from rcam.tiling import DEFAULT_OVERLAP, blend_weights
+from rcam.tone import apply_tone, fit_tone
+from rcam.zoo import load_codec
+
+
+class Stages:
+    """Wall seconds per named stage, in the order first timed."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+def staged_encode(codec, dng: Path, lam: float, tile: int, overlap: int, look: str, stages: Stages) -> bytes:
+    """rcam.codec.encode_file with metadata and tone fit, as `rcam encode` runs it, one timed stage at a time."""
+    model, device = codec.model, codec.device
+    with stages("RAW read"):
+        image = read_raw(dng)
+    with stages("metadata read"):
+        captured = read_metadata(dng)
+    with stages("analysis"):
+        analysis = analyse_image(codec, image, tile, overlap, 1, look)
+    with stages("reference render"):
+        reference = tone_reference(codec, dng, image, look)
+    lam = check_lambda(lam)
+    with stages("hyper path"):  # rcam.codec._code, its network part
+        with torch.inference_mode():
+            gain, _ = model.gains(torch.tensor([lam], device=device))
+
+        def hyper(unscaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y = unscaled * gain
+            return y, model.hyper_analysis(y)
+
+        with closing(map_tiles(device, hyper, analysis.batches)) as results:
+            hyper_out = list(results)
+    with stages("entropy coding"):  # rcam.codec._code, its coding part
+        streams, latents = [], []
+        for y, z in hyper_out:
+            for index in range(len(y)):
+                stream, tile_latents = codec.coder.encode(y[index : index + 1], z[index : index + 1])
+                streams.append(stream)
+                latents.append(tile_latents)
+    header = _header(codec, analysis, lam, check_metadata(captured))
+    with stages("tone fit: synthesis"):  # rcam.codec.fit_header_tone
+        decoded, complete = synthesize(codec, header, latents, tone_fit_tiles(header))
+    with stages("tone fit: fit"):
+        tone = fit_tone(decoded.clamp_(0.0, 1.0).permute(1, 2, 0).numpy(), undo_flip(reference, header.flip), complete.numpy())
+    with stages("container write"):
+        return container.write(replace(header, tone=tone), streams)
+
+
+def staged_decode(codec, data: bytes, target: Path, stages: Stages) -> bytes:
+    """rcam.codec.decode_bytes and the PNG write of `rcam decode`, one timed stage at a time; returns the PNG bytes."""
+    model, device = codec.model, codec.device
+    with stages("container read"):
+        header, streams = container.read(data)
+        check_model(codec, header)
+    with stages("entropy decoding"):
+        latents = decode_latents(codec, header, streams)
+    tiles = header_tiles(header)
+    with stages("synthesis"):  # rcam.codec.synthesize, its network part
+        with torch.inference_mode():
+            _, inverse_gain = model.gains(torch.tensor([header.lam], device=device))
+            development = header_development(codec, header, 1)
+            look = look_tensor(header.look, 1, device)
+
+        def synthesise(tile_latents):
+            return model.synthesis(tile_latents.y_hat.to(device) * inverse_gain, development, look)[0].float().cpu()
+
+        with closing(map_tiles(device, synthesise, latents)) as results:
+            tile_images = list(results)
+    with stages("blending"):  # rcam.codec.synthesize, its canvas part
+        extent = (tiles[-1].top + tiles[-1].height, tiles[-1].left + tiles[-1].width)
+        canvas = torch.zeros(3, 2 * extent[0], 2 * extent[1])
+        weight_sum = torch.zeros(2 * extent[0], 2 * extent[1])
+        for tile, tile_image in zip(tiles, tile_images):
+            weights = blend_weights(tile, extent, header.overlap, scale=2)
+            rows = slice(2 * tile.top, 2 * (tile.top + tile.height))
+            cols = slice(2 * tile.left, 2 * (tile.left + tile.width))
+            canvas[:, rows, cols] += tile_image * weights
+            weight_sum[rows, cols] += weights
+        image = canvas.div_(weight_sum.clamp_min_(1e-12))
+        image = image[:, header.pad_top : header.pad_top + header.sensor_height, header.pad_left : header.pad_left + header.sensor_width]
+    with stages("tone"):
+        toned = apply_tone(np.ascontiguousarray(image.clamp_(0.0, 1.0).permute(1, 2, 0).numpy()), header.tone)
+    with stages("orientation"):
+        oriented = apply_flip(toned, header.flip)
+    with stages("image write (PNG)"):
+        png = encode_image(oriented, "png", 8, 95, upright(metadata_of(data)))
+        write_atomic(target, png)
+    return png
+
+
+def cascade(dng: Path, folder: Path, threads: int, encode_stages: Stages, decode_stages: Stages) -> bytes:
+    """LibRaw render + JPEG XL e7 encode (+ file write); JPEG XL decode + the same PNG write as rcam decode's."""
+    with encode_stages("LibRaw render"):
+        render = reference_render(dng)
+    with encode_stages("JPEG XL e7 encode"):
+        jxl = imagecodecs.jpegxl_encode(render, level=90, effort=7, numthreads=threads)
+        write_atomic(folder / "c.jxl", jxl)
+    with decode_stages("JPEG XL decode"):
+        pixels = imagecodecs.jpegxl_decode((folder / "c.jxl").read_bytes(), numthreads=threads)
+    with decode_stages("image write (PNG)"):  # rcam.output.encode_image's PNG path; the pixels are uint8 already
+        write_atomic(folder / "c.png", _png_with_icc(imagecodecs.png_encode(pixels, level=PNG_LEVEL), srgb_icc_profile()))
+    return jxl
+
+
+def print_stages(title: str, stages: Stages, megapixels: float) -> None:
+    total = stages.total()
+    print(f"\n{title:<26} {'s':>8} {'s/MP':>7} {'share':>6}")
+    for name, seconds in stages.seconds.items():
+        print(f"  {name:<24} {seconds:8.3f} {seconds / megapixels:7.3f} {seconds / total:6.1%}")
+    print(f"  {'total':<24} {total:8.3f} {total / megapixels:7.3f}")
 
 
 def main() -> None:
@@ -32,7 +175,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--model", default="rcam-small")
+    parser.add_argument("--look", default="clean")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     rcam = str(Path(sys.executable).parent / "rcam")
     with tempfile.TemporaryDirectory() as folder:
@@ -42,26 +187,48 @@ def main() -> None:
         print(f"making a synthetic {width}x{height} DNG ({width * height / 1e6:.1f} MP) ...", flush=True)
         Image.fromarray(sample_scene(height, width)).save(folder / "scene.png")
         dng = make_pair(folder / "scene.png", folder, np.random.default_rng(0), "bench").degraded
+        megapixels = width * height / 1e6
 
         common = ["--threads", str(args.threads), "--model", args.model, "--device", "cpu", "-q"]
-        encode_s, encode_mib = timed_command([rcam, "encode", str(dng), "-o", str(folder / "b.rcb"), "--lambda", str(args.lam), "--tile", str(args.tile), *common])
+        encode_s, encode_mib = timed_command([rcam, "encode", str(dng), "-o", str(folder / "b.rcb"), "--lambda", str(args.lam), "--tile", str(args.tile), "--look", args.look, *common])
         decode_s, decode_mib = timed_command([rcam, "decode", str(folder / "b.rcb"), "-o", str(folder / "b.png"), *common])
         size = (folder / "b.rcb").stat().st_size
 
         start = time.perf_counter()
-        render = reference_render(dng)
-        render_s = time.perf_counter() - start
-        start = time.perf_counter()
-        jxl = imagecodecs.jpegxl_encode(render, level=90, effort=7, numthreads=args.threads)
-        jxl_s = time.perf_counter() - start
+        codec = load_codec(args.model, "cpu")
+        load_s = time.perf_counter() - start
+        encode_stages, decode_stages = Stages(), Stages()
+        data = staged_encode(codec, dng, args.lam, args.tile, DEFAULT_OVERLAP, args.look, encode_stages)
+        png = staged_decode(codec, data, folder / "s.png", decode_stages)
+        same_bytes = data == (folder / "b.rcb").read_bytes()
+        same_pixels = np.array_equal(imagecodecs.png_decode(png), imagecodecs.png_decode((folder / "b.png").read_bytes()))
+        cascade_encode, cascade_decode = Stages(), Stages()
+        jxl = cascade(dng, folder, args.threads, cascade_encode, cascade_decode)
 
-    megapixels = width * height / 1e6
-    print(f"image           {width}x{height} = {megapixels:.1f} MP, threads {args.threads}, tile {args.tile}, lambda {args.lam}")
-    print(f"rcam encode     {encode_s:7.1f} s  ({encode_s / megapixels:.2f} s/MP)  peak RSS {encode_mib:7.0f} MiB  -> {size} bytes, {8 * size / (width * height):.3f} bpp")
-    print(f"rcam decode     {decode_s:7.1f} s  ({decode_s / megapixels:.2f} s/MP)  peak RSS {decode_mib:7.0f} MiB")
-    print(f"LibRaw render   {render_s:7.1f} s  ({render_s / megapixels:.2f} s/MP)  (in process)")
-    print(f"JPEG XL e7 q90  {jxl_s:7.1f} s  ({jxl_s / megapixels:.2f} s/MP)  -> {len(jxl)} bytes, {8 * len(jxl) / (width * height):.3f} bpp")
-    print(f"cascade total   {render_s + jxl_s:7.1f} s  ({(render_s + jxl_s) / megapixels:.2f} s/MP)")
+    pixels = width * height
+    print(f"\nimage           {width}x{height} = {megapixels:.1f} MP, threads {args.threads}, tile {args.tile}, lambda {args.lam}, model {args.model}, look {args.look}")
+    print(f"rcam encode     {encode_s:7.2f} s  ({encode_s / megapixels:.2f} s/MP)  peak RSS {encode_mib:7.0f} MiB  -> {size} bytes, {8 * size / pixels:.3f} bpp  (whole command)")
+    print(f"rcam decode     {decode_s:7.2f} s  ({decode_s / megapixels:.2f} s/MP)  peak RSS {decode_mib:7.0f} MiB  (whole command)")
+    print(f"JPEG XL e7 q90  -> {len(jxl)} bytes, {8 * len(jxl) / pixels:.3f} bpp")
+    print(f"model load      {load_s:7.2f} s  (in process; not in the stage totals)")
+    overhead = [command - stages.total() for command, stages in ((encode_s, encode_stages), (decode_s, decode_stages))]
+    print(f"outside stages  {overhead[0]:7.2f} s encode, {overhead[1]:.2f} s decode  (whole command less its stages: interpreter start, imports, model load)")
+    print_stages("rcam encode stages", encode_stages, megapixels)
+    print_stages("rcam decode stages", decode_stages, megapixels)
+    print_stages("cascade encode", cascade_encode, megapixels)
+    print_stages("cascade decode", cascade_decode, megapixels)
+    rows = [
+        ("encode", encode_stages.total(), cascade_encode.total()),
+        ("decode", decode_stages.total(), cascade_decode.total()),
+        ("round trip", encode_stages.total() + decode_stages.total(), cascade_encode.total() + cascade_decode.total()),
+    ]
+    print(f"\n{'in process':<12} {'rcam s':>8} {'cascade s':>10} {'rcam/cascade':>13}")
+    for name, ours, theirs in rows:
+        print(f"  {name:<10} {ours:8.3f} {theirs:10.3f} {ours / theirs:12.1f}x")
+    print(f"\nstaged run reproduces `rcam encode`'s bytes: {'yes' if same_bytes else 'NO'}; `rcam decode`'s pixels: {'yes' if same_pixels else 'NO'}")
+    if not (same_bytes and same_pixels):
+        print("the stages above no longer follow rcam.codec: update staged_encode / staged_decode", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

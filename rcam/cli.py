@@ -9,47 +9,25 @@ from __future__ import annotations
 import functools
 import re
 import sys
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import click
 import torch
-from tqdm import tqdm
 
 from rcam import container
-from rcam.codec import decode_bytes, encode_file, metadata_of, tone_reference
+from rcam.batch import (
+    BatchFailed, DecodeSettings, Done, EncodeSettings, Summary, decode_one, encode_one, expand_inputs, output_path, plan_outputs,
+    read_input, run_batch, worker_threads,
+)  # fmt: skip
+from rcam.codec import decode_bytes, encode_file, tone_reference
 from rcam.errors import RcamError
-from rcam.metadata import EMPTY, Metadata, read_metadata, summary, upright
-from rcam.output import check_output_path, encode_image, image_kind, write_atomic
+from rcam.metadata import Metadata, summary
 from rcam.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 from rcam.tone import describe_tone
 from rcam.train import resolve_device
-from rcam.zoo import DEFAULT_MODEL, load_codec
+from rcam.zoo import DEFAULT_MODEL, load_codec, resolve_weights
 
 RAW_SUFFIXES = {".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".pef", ".srw", ".nrw", ".3fr", ".iiq", ".erf"}
-
-
-class BatchFailed(Exception):
-    """Some inputs of a many-input command failed (already reported); carries the exit status."""
-
-    def __init__(self, status: int):
-        self.status = status
-
-
-def expand_inputs(inputs: tuple[str, ...], suffixes: set[str]) -> list[Path]:
-    """Files as given; folders -> their files with one of `suffixes` (sorted, not recursive)."""
-    paths: list[Path] = []
-    for name in inputs:
-        path = Path(name)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
-            if not found:
-                raise RcamError(f"{path}: folder holds no {'/'.join(sorted(suffixes))} files")
-            paths += found
-        else:
-            paths.append(path)
-    return paths
 
 
 SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -67,54 +45,10 @@ def parse_size(text: str) -> int:
     return size
 
 
-def output_path(source: Path, output: str | None, out_dir: str | None, suffix: str, many: bool) -> Path:
-    """Where one input's result goes: -o for a single input, else --out-dir or beside the input."""
-    if output and not many:
-        return Path(output)
-    if output and many:
-        raise RcamError("-o names one output; with several inputs use --out-dir")
-    folder = Path(out_dir) if out_dir else source.parent
-    return folder / (source.stem + suffix)
-
-
 def check_out_dir(out_dir: str | None) -> None:
     """An --out-dir must exist: checked once, before any work, so a batch fails with one line, not one per input."""
     if out_dir and not Path(out_dir).is_dir():
         raise RcamError(f"--out-dir {out_dir}: folder does not exist")
-
-
-def run_batch(sources: list[Path], work: Callable[[Path], str], quiet: bool) -> None:
-    """Apply `work` to every source, printing its summary; report failures at the end (exit 2, or 1 if internal)."""
-    failed: list[tuple[Path, str]] = []
-    internal = False
-    for source in sources:
-        try:
-            summary = work(source)
-            if not quiet:
-                click.echo(summary)
-        except RcamError as error:
-            message = str(error)
-            # The error may already name the file; don't say it twice.
-            line = message if message.startswith(str(source)) else f"{source}: {message}"
-            click.echo(f"rcam: error: {line}", err=True)
-            failed.append((source, line))
-        except (KeyboardInterrupt, BrokenPipeError):
-            raise
-        except Exception:  # an rcam bug, not the user's fault: say so, keep going with the other files
-            click.echo(f"rcam: internal error on {source}:\n{traceback.format_exc()}", err=True)
-            failed.append((source, "internal error"))
-            internal = True
-    if failed:
-        if len(sources) > 1:
-            click.echo(f"rcam: {len(failed)} of {len(sources)} inputs failed:", err=True)
-            for _, line in failed:
-                click.echo(f"  {line}", err=True)
-        raise BatchFailed(1 if internal else 2)
-
-
-def tile_progress(label: str):
-    """A tqdm tile counter, shown only on a terminal."""
-    return tqdm(desc=label, unit="tile", leave=False, disable=None)
 
 
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where the network runs.")
@@ -122,12 +56,39 @@ model_option = click.option("--model", "model_name", default=DEFAULT_MODEL, show
 threads_option = click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads: that many tiles at once, each on one (default: torch's choice); the output does not depend on it.")
 force_option = click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
+jobs_option = click.option("--jobs", "-j", type=click.IntRange(1, 256), default=1, show_default=True, help="Worker processes, each coding one file at a time with its own copy of the model (--threads is then per worker); the outputs do not depend on it.")
+recursive_option = click.option("--recursive", "-r", is_flag=True, help="Take the files in a folder's subfolders too; with --out-dir the subfolders are mirrored there.")
+skip_existing_option = click.option("--skip-existing", is_flag=True, help="Skip inputs whose output exists (an interrupted batch resumes where it stopped).")
 
 
 def _setup(device: str, threads: int | None):
     if threads:
         torch.set_num_threads(threads)
     return resolve_device(device)
+
+
+def run_files(
+    items, suffix: str, work, verb: str, *, output, out_dir, force, skip_existing, recursive, model_name, device, threads,
+    jobs, quiet,
+) -> None:  # fmt: skip
+    """The shared part of encode and decode: plan the outputs, load the model here or in `jobs` workers, run."""
+    if skip_existing and force:
+        raise RcamError("--skip-existing keeps existing outputs, --force overwrites them: give one")
+    check_out_dir(out_dir)
+    many = len(items) > 1
+    plan, skipped = plan_outputs(
+        items, lambda item: output_path(item, output, out_dir, suffix, many), force, skip_existing, mirror=bool(out_dir and recursive)
+    )  # fmt: skip
+    codec, pool_setup = None, None
+    # Workers for a single file to do would only add their start-up: code it here.
+    jobs = min(jobs, max(1, sum(not isinstance(target, RcamError) for _, target in plan)))
+    if jobs == 1:
+        codec = load_codec(model_name, _setup(device, threads))
+    else:  # the workers load the model; its errors are found here first, once
+        resolve_weights(model_name)
+        resolve_device(device)
+        pool_setup = (model_name, device, worker_threads(jobs, threads))
+    run_batch(plan, work, codec, quiet, Summary(verb, len(items), skipped=skipped), jobs, pool_setup)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -154,11 +115,14 @@ def cli() -> None:
 @click.option("--look", type=click.Choice(container.LOOKS), default="clean", show_default=True, help="clean: sensor and lens defects (vignetting, dark shading, noise) removed; faithful: LibRaw's development of the file as it is (SPEC §3).")
 @device_option
 @threads_option
+@jobs_option
+@recursive_option
 @force_option
+@skip_existing_option
 @quiet_option
 def encode(
     inputs, output, out_dir, lam, bpp, size_text, strip_metadata, strip_gps, strict_metadata, model_name, tile, overlap,
-    tile_batch, tone_fit, look, device, threads, force, quiet,
+    tile_batch, tone_fit, look, device, threads, jobs, recursive, force, skip_existing, quiet,
 ) -> None:  # fmt: skip
     """Encode RAW files (or folders of them) into .rcb bitstreams, with their capture metadata."""
     if sum(option is not None for option in (lam, bpp, size_text)) > 1:
@@ -167,29 +131,14 @@ def encode(
     lam = 0.01 if lam is None and bpp is None and target_bytes is None else lam
     if strip_metadata and (strip_gps or strict_metadata):
         raise RcamError("--strip-metadata stores no metadata: --strip-gps and --strict-metadata do not apply")
-    sources = expand_inputs(inputs, RAW_SUFFIXES)
-    check_out_dir(out_dir)
-    codec = load_codec(model_name, _setup(device, threads))
-
-    def work(source: Path) -> str:
-        target = output_path(source, output, out_dir, ".rcb", len(sources) > 1)
-        check_output_path(target, force, tuple(sources))
-
-        def warn(message: str) -> None:
-            click.echo(f"rcam: warning: {source}: {message}", err=True)
-
-        reader = None if strip_metadata else functools.partial(read_metadata, gps=not strip_gps, strict=strict_metadata, warn=warn)
-        with tile_progress(source.name) as bar:
-            encoded = encode_file(
-                codec, source, lam, tone_fit=tone_fit, metadata=reader, target_bytes=target_bytes, target_bpp=bpp,
-                tile=tile, overlap=overlap, tile_batch=tile_batch, look=look, progress=lambda: bar.update(1),
-            )  # fmt: skip
-        write_atomic(target, encoded.data)
-        pixels = encoded.header.output_height * encoded.header.output_width
-        chosen = f", lambda {encoded.header.lam:.6g}" if lam is None else ""
-        return f"{source} -> {target}: {len(encoded.data)} bytes, {8 * len(encoded.data) / pixels:.4f} bpp{chosen}"
-
-    run_batch(sources, work, quiet)
+    settings = EncodeSettings(
+        lam, target_bytes, bpp, strip_metadata, strip_gps, strict_metadata, tile, overlap, tile_batch, tone_fit, look
+    )  # fmt: skip
+    run_files(
+        expand_inputs(inputs, RAW_SUFFIXES, recursive), ".rcb", functools.partial(encode_one, settings), "encoded",
+        output=output, out_dir=out_dir, force=force, skip_existing=skip_existing, recursive=recursive,
+        model_name=model_name, device=device, threads=threads, jobs=jobs, quiet=quiet,
+    )  # fmt: skip
 
 
 @cli.command()
@@ -203,47 +152,31 @@ def encode(
 @model_option
 @device_option
 @threads_option
+@jobs_option
+@recursive_option
 @force_option
+@skip_existing_option
 @quiet_option
-def decode(inputs, output, out_dir, image_format, bits, quality, strip_metadata, model_name, device, threads, force, quiet) -> None:
+def decode(
+    inputs, output, out_dir, image_format, bits, quality, strip_metadata, model_name, device, threads, jobs, recursive, force,
+    skip_existing, quiet,
+) -> None:  # fmt: skip
     """Decode .rcb bitstreams into sRGB images with an embedded sRGB profile and the capture metadata."""
-    sources = expand_inputs(inputs, {".rcb"})
-    check_out_dir(out_dir)
-    codec = load_codec(model_name, _setup(device, threads))
-
-    def work(source: Path) -> str:
-        target = output_path(source, output, out_dir, f".{image_format}", len(sources) > 1)
-        kind = image_kind(target)
-        check_output_path(target, force, tuple(sources))
-        try:
-            data = source.read_bytes()
-        except OSError as error:
-            raise RcamError(f"cannot read ({error.strerror})") from None
-        with tile_progress(source.name) as bar:
-            image = decode_bytes(codec, data, progress=lambda: bar.update(1))
-        metadata = EMPTY if strip_metadata else metadata_of(data)
-        try:
-            metadata = upright(metadata)
-        except RcamError as error:  # the pixels are sound: write them, say what is missing
-            click.echo(f"rcam: warning: {source}: {error}: not written", err=True)
-            metadata = EMPTY
-        write_atomic(target, encode_image(image, kind, int(bits), quality, metadata))
-        return f"{source} -> {target}: {image.shape[1]}x{image.shape[0]}"
-
-    run_batch(sources, work, quiet)
+    run_files(
+        expand_inputs(inputs, {".rcb"}, recursive), f".{image_format}", functools.partial(decode_one, DecodeSettings(int(bits), quality, strip_metadata)),
+        "decoded", output=output, out_dir=out_dir, force=force, skip_existing=skip_existing, recursive=recursive,
+        model_name=model_name, device=device, threads=threads, jobs=jobs, quiet=quiet,
+    )  # fmt: skip
 
 
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True)
 def info(inputs) -> None:
     """Show an .rcb file's header: model, λ, geometry, tiles, stream sizes, bpp, checksums."""
-    sources = expand_inputs(inputs, {".rcb"})
+    items = expand_inputs(inputs, {".rcb"})
 
-    def work(source: Path) -> str:
-        try:
-            data = source.read_bytes()
-        except OSError as error:
-            raise RcamError(f"cannot read ({error.strerror})") from None
+    def work(codec, source: Path, target, progress) -> Done:
+        data = read_input(source)
         header, streams = container.read(data)
         pixels = header.output_height * header.output_width
         lines = [
@@ -265,9 +198,9 @@ def info(inputs) -> None:
         except RcamError as error:
             rows = [("metadata", str(error))]
         lines += [f"  {label:<12} {value}" for label, value in rows]
-        return "\n".join(lines)
+        return Done("\n".join(lines))
 
-    run_batch(sources, work, quiet=False)
+    run_batch([(item.source, None) for item in items], work, None, quiet=False)
 
 
 @cli.command()

@@ -14,7 +14,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from rcam import cli, codec, container
+from rcam import batch, cli, codec, container
 from rcam.output import quantize, srgb_icc_profile
 from rcam.rawio import reference_render
 from rcam.tone import IDENTITY
@@ -104,7 +104,7 @@ def test_internal_error_exits_1(run, tmp_path, make_dng, tiny_model_path, monkey
     def broken(*args, **kwargs):
         raise ZeroDivisionError("simulated bug")
 
-    monkeypatch.setattr(cli, "encode_file", broken)
+    monkeypatch.setattr(batch, "encode_file", broken)
     status, _, err = run("encode", source, "--model", tiny_model_path, "-o", tmp_path / "out.rcb")
     assert status == 1
     assert "internal error" in err and str(source) in err
