@@ -28,10 +28,19 @@ IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff"
 PNG_LEVEL = 2
 
 
+# The ICC header's creation date (bytes 24-35: year, month, day, hour, minute, second as u16): littleCMS
+# stamps the current time, which made the same pixels give different files from one run to the next.
+_ICC_DATE = slice(24, 36)
+_FIXED_ICC_DATE = struct.pack(">6H", 2024, 1, 1, 0, 0, 0)
+
+
 @cache
 def srgb_icc_profile() -> bytes:
-    """The sRGB ICC profile (littleCMS's built-in one, via Pillow)."""
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    """The sRGB ICC profile (littleCMS's built-in one, via Pillow), with a fixed creation date: output files
+    are reproducible byte for byte (the profile carries no MD5 ID that the date would invalidate)."""
+    profile = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    profile[_ICC_DATE] = _FIXED_ICC_DATE
+    return bytes(profile)
 
 
 def quantize(image: np.ndarray, bits: int) -> np.ndarray:

@@ -7,6 +7,7 @@ installed console script in a subprocess to check the real process's exit status
 from __future__ import annotations
 
 import os
+import time
 
 import imagecodecs
 import numpy as np
@@ -304,3 +305,18 @@ def test_decode_16_bit_jpeg_is_refused(run, tmp_path, encoded_scene, tiny_model_
     assert "8-bit" in check_one_error_line(err, encoded)
     assert not (tmp_path / "x.jpg").exists()
     assert part_files(tmp_path) == []
+
+
+def test_the_same_file_decodes_to_the_same_bytes_in_separate_runs(run, tmp_path, make_dng, tiny_model_path):
+    # The embedded sRGB profile carried its creation time: same pixels, different files from run to run.
+    from conftest import run_script
+
+    source, encoded = make_dng(), tmp_path / "a.rcb"
+    assert run("encode", source, "--model", tiny_model_path, "-o", encoded)[0] == 0
+    outputs = []
+    for number in range(2):
+        target = tmp_path / f"out{number}.png"
+        assert run_script("decode", encoded, "--model", tiny_model_path, "-o", target).returncode == 0
+        outputs.append(target.read_bytes())
+        time.sleep(1.1)  # the profile's date has whole seconds
+    assert outputs[0] == outputs[1]
