@@ -79,6 +79,7 @@ CONFIGS = {
         window=8,
         thumbnail=256,
         cadr_prior=True,
+        skeleton=True,
     ),
 }
 
