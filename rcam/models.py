@@ -19,7 +19,7 @@ from torch import nn
 from rcam.container import LOOKS  # a look tensor holds indices into it, as the header does
 from rcam.errors import RcamError
 from rcam.layers import CADR, CSA, GFT, GlobalPrior, LocalPrior, VignettingEstimator, conv, deconv, devignette, log_gain_at
-from rcam.skeleton import develop
+from rcam.skeleton import band_limit, develop
 
 # λ values with their own learned gain vector; any λ in between is interpolated (Cui et al., CVPR 2021).
 LAMBDA_ANCHORS = (0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -205,7 +205,7 @@ class RealCamNet(nn.Module):
         batch, _, height, width = features.shape
         corrections = self.correction(features).view(batch, len(LOOKS), 12, height, width)
         correction = corrections[torch.arange(batch, device=look.device), look]
-        return develop(planes, *development) + F.pixel_shuffle(correction, 2), planes
+        return develop(planes, *development) + band_limit(F.pixel_shuffle(correction, 2)), planes
 
     def hyper_parameters(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ẑ -> (means, scales) of the scaled latent, float path used in training."""

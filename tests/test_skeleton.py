@@ -138,3 +138,15 @@ def test_a_model_without_the_skeleton_refuses_the_faithful_look(tiny_codec, make
         encode_file(tiny_codec, source, 0.01, look="faithful")
     status, _, err = run("encode", source, "--model", tiny_model_path, "--look", "faithful", "-o", source.with_suffix(".rcb"))
     assert status == 2 and "not 'faithful'" in err and not source.with_suffix(".rcb").exists()
+
+
+def test_the_band_limited_correction_has_nothing_at_the_two_pixel_period():
+    from rcam.skeleton import band_limit
+
+    rows, cols = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    checkerboard = ((rows + cols) % 2).float()[None, None].repeat(1, 3, 1, 1) - 0.5
+    stripes = (cols % 2).float()[None, None].repeat(1, 3, 1, 1) - 0.5
+    for pattern in (checkerboard, stripes):
+        assert float(band_limit(pattern)[..., 1:-1, 1:-1].abs().max()) < 1e-6
+    smooth = 0.01 * (rows + 2 * cols).float()[None, None].repeat(1, 3, 1, 1)  # affine: kept exactly
+    assert torch.allclose(band_limit(smooth)[..., 1:-1, 1:-1], smooth[..., 1:-1, 1:-1], atol=1e-5)
