@@ -88,7 +88,7 @@ def main() -> None:
     pixels = reference.shape[0] * reference.shape[1]
     label, quality, cascade_bytes, cascade = best_cascade(reference, len(encoded.data))
     columns = [
-        (f"rcam {look} λ {args.lam:g}: {8 * len(encoded.data) / pixels:.3f} bpp, {psnr(decoded, reference):.2f} dB", decoded),
+        (f"rcam {look}, lambda {args.lam:g}: {8 * len(encoded.data) / pixels:.3f} bpp, {psnr(decoded, reference):.2f} dB", decoded),
         ("reference render (LibRaw)", reference),
         (f"{label} q{quality:.0f}: {8 * cascade_bytes / pixels:.3f} bpp, {psnr(cascade, reference):.2f} dB", cascade),
     ]
