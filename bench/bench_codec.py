@@ -36,8 +36,8 @@ from PIL import Image
 
 from rcam import container
 from rcam.codec import (
-    _header, analyse_image, check_lambda, check_model, decode_latents, header_development, header_tiles, look_tensor,
-    map_tiles, metadata_of, tone_fit_tiles, tone_reference, synthesize,
+    _header, analyse_image, check_lambda, check_model, decode_latents, entropy_code, header_development, header_tiles,
+    hyper_path, look_tensor, map_tiles, metadata_of, tone_fit_tiles, tone_reference, synthesize,
 )  # fmt: skip
 from rcam.demo import sample_scene
 from rcam.evaluate import timed_command
@@ -68,7 +68,6 @@ class Stages:
 
 def staged_encode(codec, dng: Path, lam: float, tile: int, overlap: int, look: str, stages: Stages) -> bytes:
     """rcam.codec.encode_file with metadata and tone fit, as `rcam encode` runs it, one timed stage at a time."""
-    model, device = codec.model, codec.device
     with stages("RAW read"):
         image = read_raw(dng)
     with stages("metadata read"):
@@ -79,22 +78,9 @@ def staged_encode(codec, dng: Path, lam: float, tile: int, overlap: int, look: s
         reference = tone_reference(codec, dng, image, look)
     lam = check_lambda(lam)
     with stages("hyper path"):  # rcam.codec._code, its network part
-        with torch.inference_mode():
-            gain, _ = model.gains(torch.tensor([lam], device=device))
-
-        def hyper(unscaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            y = unscaled * gain
-            return y, model.hyper_analysis(y)
-
-        with closing(map_tiles(device, hyper, analysis.batches)) as results:
-            hyper_out = list(results)
+        hyper_out = list(hyper_path(codec, analysis, lam))
     with stages("entropy coding"):  # rcam.codec._code, its coding part
-        streams, latents = [], []
-        for y, z in hyper_out:
-            for index in range(len(y)):
-                stream, tile_latents = codec.coder.encode(y[index : index + 1], z[index : index + 1])
-                streams.append(stream)
-                latents.append(tile_latents)
+        streams, latents = entropy_code(codec, hyper_out)
     header = _header(codec, analysis, lam, check_metadata(captured))
     with stages("tone fit: synthesis"):  # rcam.codec.fit_header_tone
         decoded, complete = synthesize(codec, header, latents, tone_fit_tiles(header))

@@ -166,10 +166,9 @@ def analyse_image(
     return Analysis(image, tiles, overlap, batches, look, development)
 
 
-def _code(codec: Codec, analysis: Analysis, lam: float, progress=None) -> tuple[list[bytes], list[TileLatents]]:
-    """Scale the analysed latents for λ, run the hyper-analysis and entropy-code every tile."""
+def hyper_path(codec: Codec, analysis: Analysis, lam: float) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Scale the analysed latents for λ and run the hyper-analysis: (y, z) per tile batch, in order."""
     model, device = codec.model, codec.device
-    streams, latents = [], []
     with torch.inference_mode():
         gain, _ = model.gains(torch.tensor([lam], device=device))
 
@@ -178,14 +177,25 @@ def _code(codec: Codec, analysis: Analysis, lam: float, progress=None) -> tuple[
         return y, model.hyper_analysis(y)
 
     with closing(map_tiles(device, hyper, analysis.batches)) as results:
-        for y, z in results:
-            for index in range(len(y)):
-                stream, tile_latents = codec.coder.encode(y[index : index + 1], z[index : index + 1])
-                streams.append(stream)
-                latents.append(tile_latents)
-                if progress:
-                    progress()
+        yield from results
+
+
+def entropy_code(codec: Codec, batches, progress=None) -> tuple[list[bytes], list[TileLatents]]:
+    """(y, z) per tile batch -> every tile's stream and latents."""
+    streams, latents = [], []
+    for y, z in batches:
+        for index in range(len(y)):
+            stream, tile_latents = codec.coder.encode(y[index : index + 1], z[index : index + 1])
+            streams.append(stream)
+            latents.append(tile_latents)
+            if progress:
+                progress()
     return streams, latents
+
+
+def _code(codec: Codec, analysis: Analysis, lam: float, progress=None) -> tuple[list[bytes], list[TileLatents]]:
+    """Scale the analysed latents for λ, run the hyper-analysis and entropy-code every tile."""
+    return entropy_code(codec, hyper_path(codec, analysis, lam), progress)
 
 
 def _header(codec: Codec, analysis: Analysis, lam: float, metadata: Metadata) -> container.Header:
