@@ -12,6 +12,7 @@ import dataclasses
 import io
 import math
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -137,6 +138,13 @@ def run(monkeypatch, capfd):
 def script_env() -> dict[str, str]:
     """Environment for the console script: one torch thread (the test machine is busy)."""
     return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def interruptible() -> None:
+    """Popen preexec_fn: SIGINT back to its default in the child, so Python turns it into KeyboardInterrupt as at a
+    terminal. A test run started in the background (nohup, `cmd &` in a script) ignores SIGINT, children inherit
+    that, and a Ctrl-C test would then see the batch run to its end (a fresh-clone .ci/run launched so did)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_script(*args):

@@ -3,7 +3,6 @@ output tree, --skip-existing resuming a batch, the closing summary, and failures
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 
 from rcam import container
 
-from conftest import RCAM, error_lines, part_files, script_env, text_file
+from conftest import RCAM, error_lines, interruptible, part_files, script_env, text_file
 
 SUMMARY = re.compile(
     r"rcam: (\d+) files: (\d+) (encoded|decoded), (\d+) skipped \(output exists\), (\d+) failed; (\d+) bytes in, (\d+) bytes out"
@@ -164,13 +163,11 @@ def test_ctrl_c_with_workers_leaves_no_partial_output(tmp_path, shoot, tiny_mode
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     many = [shoot / f"frame{n % 4}.dng" for n in range(4)]
-    # Enough files that the batch is still running when interrupted, even on a loaded machine that is slow to
-    # send the signal (a fresh-clone run beside other work saw all of 40 done). Hard links cost no disk.
-    for copy in range(4, 300):
-        os.link(many[copy % 4], shoot / f"frame{copy}.dng")
+    for copy in range(4, 40):  # enough files that the batch is still running when interrupted
+        (shoot / f"frame{copy}.dng").write_bytes(many[copy % 4].read_bytes())
     process = subprocess.Popen(
         [str(RCAM), "encode", shoot, "--out-dir", out_dir, "--jobs", "2", "--threads", "1", "--model", tiny_model_path],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env(), preexec_fn=interruptible,
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while not any(out_dir.glob("*.rcb")) and time.monotonic() < deadline and process.poll() is None:
@@ -181,7 +178,7 @@ def test_ctrl_c_with_workers_leaves_no_partial_output(tmp_path, shoot, tiny_mode
     assert "interrupted" in err
     assert part_files(out_dir) == []
     done = list(out_dir.glob("*.rcb"))
-    assert 0 < len(done) < 300
+    assert 0 < len(done) < 40
     # The summary says how far it got. A worker interrupted between renaming its output into place and
     # replying leaves a file the summary cannot count: at most one per worker.
     numbers = summary_of(out)
