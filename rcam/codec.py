@@ -19,7 +19,7 @@ from rcam.errors import RcamError
 from rcam.layers import log_gain_at
 from rcam.metadata import EMPTY, Metadata, check_metadata
 from rcam.models import LAMBDA_RANGE
-from rcam.rawio import RawImage, apply_flip, auto_bright_white, network_input, read_raw, reference_render, undo_flip
+from rcam.rawio import RawImage, apply_flip, network_input, network_input_and_white, read_raw, reference_render, undo_flip
 from rcam.skeleton import Development
 from rcam.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, blend_weights, coordinate_map, crop_tile, plan_tiles, thumbnail
 from rcam.tone import FIELD_KNOTS, IDENTITY, apply_tone, fit_tone, identity
@@ -60,10 +60,9 @@ def look_tensor(look: str, batch: int, device: torch.device | str) -> torch.Tens
     return torch.full((batch,), container.LOOKS.index(look), dtype=torch.long, device=device)
 
 
-def frame_development(image: RawImage) -> Development:
-    """The colour matrix and auto-brightness level network_input applies to this frame, as the header stores them
-    (float32: the decoder applies exactly what the file holds)."""
-    white = auto_bright_white(image.planes, image.wb_gains, image.cam_to_srgb)
+def frame_development(image: RawImage, white: float) -> Development:
+    """The colour matrix and auto-brightness level `white` network_input applied to this frame, as the header
+    stores them (float32: the decoder applies exactly what the file holds)."""
     return Development(tuple(float(v) for v in np.float32(image.cam_to_srgb).ravel()), float(np.float32(white)))
 
 
@@ -146,8 +145,9 @@ def analyse_image(
     comes after it)."""
     look = check_look(codec, look)
     model, device = codec.model, codec.device
-    development = frame_development(image)
-    planes = torch.from_numpy(network_input(image, development.white))
+    normalised, white = network_input_and_white(image)
+    planes = torch.from_numpy(normalised)
+    development = frame_development(image, white)
     _, packed_height, packed_width = planes.shape
     tiles = plan_tiles(packed_height, packed_width, tile, overlap)
     with one_thread():  # the thumbnail is made on the CPU whatever the device

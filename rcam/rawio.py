@@ -271,6 +271,11 @@ def network_input(image: RawImage, white: float | None = None) -> np.ndarray:
     return normalise_planes(image.planes, image.wb_gains, image.cam_to_srgb, white)
 
 
+def network_input_and_white(image: RawImage) -> tuple[np.ndarray, float]:
+    """network_input and the frame's auto-brightness level, from one colour conversion of the frame."""
+    return normalise_planes_and_white(image.planes, image.wb_gains, image.cam_to_srgb)
+
+
 def _camera_to_srgb(planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Raw planes (4, h, w) -> (linear sRGB (3, h, w), the shift that takes each green plane to sRGB green).
 
@@ -309,6 +314,14 @@ def normalise_planes(
     `white` is the auto-brightness level; by default it is measured on these planes (a whole frame). Training
     passes the whole frame's level when it normalises a crop.
     """
+    return normalise_planes_and_white(planes, wb_gains, cam_to_srgb, white)[0]
+
+
+def normalise_planes_and_white(
+    planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.ndarray, white: float | None = None
+) -> tuple[np.ndarray, float]:  # fmt: skip
+    """normalise_planes, also returning the auto-brightness level it used (measured from the same colour
+    conversion, not a second pass over the frame)."""
     srgb, greens = _camera_to_srgb(planes, wb_gains, cam_to_srgb)
     white = _auto_white(srgb) if white is None else white
     green_shift = srgb[1] - 0.5 * (greens[0] + greens[1])
@@ -317,7 +330,7 @@ def normalise_planes(
     # so the network starts from a near-identity mapping.
     magnitude = np.abs(planes)
     encoded = np.where(magnitude <= 0.0031308, 12.92 * magnitude, 1.055 * magnitude ** (1 / 2.4) - 0.055)
-    return (np.sign(planes) * encoded).astype(np.float32)
+    return (np.sign(planes) * encoded).astype(np.float32), white
 
 
 def _black_per_pixel(raw: rawpy.RawPy) -> np.ndarray:

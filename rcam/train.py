@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from rcam.errors import RcamError
 from rcam.models import CONFIGS, LAMBDA_RANGE, ModelConfig, RealCamNet, rate_bits
-from rcam.rawio import RawImage, auto_bright_white, network_input, normalise_planes, read_raw, reference_render, undo_flip
+from rcam.rawio import RawImage, auto_bright_white, network_input_and_white, normalise_planes, read_raw, reference_render, undo_flip
 from rcam.layers import VignettingEstimator
 from rcam.synth import HELD_OUT_FAMILIES, DefectParams, SensorParams, degrade_planes, sample_defects, vignetting_at, without_vignetting
 from rcam.tiling import Tile, coordinate_map, thumbnail
@@ -181,8 +181,8 @@ class TrainingImage:
 
 def _input_planes(raw_path: Path) -> tuple[torch.Tensor, RawImage, float]:
     image = read_raw(raw_path)
-    white = auto_bright_white(image.planes, image.wb_gains, image.cam_to_srgb)
-    return torch.from_numpy(network_input(image, white)), image, white
+    planes, white = network_input_and_white(image)
+    return torch.from_numpy(planes), image, white
 
 
 def _padded_target(target: Path | np.ndarray, image: RawImage) -> torch.Tensor:
