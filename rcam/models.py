@@ -54,11 +54,14 @@ class ModelConfig:
     # SPEC §4: the decoder reconstructs the packed planes, a classical demosaic and colour path develops them
     # and the network adds a correction per look (off for weights trained before it existed: clean look only).
     skeleton: bool = False
+    # Ablation of the skeleton (issue 17): an end-to-end decoder that renders both looks, its RGB tail one
+    # output group per look, so it can be trained on exactly the skeleton model's data and budget.
+    look_tails: bool = False
 
     @property
     def looks(self) -> tuple[str, ...]:
         """The looks this model can render."""
-        return LOOKS if self.skeleton else LOOKS[:1]
+        return LOOKS if self.skeleton or self.look_tails else LOOKS[:1]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,6 +108,13 @@ class GainUnits(nn.Module):
         gain = (1 - t) * self.log_gain[lower] + t * self.log_gain[upper]
         inverse = (1 - t) * self.log_inverse_gain[lower] + t * self.log_inverse_gain[upper]
         return gain.exp()[:, :, None, None], inverse.exp()[:, :, None, None]
+
+
+def _per_look(groups: torch.Tensor, look: torch.Tensor) -> torch.Tensor:
+    """(B, L·C, h, w) outputs, one group of C channels per look, and look (B,) -> each sample's group (B, C, h, w)."""
+    batch, channels, height, width = groups.shape
+    grouped = groups.view(batch, len(LOOKS), channels // len(LOOKS), height, width)
+    return grouped[torch.arange(batch, device=look.device), look]
 
 
 class RealCamNet(nn.Module):
@@ -154,7 +164,7 @@ class RealCamNet(nn.Module):
             nn.init.zeros_(self.correction.weight)
             nn.init.zeros_(self.correction.bias)
         else:
-            self.tail = conv(n, 12)
+            self.tail = conv(n, 12 * len(config.looks))
 
     def analysis(self, x: torch.Tensor, coords: torch.Tensor, thumbnail: torch.Tensor, look: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder E: packed tile (B,4,h,w), coordinates (B,2,h,w), thumbnail (B,4,S,S), look (B,) indices into
@@ -197,14 +207,17 @@ class RealCamNet(nn.Module):
         for block in self.decoder_stage2:
             features = block(features)
         features = self.up3(features)
+        batch, _, height, width = features.shape
         if not self.config.skeleton:
-            return F.pixel_shuffle(self.tail(features), 2), None
+            if not self.config.look_tails:
+                return F.pixel_shuffle(self.tail(features), 2), None
+            if look is None:
+                raise RcamError("a model with one tail per look needs the look")
+            return F.pixel_shuffle(_per_look(self.tail(features), look), 2), None
         if development is None or look is None:
             raise RcamError("a skeleton model's synthesis needs the frame's development and look")
         planes = self.plane_head(features)
-        batch, _, height, width = features.shape
-        corrections = self.correction(features).view(batch, len(LOOKS), 12, height, width)
-        correction = corrections[torch.arange(batch, device=look.device), look]
+        correction = _per_look(self.correction(features), look)
         return develop(planes, *development) + band_limit(F.pixel_shuffle(correction, 2)), planes
 
     def hyper_parameters(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

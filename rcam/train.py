@@ -471,6 +471,21 @@ FRESH_MODULES = ("plane_head.",)
 PRETRAINED_MODULES = ("vignetting.",)
 
 
+# Outputs with one channel group per look (models.ModelConfig.look_tails): weights with one group start every look.
+PER_LOOK_MODULES = ("tail.",)
+
+
+def _per_look_copies(model: RealCamNet, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Single-look tensors of PER_LOOK_MODULES repeated once per look where the model has one group per look."""
+    shapes = {name: value.shape for name, value in model.state_dict().items()}
+    copies = dict(tensors)
+    for name, value in tensors.items():
+        wanted = shapes.get(name)
+        if name.startswith(PER_LOOK_MODULES) and wanted is not None and wanted[0] == value.shape[0] * len(model.config.looks):
+            copies[name] = value.repeat(len(model.config.looks), *([1] * (value.dim() - 1)))
+    return copies
+
+
 def load_starting_weights(model: RealCamNet, path: Path, exclude: tuple[str, ...] = ()) -> tuple[int, list[str]]:
     """Fine-tuning start: weights from a training checkpoint (.pt) or a shipped .safetensors file.
 
@@ -493,6 +508,7 @@ def load_starting_weights(model: RealCamNet, path: Path, exclude: tuple[str, ...
         tensors = checkpoint_weights(state) if "model" in state else state
         steps = int(state.get("step", 0)) + int(state.get("earlier_steps", 0))
     tensors = {name: value for name, value in tensors.items() if not name.startswith(tuple(exclude))}
+    tensors = _per_look_copies(model, tensors)
     try:
         result = model.load_state_dict(tensors, strict=False)
     except RuntimeError as error:  # tensor shapes differ

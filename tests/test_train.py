@@ -368,3 +368,22 @@ def test_fresh_defects_and_vignetting_examples_never_draw_the_held_out_families(
     drawn.clear()
     sample_batch(images, 40, 16, True, np.random.default_rng(0), thumbnail_size=TINY["thumbnail"], held_out=())
     assert any(d.vignette_law == "poly" for d in drawn) and any(d.column_banding > 0 for d in drawn)
+
+
+def test_an_end_to_end_model_with_one_tail_per_look_starts_both_looks_from_single_look_weights(tmp_path):
+    # The skeleton ablation (issue 17): the end-to-end decoder, trained on the skeleton model's data and budget.
+    single = build_model(replace(CONFIGS["small"], **TINY))
+    path = save_checkpoint(single, tmp_path / "single.safetensors", total_steps=5)
+    per_look = build_model(replace(CONFIGS["small"], look_tails=True, **TINY))
+    assert per_look.config.looks == ("clean", "faithful")
+    steps, lacking = load_starting_weights(per_look, path)
+    assert steps == 5 and lacking == []
+    y_hat = torch.rand(2, TINY["latent_channels"], 2, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = single.synthesis(y_hat)
+        for look in (0, 1):
+            assert torch.equal(per_look.synthesis(y_hat, look=torch.full((2,), look)), expected)
+        # The looks are separate outputs: changing one group leaves the other look's image as it was.
+        per_look.tail.weight[12:] += 0.1
+        assert torch.equal(per_look.synthesis(y_hat, look=torch.zeros(2, dtype=torch.long)), expected)
+        assert not torch.equal(per_look.synthesis(y_hat, look=torch.ones(2, dtype=torch.long)), expected)
