@@ -19,8 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rcam.bjontegaard import bd_metric, bd_rate
 from rcam.errors import RcamError
+from rcam.measure.bjontegaard import bd_metric, bd_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"full": "configs/small.json", "no_cadr": "configs/ablation_no_cadr.json",

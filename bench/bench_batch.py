@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 
 from rcam.demo import sample_scene
-from rcam.evaluate import timed_command
-from rcam.synth import make_pair
+from rcam.measure.evaluate import timed_command
+from rcam.training.synth import make_pair
 
 
 def main() -> None:

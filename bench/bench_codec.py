@@ -3,7 +3,7 @@
 On a synthetic DNG of --megapixels it prints:
   - whole commands: `rcam encode` and `rcam decode` as separate processes (model loading included), wall time
     and peak memory;
-  - the stages, in this process, called in the order rcam.codec.encode_file and decode_bytes call them (RAW
+  - the stages, in this process, called in the order rcam.codec.engine.encode_file and decode_bytes call them (RAW
     read, metadata, analysis, reference render, hyper path, entropy coding, the tone fit's synthesis and fit,
     container write; container read, entropy decoding, synthesis, blending, tone, orientation, image write).
     The staged bytes and pixels are checked against the commands' outputs, so the table cannot drift from
@@ -34,20 +34,33 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rcam import container
-from rcam.codec import (
-    _header, analyse_image, check_lambda, check_model, decode_latents, entropy_code, header_development, header_tiles,
-    hyper_path, look_tensor, map_tiles, metadata_of, tone_fit_tiles, tone_reference, synthesize,
+from rcam.codec import container
+from rcam.codec.engine import (
+    _header,
+    analyse_image,
+    check_lambda,
+    check_model,
+    decode_latents,
+    entropy_code,
+    header_development,
+    header_tiles,
+    hyper_path,
+    look_tensor,
+    map_tiles,
+    metadata_of,
+    synthesize,
+    tone_fit_tiles,
+    tone_reference,
 )  # fmt: skip
+from rcam.codec.metadata import check_metadata, read_metadata, upright
+from rcam.codec.output import PNG_LEVEL, _png_with_icc, encode_image, srgb_icc_profile, write_atomic
+from rcam.codec.rawio import apply_flip, read_raw, reference_render, undo_flip
+from rcam.codec.tiling import DEFAULT_OVERLAP, blend_weights
+from rcam.codec.tone import apply_tone, fit_tone
+from rcam.codec.zoo import load_codec
 from rcam.demo import sample_scene
-from rcam.evaluate import timed_command
-from rcam.metadata import check_metadata, read_metadata, upright
-from rcam.output import PNG_LEVEL, _png_with_icc, encode_image, srgb_icc_profile, write_atomic
-from rcam.rawio import apply_flip, read_raw, reference_render, undo_flip
-from rcam.synth import make_pair
-from rcam.tiling import DEFAULT_OVERLAP, blend_weights
-from rcam.tone import apply_tone, fit_tone
-from rcam.zoo import load_codec
+from rcam.measure.evaluate import timed_command
+from rcam.training.synth import make_pair
 
 
 class Stages:
@@ -67,7 +80,7 @@ class Stages:
 
 
 def staged_encode(codec, dng: Path, lam: float, tile: int, overlap: int, look: str, stages: Stages) -> bytes:
-    """rcam.codec.encode_file with metadata and tone fit, as `rcam encode` runs it, one timed stage at a time."""
+    """rcam.codec.engine.encode_file with metadata and tone fit, as `rcam encode` runs it, one timed stage at a time."""
     with stages("RAW read"):
         image = read_raw(dng)
     with stages("metadata read"):
@@ -77,12 +90,12 @@ def staged_encode(codec, dng: Path, lam: float, tile: int, overlap: int, look: s
     with stages("reference render"):
         reference = tone_reference(codec, dng, image, look)
     lam = check_lambda(lam)
-    with stages("hyper path"):  # rcam.codec._code, its network part
+    with stages("hyper path"):  # rcam.codec.engine._code, its network part
         hyper_out = list(hyper_path(codec, analysis, lam))
-    with stages("entropy coding"):  # rcam.codec._code, its coding part
+    with stages("entropy coding"):  # rcam.codec.engine._code, its coding part
         streams, latents = entropy_code(codec, hyper_out)
     header = _header(codec, analysis, lam, check_metadata(captured))
-    with stages("tone fit: synthesis"):  # rcam.codec.fit_header_tone
+    with stages("tone fit: synthesis"):  # rcam.codec.engine.fit_header_tone
         decoded, complete = synthesize(codec, header, latents, tone_fit_tiles(header))
     with stages("tone fit: fit"):
         tone = fit_tone(decoded.clamp_(0.0, 1.0).permute(1, 2, 0).numpy(), undo_flip(reference, header.flip), complete.numpy())
@@ -91,7 +104,7 @@ def staged_encode(codec, dng: Path, lam: float, tile: int, overlap: int, look: s
 
 
 def staged_decode(codec, data: bytes, target: Path, stages: Stages) -> bytes:
-    """rcam.codec.decode_bytes and the PNG write of `rcam decode`, one timed stage at a time; returns the PNG bytes."""
+    """rcam.codec.engine.decode_bytes and the PNG write of `rcam decode`, one timed stage at a time; returns the PNG bytes."""
     model, device = codec.model, codec.device
     with stages("container read"):
         header, streams = container.read(data)
@@ -99,7 +112,7 @@ def staged_decode(codec, data: bytes, target: Path, stages: Stages) -> bytes:
     with stages("entropy decoding"):
         latents = decode_latents(codec, header, streams)
     tiles = header_tiles(header)
-    with stages("synthesis"):  # rcam.codec.synthesize, its network part
+    with stages("synthesis"):  # rcam.codec.engine.synthesize, its network part
         with torch.inference_mode():
             _, inverse_gain = model.gains(torch.tensor([header.lam], device=device))
             development = header_development(codec, header, 1)
@@ -110,7 +123,7 @@ def staged_decode(codec, data: bytes, target: Path, stages: Stages) -> bytes:
 
         with closing(map_tiles(device, synthesise, latents)) as results:
             tile_images = list(results)
-    with stages("blending"):  # rcam.codec.synthesize, its canvas part
+    with stages("blending"):  # rcam.codec.engine.synthesize, its canvas part
         extent = (tiles[-1].top + tiles[-1].height, tiles[-1].left + tiles[-1].width)
         canvas = torch.zeros(3, 2 * extent[0], 2 * extent[1])
         weight_sum = torch.zeros(2 * extent[0], 2 * extent[1])
@@ -141,7 +154,7 @@ def cascade(dng: Path, folder: Path, threads: int, encode_stages: Stages, decode
         write_atomic(folder / "c.jxl", jxl)
     with decode_stages("JPEG XL decode"):
         pixels = imagecodecs.jpegxl_decode((folder / "c.jxl").read_bytes(), numthreads=threads)
-    with decode_stages("image write (PNG)"):  # rcam.output.encode_image's PNG path; the pixels are uint8 already
+    with decode_stages("image write (PNG)"):  # rcam.codec.output.encode_image's PNG path; the pixels are uint8 already
         write_atomic(folder / "c.png", _png_with_icc(imagecodecs.png_encode(pixels, level=PNG_LEVEL), srgb_icc_profile()))
     return jxl
 
@@ -213,7 +226,7 @@ def main() -> None:
         print(f"  {name:<10} {ours:8.3f} {theirs:10.3f} {ours / theirs:12.1f}x")
     print(f"\nstaged run reproduces `rcam encode`'s bytes: {'yes' if same_bytes else 'NO'}; `rcam decode`'s pixels: {'yes' if same_pixels else 'NO'}")
     if not (same_bytes and same_pixels):
-        print("the stages above no longer follow rcam.codec: update staged_encode / staged_decode", file=sys.stderr)
+        print("the stages above no longer follow rcam.codec.engine: update staged_encode / staged_decode", file=sys.stderr)
         sys.exit(1)
 
 

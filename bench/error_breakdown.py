@@ -3,7 +3,7 @@
     .venv/bin/python bench/error_breakdown.py [../shared/data/raw] [--lambdas 0.01,0.1] [--model rcam-small]
         [--threads N]
 
-Per file: the noise floor (rcam/noise.py: about the best any pipeline that removes the sensor noise can
+Per file: the noise floor (rcam/measure/noise.py: about the best any pipeline that removes the sensor noise can
 score against the file's own render). Per file and λ: PSNR on the whole frame; the share of the squared error
 that is a smooth field (the error blurred with a Gaussian of SIGMA_SMOOTH pixels: vignetting, shading, tone)
 and the PSNR that would be left without it; the pixel-scale energy (image minus its blur at SIGMA_FINE) of
@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from rcam.codec import decode_bytes, encode_file, tone_reference
-from rcam.metrics import psnr
-from rcam.noise import noise_floor
-from rcam.output import quantize
-from rcam.rawio import reference_render
-from rcam.zoo import load_codec
+from rcam.codec.engine import decode_bytes, encode_file, tone_reference
+from rcam.codec.output import quantize
+from rcam.codec.rawio import reference_render
+from rcam.codec.zoo import load_codec
+from rcam.measure.metrics import psnr
+from rcam.measure.noise import noise_floor
 
 SIGMA_SMOOTH = 16.0  # pixels: slower than any texture, faster than vignetting
 SIGMA_FINE = 1.0

@@ -3,7 +3,7 @@
     nice -n 19 env OMP_NUM_THREADS=1 .venv/bin/python bench/fuzz_bitstream.py [--seed 1] [--random 20000] [--headers 20000] ...
 
 A real .rcb is encoded with a tiny random model (as in tests/conftest.py, no shipped weights needed), then
-rcam.container.read and rcam.codec.decode_bytes are fed with:
+rcam.codec.container.read and rcam.codec.engine.decode_bytes are fed with:
 
   random bytes            random byte strings, half of them behind a valid signature and version
   truncated               the valid file cut at every offset (or every --truncate-step-th)
@@ -42,10 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import BLACK_LEVEL, WHITE_LEVEL, save_tiny_model, smooth_mosaic  # noqa: E402
 
-from rcam import codec, container  # noqa: E402
-from rcam.dng import write_bayer_dng  # noqa: E402
+from rcam.codec import container
+from rcam.codec import engine as codec  # noqa: E402
+from rcam.codec.zoo import load_codec  # noqa: E402
 from rcam.errors import RcamError  # noqa: E402
-from rcam.zoo import load_codec  # noqa: E402
+from rcam.training.dng import write_bayer_dng  # noqa: E402
 
 MAGIC = b"\x89RCB\r\n\x1a\n"
 # Kinds where a decoded image is a legal outcome: the forged data passes every checksum.

@@ -29,15 +29,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import (  # noqa: E402
-    BAD_INPUTS, RCAM, TAG_IMAGE_LENGTH, TAG_IMAGE_WIDTH, bayer_dng_of_size, error_lines, patch_tiff_tags, save_tiny_model,
-    script_env, truncation_points,
+    BAD_INPUTS,
+    RCAM,
+    TAG_IMAGE_LENGTH,
+    TAG_IMAGE_WIDTH,
+    bayer_dng_of_size,
+    error_lines,
+    patch_tiff_tags,
+    save_tiny_model,
+    script_env,
+    truncation_points,
 )
 
-from rcam import container  # noqa: E402
-from rcam.codec import decode_bytes  # noqa: E402
+from rcam.codec import container  # noqa: E402
+from rcam.codec.engine import decode_bytes  # noqa: E402
+from rcam.codec.rawio import reference_render  # noqa: E402
+from rcam.codec.zoo import load_codec  # noqa: E402
 from rcam.errors import RcamError  # noqa: E402
-from rcam.rawio import reference_render  # noqa: E402
-from rcam.zoo import load_codec  # noqa: E402
 
 
 def build_corpus(folder: Path) -> list[tuple[str, Path]]:

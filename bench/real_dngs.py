@@ -10,7 +10,7 @@ synthetic pairs in the clean look.
 against the render of its clean twin (protocol S's reference). Means per λ and set close the table.
 --record writes the figures into the model's entry in weights/manifest.json (its "evaluation"; other figures
 stored there for the same weights, e.g. the protocol BD tables, are kept). --no-tone-fit encodes without the
-encoder's tone correction (rcam/tone.py), to see what it brings.
+encoder's tone correction (rcam/codec/tone.py), to see what it brings.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rcam.codec import decode_bytes, encode_file, tone_reference
-from rcam.metrics import psnr
-from rcam.output import quantize
-from rcam.rawio import reference_render
-from rcam.zoo import file_digest, load_codec, read_manifest, resolve_weights, write_manifest_entry
+from rcam.codec.engine import decode_bytes, encode_file, tone_reference
+from rcam.codec.output import quantize
+from rcam.codec.rawio import reference_render
+from rcam.codec.zoo import file_digest, load_codec, read_manifest, resolve_weights, write_manifest_entry
+from rcam.measure.metrics import psnr
 
 
 def items(args) -> list[tuple[str, Path, Path | None]]:

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from rcam.baselines import BASELINES, encode_decode
-from rcam.codec import decode_bytes, encode_file, tone_reference
-from rcam.metrics import psnr
-from rcam.output import quantize
-from rcam.rawio import reference_render
-from rcam.zoo import load_codec
+from rcam.codec.engine import decode_bytes, encode_file, tone_reference
+from rcam.codec.output import quantize
+from rcam.codec.rawio import reference_render
+from rcam.codec.zoo import load_codec
+from rcam.comparators.baselines import BASELINES, encode_decode
+from rcam.measure.metrics import psnr
 
 
 def best_cascade(reference: np.ndarray, max_bytes: int) -> tuple[str, float, int, np.ndarray]:

@@ -3,7 +3,7 @@
     python bench/target_size.py ../shared/data/raw/*.dng cache/synth_val/*.dng --targets 0.2,0.35,0.5,0.75,1,1.5
 
 Each file is read, analysed and rendered once; each target then runs the same search and exact encode as
-`rcam encode --bpp` (rcam.codec.lambda_for_size, encode_analysed).
+`rcam encode --bpp` (rcam.codec.engine.lambda_for_size, encode_analysed).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from rcam.codec import analyse_image, encode_analysed, lambda_for_size, tone_reference
+from rcam.codec.engine import analyse_image, encode_analysed, lambda_for_size, tone_reference
+from rcam.codec.rawio import read_raw
+from rcam.codec.zoo import DEFAULT_MODEL, load_codec
 from rcam.errors import RcamError
-from rcam.rawio import read_raw
-from rcam.zoo import DEFAULT_MODEL, load_codec
 
 
 def main() -> None:

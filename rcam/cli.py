@@ -1,4 +1,4 @@
-"""The `rcam` command line: a thin layer over rcam.codec, rcam.container, rcam.output and friends.
+"""The `rcam` command line: a thin layer over rcam.codec.engine, rcam.codec.container, rcam.codec.output and friends.
 
 Exit status: 0 success, 2 bad input or usage (one line per problem on stderr, no traceback), 1 internal error,
 130 interrupted. Commands that take many inputs keep going past bad files and report them at the end.
@@ -14,18 +14,29 @@ from pathlib import Path
 import click
 import torch
 
-from rcam import container
-from rcam.batch import (
-    BatchFailed, DecodeSettings, Done, EncodeSettings, Summary, decode_one, encode_one, expand_inputs, output_path, plan_outputs,
-    read_input, run_batch, worker_threads,
+from rcam.codec import container
+from rcam.codec.batch import (
+    BatchFailed,
+    DecodeSettings,
+    Done,
+    EncodeSettings,
+    Summary,
+    decode_one,
+    encode_one,
+    expand_inputs,
+    output_path,
+    plan_outputs,
+    read_input,
+    run_batch,
+    worker_threads,
 )  # fmt: skip
-from rcam.codec import decode_bytes, encode_file, tone_reference
+from rcam.codec.engine import decode_bytes, encode_file, tone_reference
+from rcam.codec.metadata import Metadata, summary
+from rcam.codec.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
+from rcam.codec.tone import describe_tone
+from rcam.codec.zoo import DEFAULT_MODEL, load_codec, resolve_weights
 from rcam.errors import RcamError
-from rcam.metadata import Metadata, summary
-from rcam.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
-from rcam.tone import describe_tone
-from rcam.train import resolve_device
-from rcam.zoo import DEFAULT_MODEL, load_codec, resolve_weights
+from rcam.training.train import resolve_device
 
 RAW_SUFFIXES = {".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".pef", ".srw", ".nrw", ".3fr", ".iiq", ".erf"}
 
@@ -234,7 +245,7 @@ def demo(raw_path, out_dir, lam, model_name, device, threads) -> None:
 @click.option("--held-out", is_flag=True, help="A validation set whose every frame has the held-out defect families (radial-polynomial vignetting, column banding), which training data never has.")
 def synth(photo_dirs, out_dir, variants, seed, max_side, held_out) -> None:
     """Build a training set of synthetic RAW pairs (degraded DNG, clean twin, target render) from photos; resumable."""
-    from rcam.synth import build_dataset
+    from rcam.training.synth import build_dataset
 
     index = build_dataset([Path(d) for d in photo_dirs], Path(out_dir), variants, seed, max_side=max_side, held_out=held_out)
     click.echo(f"dataset index: {index}")
@@ -248,7 +259,8 @@ def train(config, steps, device) -> None:
     """Train (or resume) a model from a JSON config; Ctrl-C saves a checkpoint and stops."""
     from dataclasses import replace
 
-    from rcam.train import TrainConfig, train as run_training
+    from rcam.training.train import TrainConfig
+    from rcam.training.train import train as run_training
 
     settings = TrainConfig.load(Path(config))
     if steps:
@@ -269,7 +281,7 @@ def train(config, steps, device) -> None:
 @click.option("--weights-dir", type=click.Path(file_okay=False), default=None, help="Folder for the weights and manifest (default: the shipped weights/).")
 def export(checkpoint, name, half, weights_dir) -> None:
     """Turn a training checkpoint into shipped weights (safetensors + manifest entry)."""
-    from rcam.zoo import WEIGHTS_DIR, export_checkpoint
+    from rcam.codec.zoo import WEIGHTS_DIR, export_checkpoint
 
     click.echo(f"weights: {export_checkpoint(Path(checkpoint), name, Path(weights_dir) if weights_dir else WEIGHTS_DIR, half=half)}")
 
@@ -282,7 +294,7 @@ def export(checkpoint, name, half, weights_dir) -> None:
 @click.option("--out-dir", type=click.Path(file_okay=False), default="out/eval", show_default=True, help="Where results.json, CSVs and rd.png go.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N images.")
 @click.option("--speed/--no-speed", default=True, show_default=True, help="Also time whole encode/decode commands and the cascade.")
-@click.option("--held-out", is_flag=True, help="Protocol S: synthesise the DNGs with the defect families kept out of training (rcam.synth.HELD_OUT_FAMILIES), the generalisation check.")
+@click.option("--held-out", is_flag=True, help="Protocol S: synthesise the DNGs with the defect families kept out of training (rcam.training.synth.HELD_OUT_FAMILIES), the generalisation check.")
 @click.option("--look", type=click.Choice(("auto",) + container.LOOKS), default="auto", show_default=True, help="auto: faithful for protocol R (its reference is the file's own render), clean for S (SPEC §8); a model without the faithful look is measured in clean.")
 @model_option
 @device_option
@@ -291,9 +303,9 @@ def evaluate(inputs, protocol, lambdas, baselines, out_dir, limit, speed, held_o
     """Measure rcam against develop-then-compress cascades: tables, BD-rate, RD plot (SPEC §8)."""
     import numpy as np
 
-    from rcam.evaluate import make_command_timer, print_table, run_eval
-    from rcam.output import quantize
-    from rcam.synth import make_pair
+    from rcam.codec.output import quantize
+    from rcam.measure.evaluate import make_command_timer, print_table, run_eval
+    from rcam.training.synth import make_pair
 
     try:
         lambda_values = [float(v) for v in lambdas.split(",") if v.strip()]

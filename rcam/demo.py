@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from rcam.codec import decode_bytes, encode_file
-from rcam.metrics import psnr
-from rcam.output import encode_image, write_atomic
-from rcam.rawio import reference_render
-from rcam.synth import make_pair
-from rcam.zoo import Codec
+from rcam.codec.engine import decode_bytes, encode_file
+from rcam.codec.output import encode_image, write_atomic
+from rcam.codec.rawio import reference_render
+from rcam.codec.zoo import Codec
+from rcam.measure.metrics import psnr
+from rcam.training.synth import make_pair
 
 
 def sample_scene(height: int = 480, width: int = 640, seed: int = 7) -> np.ndarray:

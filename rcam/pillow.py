@@ -16,12 +16,12 @@ import threading
 
 from PIL import Image, ImageFile
 
-from rcam import container
-from rcam.codec import decode_bytes
+from rcam.codec import container
+from rcam.codec.engine import decode_bytes
+from rcam.codec.metadata import Metadata, upright
+from rcam.codec.output import quantize, srgb_icc_profile
+from rcam.codec.zoo import Codec, load_codec
 from rcam.errors import RcamError
-from rcam.metadata import Metadata, upright
-from rcam.output import quantize, srgb_icc_profile
-from rcam.zoo import Codec, load_codec
 
 FORMAT = "RCB"
 _codecs: dict[str, Codec] = {}

@@ -25,11 +25,11 @@ import torch
 from PIL import Image
 
 from rcam import cli
+from rcam.codec.models import CONFIGS, RealCamNet
+from rcam.codec.zoo import load_codec, save_checkpoint
 from rcam.demo import sample_scene
-from rcam.dng import XTRANS_PATTERN, write_bayer_dng, write_cfa_dng, write_linear_dng
-from rcam.models import CONFIGS, RealCamNet
-from rcam.synth import build_dataset
-from rcam.zoo import load_codec, save_checkpoint
+from rcam.training.dng import XTRANS_PATTERN, write_bayer_dng, write_cfa_dng, write_linear_dng
+from rcam.training.synth import build_dataset
 
 TINY_CONFIG = dataclasses.replace(
     CONFIGS["small"], name="tiny", channels=16, latent_channels=16, hyper_channels=16, prior_channels=8, thumbnail=32

@@ -10,21 +10,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from rcam.codec import decode_bytes, encode_file
-from rcam.dng import write_bayer_dng
-from rcam.metrics import dark_offset
-from rcam.output import quantize
-from rcam.rawio import reference_render
-from rcam.zoo import load_codec
-
 from test_codec import REAL_DNGS
+
+from rcam.codec.engine import decode_bytes, encode_file
+from rcam.codec.output import quantize
+from rcam.codec.rawio import reference_render
+from rcam.codec.zoo import load_codec
+from rcam.measure.metrics import dark_offset
+from rcam.training.dng import write_bayer_dng
 
 TILE, OVERLAP = 64, 32  # packed pixels: a tile lattice every 2 * (TILE - OVERLAP) = 64 output pixels
 # The decoded spectrum at the artifact frequencies may exceed the reference's by this factor. The reference
 # of a noisy flat frame has white noise there; a decoder that removes noise and adds no pattern has less. The
 # shipped stage-8 model has 2.1x at the 2-pixel period (what is left comes from demosaicing reconstructed
-# planes, not from the correction, which rcam.skeleton.band_limit keeps off that period); stage 7 had 7.4x,
+# planes, not from the correction, which rcam.codec.skeleton.band_limit keeps off that period); stage 7 had 7.4x,
 # stage 8's correction without the band limit 13.5x. The margin catches those, not yet the last 2.1x.
 SPECTRAL_MARGIN = 2.5
 
@@ -72,7 +71,7 @@ def test_a_flat_noisy_frame_decodes_without_periodic_texture(shipped, tmp_path):
 @pytest.mark.parametrize("path", REAL_DNGS or [None], ids=[p.name for p in REAL_DNGS] or ["none"])
 def test_real_photographs_keep_their_blacks(shipped, path):
     """The darkest 5% of the reference render's areas come back within ±2 levels on average (faithful look,
-    λ 0.01; rcam.metrics.dark_offset says why areas, not single noisy pixels)."""
+    λ 0.01; rcam.measure.metrics.dark_offset says why areas, not single noisy pixels)."""
     if path is None:
         pytest.skip("../shared/data/raw is not here")
     look = "faithful" if "faithful" in shipped.model.config.looks else "clean"

@@ -11,10 +11,9 @@ import time
 import imagecodecs
 import numpy as np
 import pytest
-
-from rcam import container
-
 from conftest import RCAM, error_lines, interruptible, part_files, script_env, text_file
+
+from rcam.codec import container
 
 SUMMARY = re.compile(
     r"rcam: (\d+) files: (\d+) (encoded|decoded), (\d+) skipped \(output exists\), (\d+) failed; (\d+) bytes in, (\d+) bytes out"

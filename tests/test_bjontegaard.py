@@ -1,11 +1,11 @@
-"""Tests for rcam.bjontegaard: BD-rate and BD-PSNR."""
+"""Tests for rcam.measure.bjontegaard: BD-rate and BD-PSNR."""
 
 import math
 
 import pytest
 
-from rcam.bjontegaard import bd_metric, bd_psnr, bd_rate
 from rcam.errors import RcamError
+from rcam.measure.bjontegaard import bd_metric, bd_psnr, bd_rate
 
 RATES = [0.12, 0.3, 0.7, 1.5, 3.0]
 PSNR = [28.1, 31.0, 34.2, 37.5, 40.3]

@@ -13,16 +13,26 @@ import imagecodecs
 import numpy as np
 import pytest
 import tifffile
+from conftest import (
+    BAD_INPUTS,
+    check_one_error_line,
+    cmyg_dng,
+    error_lines,
+    linear_dng,
+    part_files,
+    run_script,
+    text_file,
+    too_small_dng,
+    xtrans_dng,
+)
 from PIL import Image
 
-from rcam import batch, cli, codec, container
-from rcam.output import quantize, srgb_icc_profile
-from rcam.rawio import reference_render
-from rcam.tone import IDENTITY
-
-from conftest import (
-    BAD_INPUTS, check_one_error_line, cmyg_dng, error_lines, linear_dng, part_files, run_script, text_file, too_small_dng, xtrans_dng,
-)
+from rcam import cli
+from rcam.codec import batch, container
+from rcam.codec import engine as codec
+from rcam.codec.output import quantize, srgb_icc_profile
+from rcam.codec.rawio import reference_render
+from rcam.codec.tone import IDENTITY
 
 # ---------------------------------------------------------------------------------------------------------
 # Exit statuses and error lines
@@ -229,7 +239,7 @@ def test_failed_write_leaves_no_partial_file(run, tmp_path, make_dng, tiny_model
     def disk_full(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("rcam.output.os.replace", disk_full)
+    monkeypatch.setattr("rcam.codec.output.os.replace", disk_full)
     status, _, err = run("encode", source, "--model", tiny_model_path, "-o", target)
     assert status == 2
     assert "cannot write" in check_one_error_line(err, source)

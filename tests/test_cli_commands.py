@@ -14,14 +14,14 @@ import imagecodecs
 import numpy as np
 import pytest
 import torch
+from conftest import RCAM, TINY_OVERRIDES, check_one_error_line, script_env
 from PIL import Image
 
-from rcam import cli, container
+from rcam import cli
+from rcam.codec import container
+from rcam.codec.rawio import reference_render
+from rcam.codec.zoo import load_codec, read_manifest
 from rcam.demo import sample_scene
-from rcam.rawio import reference_render
-from rcam.zoo import load_codec, read_manifest
-
-from conftest import RCAM, TINY_OVERRIDES, check_one_error_line, script_env
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -14,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from rcam import codec, container
-from rcam.dng import write_bayer_dng
-from rcam.layers import brightness_layout
-from rcam.models import CONFIGS, build_model, parameter_count
-from rcam.rawio import apply_flip, read_raw, reference_render, undo_flip
-from rcam.tiling import Tile, coordinate_map, plan_tiles
-from rcam.metrics import psnr
-from rcam.output import quantize
-
 from conftest import BLACK_LEVEL, RAW_DIR, WHITE_LEVEL, smooth_mosaic
+
+from rcam.codec import container
+from rcam.codec import engine as codec
+from rcam.codec.layers import brightness_layout
+from rcam.codec.models import CONFIGS, build_model, parameter_count
+from rcam.codec.output import quantize
+from rcam.codec.rawio import apply_flip, read_raw, reference_render, undo_flip
+from rcam.codec.tiling import Tile, coordinate_map, plan_tiles
+from rcam.measure.metrics import psnr
+from rcam.training.dng import write_bayer_dng
 
 REAL_DNGS = sorted(RAW_DIR.glob("*.dng")) if RAW_DIR.is_dir() else []
 

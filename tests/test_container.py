@@ -1,6 +1,6 @@
 """The .rcb container: parsing never fails with anything but RcamError, and rejects corruption clearly.
 
-Hand-made headers are built from docs/FORMAT.md here (not with rcam.container.write), so these tests also
+Hand-made headers are built from docs/FORMAT.md here (not with rcam.codec.container.write), so these tests also
 check that the reader follows the documented layout.
 """
 
@@ -15,17 +15,17 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import BLACK_LEVEL, WHITE_LEVEL, smooth_mosaic
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rcam import codec, container
-from rcam.container import MAGIC
-from rcam.dng import write_bayer_dng
+from rcam.codec import container
+from rcam.codec import engine as codec
+from rcam.codec.container import MAGIC
+from rcam.codec.tone import IDENTITY
+from rcam.codec.zoo import load_codec
 from rcam.errors import RcamError
-from rcam.tone import IDENTITY
-from rcam.zoo import load_codec
-
-from conftest import BLACK_LEVEL, WHITE_LEVEL, smooth_mosaic
+from rcam.training.dng import write_bayer_dng
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

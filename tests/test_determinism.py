@@ -15,14 +15,14 @@ import imagecodecs
 import numpy as np
 import pytest
 import torch
-
-from rcam import codec, container
-from rcam.output import quantize
-from rcam.rawio import network_input, read_raw
-from rcam.tiling import DEFAULT_TILE, plan_tiles
-from rcam.zoo import DEFAULT_MODEL, load_codec, read_manifest
-
 from conftest import bayer_dng_of_size, run_script
+
+from rcam.codec import container
+from rcam.codec import engine as codec
+from rcam.codec.output import quantize
+from rcam.codec.rawio import network_input, read_raw
+from rcam.codec.tiling import DEFAULT_TILE, plan_tiles
+from rcam.codec.zoo import DEFAULT_MODEL, load_codec, read_manifest
 
 RAW_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "raw"
 REAL_DNGS = sorted(RAW_DIR.glob("*.dng")) if RAW_DIR.is_dir() else []

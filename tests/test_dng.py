@@ -1,12 +1,12 @@
-"""rcam.dng writes DNGs that LibRaw (rawpy) reads back with the CFA, levels, WB and orientation we wrote."""
+"""rcam.training.dng writes DNGs that LibRaw (rawpy) reads back with the CFA, levels, WB and orientation we wrote."""
 
 import numpy as np
 import pytest
 import rawpy
 import tifffile
 
-from rcam.dng import BAYER_PATTERNS, DEFAULT_XYZ_TO_CAMERA, XTRANS_PATTERN, write_bayer_dng, write_cfa_dng, write_linear_dng
 from rcam.errors import RcamError
+from rcam.training.dng import BAYER_PATTERNS, DEFAULT_XYZ_TO_CAMERA, XTRANS_PATTERN, write_bayer_dng, write_cfa_dng, write_linear_dng
 
 # LibRaw's flip for each EXIF orientation (measured with LibRaw 0.22; it is "50132467"[orientation & 7]).
 LIBRAW_FLIP = {1: 0, 2: 1, 3: 3, 4: 2, 5: 4, 6: 6, 7: 7, 8: 5}
@@ -206,7 +206,7 @@ def test_bad_mosaic_raises_rcam_error(tmp_path, mosaic):
 
 
 def test_normalise_planes_with_the_frames_white_is_network_input_on_any_crop(make_dng):
-    from rcam.rawio import auto_bright_white, network_input, normalise_planes, read_raw
+    from rcam.codec.rawio import auto_bright_white, network_input, normalise_planes, read_raw
 
     image = read_raw(make_dng(height=64, width=96, cfa="GBRG"))
     whole = network_input(image)

@@ -1,4 +1,4 @@
-"""rcam/entropy.py directly: the fixed-point hyper-synthesis' overflow guard and its exactness at the limit,
+"""rcam/codec/entropy.py directly: the fixed-point hyper-synthesis' overflow guard and its exactness at the limit,
 its distance from the float network training sees, and the clamping of latents outside the coded range."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rcam.entropy import ACTIVATION_LIMIT, FIXED_POINT_BITS, WEIGHT_BITS, Y_MAX, Z_MAX, IntegerHyperSynthesis
+from rcam.codec.entropy import ACTIVATION_LIMIT, FIXED_POINT_BITS, WEIGHT_BITS, Y_MAX, Z_MAX, IntegerHyperSynthesis
 from rcam.errors import RcamError
 
 # The guard's limit on a layer's sum of |weights| (in weight units 2^-12): every input at ±ACTIVATION_LIMIT

@@ -1,4 +1,4 @@
-"""Tests for the cascades (rcam.baselines) and the `rcam eval` engine (rcam.evaluate) on tiny data."""
+"""Tests for the cascades (rcam.comparators.baselines) and the `rcam eval` engine (rcam.measure.evaluate) on tiny data."""
 
 import csv
 import json
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rcam import baselines
+from rcam.comparators import baselines
 from rcam.errors import RcamError
-from rcam.evaluate import format_table, run_eval
+from rcam.measure.evaluate import format_table, run_eval
 
 # Fake RAW files hold an .npy image; the fake render just loads it. The fake rcam codec is JPEG at the
 # baseline's own settings with 10 % fewer bytes, so its BD-rate against the JPEG baseline is exactly -10 %.
@@ -165,8 +165,8 @@ def test_run_eval_protocol_s_with_fake_synthesis(tmp_path):
 
 
 def test_run_eval_real_dng_through_rawio(tmp_path):
-    from rcam.dng import write_bayer_dng
-    from rcam.rawio import reference_render
+    from rcam.codec.rawio import reference_render
+    from rcam.training.dng import write_bayer_dng
 
     raws = tmp_path / "raws"
     raws.mkdir()
@@ -209,7 +209,7 @@ def test_run_eval_errors(tmp_path):
 def test_command_timer_runs_whole_commands(tmp_path):
     import sys
 
-    from rcam.evaluate import make_command_timer, timed_command
+    from rcam.measure.evaluate import make_command_timer, timed_command
 
     # A stand-in for the rcam CLI: writes the file named after -o, fails on a 'bad' input.
     fake_cli = tmp_path / "fake_rcam.py"

@@ -17,15 +17,21 @@ import time
 import imagecodecs
 import numpy as np
 import pytest
-
-from rcam import container
-from rcam.rawio import reference_render
-
 from conftest import (
-    RCAM, TAG_IMAGE_LENGTH, TAG_IMAGE_WIDTH, bayer_dng_of_size, check_one_error_line, interruptible, part_files, patch_tiff_tags,
+    RCAM,
+    TAG_IMAGE_LENGTH,
+    TAG_IMAGE_WIDTH,
+    bayer_dng_of_size,
+    check_one_error_line,
+    interruptible,
+    part_files,
+    patch_tiff_tags,
     script_env,
     truncation_points,
 )
+
+from rcam.codec import container
+from rcam.codec.rawio import reference_render
 
 
 def check_output_matches_reference(run, source, encoded, tiny_model_path, tmp_path):
@@ -72,7 +78,7 @@ def test_truncated_dng(run, tmp_path, make_dng, tiny_model_path, where):
 READ_UNDER_LIMIT = """
 import json, resource, sys, time
 from rcam.errors import RcamError
-from rcam.rawio import read_raw
+from rcam.codec.rawio import read_raw
 with open("/proc/self/statm") as statm:
     mapped = int(statm.read().split()[0]) * resource.getpagesize()
 resource.setrlimit(resource.RLIMIT_AS, (mapped + (1 << 30), resource.RLIM_INFINITY))

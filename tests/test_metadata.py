@@ -10,19 +10,24 @@ from pathlib import Path
 import exiv2
 import numpy as np
 import pytest
+from conftest import (
+    CAPTURE_EXIF,
+    HOSTILE_METADATA,
+    add_metadata,
+    bayer_dng_of_size,
+    capture_dng,
+    check_one_error_line,
+    hostile_metadata_dng,
+    part_files,
+)  # fmt: skip
 from PIL import Image
 
-from rcam import container
 import rcam.pillow  # noqa: F401 (registers the .rcb plugin)
-from rcam.codec import decode_bytes, encode_file
+from rcam.codec import container
+from rcam.codec.engine import decode_bytes, encode_file
+from rcam.codec.metadata import MAX_XMP, Metadata, read_metadata, summary, upright
+from rcam.codec.output import encode_image
 from rcam.errors import RcamError
-from rcam.metadata import MAX_XMP, Metadata, read_metadata, summary, upright
-from rcam.output import encode_image
-
-from conftest import (
-    CAPTURE_EXIF, HOSTILE_METADATA, add_metadata, bayer_dng_of_size, capture_dng, check_one_error_line,
-    hostile_metadata_dng, part_files,
-)  # fmt: skip
 
 RAW_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "raw"
 CANON = RAW_DIR / "canon550d_magiclantern_colorchart.dng"

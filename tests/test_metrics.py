@@ -1,4 +1,4 @@
-"""Tests for rcam.metrics: PSNR, MS-SSIM dB, CIEDE2000 and bpp."""
+"""Tests for rcam.measure.metrics: PSNR, MS-SSIM dB, CIEDE2000 and bpp."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rcam.errors import RcamError
-from rcam.metrics import bits_per_pixel, ciede2000, ciede2000_lab, dark_offset, ms_ssim_db, ms_ssim_value, psnr, srgb_to_lab
+from rcam.measure.metrics import bits_per_pixel, ciede2000, ciede2000_lab, dark_offset, ms_ssim_db, ms_ssim_value, psnr, srgb_to_lab
 
 # Sharma, Wu & Dalal (2005), "The CIEDE2000 color-difference formula: implementation notes,
 # supplementary test data, and mathematical observations", Table 1: L1 a1 b1 L2 a2 b2 ΔE00.

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rcam.dng import write_bayer_dng
+from rcam.codec.rawio import reference_render
 from rcam.errors import RcamError
-from rcam.metrics import psnr
-from rcam.noise import NoiseModel, estimate_noise, noise_draw, noise_floor
-from rcam.rawio import reference_render
+from rcam.measure.metrics import psnr
+from rcam.measure.noise import NoiseModel, estimate_noise, noise_draw, noise_floor
+from rcam.training.dng import write_bayer_dng
 
 BLACK, WHITE = 512, 16383
 SHOT, READ = 2.0, 150.0  # DN² per DN, DN²

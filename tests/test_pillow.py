@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import capture_dng
 from PIL import Image, UnidentifiedImageError
 
 import rcam.pillow
-from rcam.codec import decode_bytes, encode_file
-from rcam.metadata import read_metadata
-from rcam.output import quantize, srgb_icc_profile
-
-from conftest import capture_dng
+from rcam.codec.engine import decode_bytes, encode_file
+from rcam.codec.metadata import read_metadata
+from rcam.codec.output import quantize, srgb_icc_profile
 
 
 @pytest.fixture

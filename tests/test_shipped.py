@@ -1,20 +1,19 @@
 """The shipped model on real sensor data: a quality floor against the reference render, rate and quality that
 rise with λ (SPEC §5), exact and deterministic decoding, and the tone fit against tone_reference.
 
-Written against whatever rcam.zoo.load_codec() loads by default, not against one set of weights' figures.
+Written against whatever rcam.codec.zoo.load_codec() loads by default, not against one set of weights' figures.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from rcam import codec
-from rcam.metrics import psnr
-from rcam.output import quantize
-from rcam.rawio import reference_render
-
 from conftest import RAW_DIR, real_dng_crop
+
+from rcam.codec import engine as codec
+from rcam.codec.output import quantize
+from rcam.codec.rawio import reference_render
+from rcam.measure.metrics import psnr
 
 REAL_FILE = RAW_DIR / "blackmagic_pocket_2013.dng"
 LAMBDAS = (0.0025, 0.01, 0.1)  # both ends of the supported range and the default

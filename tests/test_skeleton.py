@@ -1,16 +1,15 @@
-"""The classical skeleton of the decoder (rcam.skeleton): Malvar demosaic and the development the encoder applied."""
+"""The classical skeleton of the decoder (rcam.codec.skeleton): Malvar demosaic and the development the encoder applied."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
-from rcam.metrics import dark_offset, psnr
-from rcam.rawio import apply_flip, auto_bright_white, network_input, normalise_planes, read_raw, reference_render
-from rcam.skeleton import demosaic, develop, linear_to_srgb, srgb_to_linear
-
 from test_codec import REAL_DNGS
+
+from rcam.codec.rawio import apply_flip, auto_bright_white, network_input, normalise_planes, read_raw, reference_render
+from rcam.codec.skeleton import demosaic, develop, linear_to_srgb, srgb_to_linear
+from rcam.measure.metrics import dark_offset, psnr
 
 
 def test_srgb_curves_invert_each_other():
@@ -84,7 +83,8 @@ def test_the_skeleton_alone_comes_close_to_libraw_on_real_dngs(path):
 @pytest.fixture(scope="module")
 def skeleton_codec(tmp_path_factory):
     from conftest import save_tiny_model
-    from rcam.zoo import load_codec
+
+    from rcam.codec.zoo import load_codec
 
     return load_codec(save_tiny_model(tmp_path_factory.mktemp("skeleton") / "tiny.safetensors", skeleton=True, vignetting=True))
 
@@ -114,8 +114,8 @@ def test_only_the_clean_look_divides_out_the_estimated_falloff(skeleton_codec):
 
 @pytest.mark.parametrize("look", ["clean", "faithful"])
 def test_both_looks_round_trip_and_are_recorded(skeleton_codec, make_dng, look):
-    from rcam import container
-    from rcam.codec import decode_bytes, encode_file
+    from rcam.codec import container
+    from rcam.codec.engine import decode_bytes, encode_file
 
     source = make_dng("scene.dng", 64, 96, cfa="GRBG")
     encoded = encode_file(skeleton_codec, source, 0.01, look=look)
@@ -130,7 +130,7 @@ def test_both_looks_round_trip_and_are_recorded(skeleton_codec, make_dng, look):
 
 
 def test_a_model_without_the_skeleton_refuses_the_faithful_look(tiny_codec, make_dng, run, tiny_model_path):
-    from rcam.codec import encode_file
+    from rcam.codec.engine import encode_file
     from rcam.errors import RcamError
 
     source = make_dng("scene.dng", 64, 96)
@@ -141,7 +141,7 @@ def test_a_model_without_the_skeleton_refuses_the_faithful_look(tiny_codec, make
 
 
 def test_the_band_limited_correction_has_nothing_at_the_two_pixel_period():
-    from rcam.skeleton import band_limit
+    from rcam.codec.skeleton import band_limit
 
     rows, cols = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
     checkerboard = ((rows + cols) % 2).float()[None, None].repeat(1, 3, 1, 1) - 0.5

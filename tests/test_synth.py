@@ -1,4 +1,4 @@
-"""rcam.synth: unprocessing, mosaicking, position-dependent defects, clean twins and dataset files."""
+"""rcam.training.synth: unprocessing, mosaicking, position-dependent defects, clean twins and dataset files."""
 
 import dataclasses
 import json
@@ -8,10 +8,10 @@ import pytest
 import rawpy
 from PIL import Image
 
-from rcam import synth
-from rcam.dng import BAYER_PATTERNS, write_bayer_dng
+from rcam.codec.rawio import reference_render
 from rcam.errors import RcamError
-from rcam.rawio import reference_render
+from rcam.training import synth
+from rcam.training.dng import BAYER_PATTERNS, write_bayer_dng
 
 
 def smooth_photo(height=48, width=64, seed=0):

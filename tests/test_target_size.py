@@ -5,15 +5,14 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from rcam import container
-from rcam.cli import parse_size
-from rcam.codec import SIZE_TOLERANCE, analyse_image, encode_analysed, file_size, lambda_for_size
-from rcam.errors import RcamError
-from rcam.models import LAMBDA_RANGE
-from rcam.rawio import read_raw
-
 from conftest import check_one_error_line
+
+from rcam.cli import parse_size
+from rcam.codec import container
+from rcam.codec.engine import SIZE_TOLERANCE, analyse_image, encode_analysed, file_size, lambda_for_size
+from rcam.codec.models import LAMBDA_RANGE
+from rcam.codec.rawio import read_raw
+from rcam.errors import RcamError
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,24 @@ import dataclasses
 import numpy as np
 import pytest
 
-from rcam import codec, container
-from rcam.errors import RcamError
-from rcam.metrics import psnr
-from rcam.output import quantize
-from rcam.rawio import apply_flip, reference_render, undo_flip
-from rcam.tone import (
-    FIELD_KNOTS, GAIN_RANGE, IDENTITY, apply_tone, check_tone, describe_tone, fit_tone, identity, knot_basis, knots_of,
+from rcam.codec import container
+from rcam.codec import engine as codec
+from rcam.codec.output import quantize
+from rcam.codec.rawio import apply_flip, reference_render, undo_flip
+from rcam.codec.tone import (
+    FIELD_KNOTS,
+    GAIN_RANGE,
+    IDENTITY,
+    apply_tone,
+    check_tone,
+    describe_tone,
+    fit_tone,
+    identity,
+    knot_basis,
+    knots_of,
 )  # fmt: skip
+from rcam.errors import RcamError
+from rcam.measure.metrics import psnr
 
 
 def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:

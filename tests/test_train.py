@@ -9,22 +9,31 @@ import imagecodecs
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_OVERRIDES as TINY
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import TINY_OVERRIDES as TINY
-
-from rcam.codec import decode_bytes, encode_file
+from rcam.codec.engine import decode_bytes, encode_file
+from rcam.codec.models import CONFIGS, build_model
+from rcam.codec.output import quantize
+from rcam.codec.rawio import network_input, read_raw, reference_render
+from rcam.codec.tiling import thumbnail
+from rcam.codec.zoo import (
+    checkpoint_weights,
+    codec_from_model,
+    export_checkpoint,
+    file_digest,
+    load_codec,
+    read_manifest,
+    read_weights,
+    save_checkpoint,
+    write_manifest_entry,
+)
 from rcam.demo import run_demo
 from rcam.errors import RcamError
-from rcam.models import CONFIGS, build_model
-from rcam.metrics import psnr
-from rcam.output import quantize
-from rcam.rawio import network_input, read_raw, reference_render
-from rcam.synth import DefectParams
-from rcam.tiling import thumbnail
-from rcam.train import TrainConfig, fresh_crop, load_dataset, load_starting_weights, sample_batch, train, validation_cost
-from rcam.zoo import checkpoint_weights, codec_from_model, export_checkpoint, file_digest, load_codec, read_manifest, read_weights, save_checkpoint, write_manifest_entry
+from rcam.measure.metrics import psnr
+from rcam.training.synth import DefectParams
+from rcam.training.train import TrainConfig, fresh_crop, load_dataset, load_starting_weights, sample_batch, train, validation_cost
 
 
 def test_training_resumes_and_exports(dataset, tmp_path):
@@ -99,7 +108,7 @@ def test_validation_cost_prefers_fewer_bits_and_less_error():
 
 def test_best_checkpoint_is_kept_across_worse_validations_and_resumes(dataset, tmp_path, monkeypatch):
     psnr_by_step = {2: 20.0, 4: 18.0, 6: 19.0, 8: 24.0}  # step 4 and 6 are worse than step 2, step 8 best
-    monkeypatch.setattr("rcam.train.validate", lambda model, config: {"val_pairs": {"bpp": 0.5, "psnr": psnr_by_step[seen.pop(0)], "images": 2}})
+    monkeypatch.setattr("rcam.training.train.validate", lambda model, config: {"val_pairs": {"bpp": 0.5, "psnr": psnr_by_step[seen.pop(0)], "images": 2}})
     seen = [2, 4]
     config = TrainConfig(
         dataset=str(dataset), run_dir=str(tmp_path / "run"), model_overrides=TINY, steps=4, batch_size=2,
@@ -285,7 +294,7 @@ def test_export_drops_figures_measured_for_earlier_weights(dataset, tmp_path):
 def test_moving_average_of_weights_is_validated_kept_across_resumes_and_exported(dataset, tmp_path, monkeypatch):
     validated = []
     monkeypatch.setattr(
-        "rcam.train.validate",
+        "rcam.training.train.validate",
         lambda model, config: validated.append({k: v.clone() for k, v in model.state_dict().items()}) or {"val_pairs": {"bpp": 0.5, "psnr": 20.0, "images": 2}},
     )
     config = TrainConfig(
@@ -344,8 +353,8 @@ def test_a_skeleton_model_fine_tunes_from_end_to_end_weights_with_both_looks(dat
 
 
 def test_fresh_defects_and_vignetting_examples_never_draw_the_held_out_families(dataset, monkeypatch):
-    from rcam import train as train_module
-    from rcam.synth import HELD_OUT_FAMILIES
+    from rcam.training import train as train_module
+    from rcam.training.synth import HELD_OUT_FAMILIES
 
     assert TrainConfig(dataset="d", run_dir="r").held_out_families == list(HELD_OUT_FAMILIES)
     images = load_dataset(dataset, TINY["thumbnail"], fresh_defects=True)

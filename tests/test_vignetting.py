@@ -13,15 +13,16 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES as TINY
 
-from rcam import container
-from rcam.codec import decode_bytes, decode_latents, encode_file, estimated_falloff, tone_reference
+from rcam.codec import container
+from rcam.codec.engine import decode_bytes, decode_latents, encode_file, estimated_falloff, tone_reference
+from rcam.codec.layers import devignette, log_gain_at
+from rcam.codec.models import CONFIGS, build_model
+from rcam.codec.rawio import read_raw, reference_render
+from rcam.codec.tiling import Tile, coordinate_map
+from rcam.codec.zoo import codec_from_model, load_codec, save_checkpoint
 from rcam.errors import RcamError
-from rcam.layers import devignette, log_gain_at
-from rcam.models import CONFIGS, build_model
-from rcam.rawio import read_raw, reference_render
-from rcam.tiling import Tile, coordinate_map
-from rcam.train import TrainConfig, load_dataset, pretrain_vignetting, rd_loss, sample_lambdas, train, vignetting_examples
-from rcam.zoo import codec_from_model, load_codec, save_checkpoint
+from rcam.training.train import TrainConfig, load_dataset, pretrain_vignetting, rd_loss, sample_lambdas, train, vignetting_examples
+
 
 def test_log_gain_map_follows_absolute_position_across_tiles():
     grid = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8) * -0.01
@@ -162,7 +163,7 @@ def test_training_pretrains_the_estimator_keeps_it_out_of_the_codec_loss_and_res
         pretrain_vignetting(estimator, optimizer, examples, *args)
         seen["after"] = copy.deepcopy(estimator.state_dict())
 
-    monkeypatch.setattr("rcam.train.pretrain_vignetting", watched_pretraining)
+    monkeypatch.setattr("rcam.training.train.pretrain_vignetting", watched_pretraining)
     checkpoint = train(config, images)
     state = torch.load(checkpoint, weights_only=True)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

@@ -280,7 +280,7 @@ def _camera_to_srgb(planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.nd
     """Raw planes (4, h, w) -> (linear sRGB (3, h, w), the shift that takes each green plane to sRGB green).
 
     The sRGB values are not clipped: LibRaw clips after its demosaic, per pixel, and so does the decoder's
-    skeleton (rcam.skeleton); clipping the noise of dark cells here would lift their mean, and no decoder could
+    skeleton (rcam.codec.skeleton); clipping the noise of dark cells here would lift their mean, and no decoder could
     undo that (the skeleton inverts this step exactly).
     """
     red, green1, green2, blue = np.maximum(planes, 0.0)  # LibRaw clips below black too

@@ -4,7 +4,7 @@ Shapes, with a packed tile of (B, 4, h, w), h and w multiples of 32:
   y: (B, M, h/8, w/8), z: (B, Nh, h/32, w/32), output: (B, 3, 2h, 2w) sRGB in [0, 1] (unclamped while training).
 
 With `skeleton` the CSA decoder reconstructs the packed planes (the encoder's input space), the classical
-path of rcam.skeleton develops them, and a correction head adds what that path gets wrong, one per look.
+path of rcam.codec.skeleton develops them, and a correction head adds what that path gets wrong, one per look.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from torch import nn
 
-from rcam.container import LOOKS  # a look tensor holds indices into it, as the header does
+from rcam.codec.container import LOOKS  # a look tensor holds indices into it, as the header does
+from rcam.codec.layers import CADR, CSA, GFT, GlobalPrior, LocalPrior, VignettingEstimator, conv, deconv, devignette, log_gain_at
+from rcam.codec.skeleton import band_limit, develop
 from rcam.errors import RcamError
-from rcam.layers import CADR, CSA, GFT, GlobalPrior, LocalPrior, VignettingEstimator, conv, deconv, devignette, log_gain_at
-from rcam.skeleton import band_limit, develop
 
 # λ values with their own learned gain vector; any λ in between is interpolated (Cui et al., CVPR 2021).
 LAMBDA_ANCHORS = (0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)

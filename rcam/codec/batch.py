@@ -2,7 +2,7 @@
 worker processes, and the closing summary.
 
 A failure in one file never stops the others; the command reports every failure at the end and exits 2 (1
-when one was an rcam bug). Outputs are written atomically (rcam.output.write_atomic), so Ctrl-C leaves
+when one was an rcam bug). Outputs are written atomically (rcam.codec.output.write_atomic), so Ctrl-C leaves
 none half-written, with or without workers.
 """
 
@@ -24,12 +24,12 @@ import click
 import torch
 from tqdm import tqdm
 
-from rcam.codec import decode_bytes, encode_file, metadata_of
+from rcam.codec.engine import decode_bytes, encode_file, metadata_of
+from rcam.codec.metadata import EMPTY, read_metadata, upright
+from rcam.codec.output import check_output_path, encode_image, image_kind, write_atomic
+from rcam.codec.zoo import Codec, load_codec
 from rcam.errors import RcamError
-from rcam.metadata import EMPTY, read_metadata, upright
-from rcam.output import check_output_path, encode_image, image_kind, write_atomic
-from rcam.train import resolve_device
-from rcam.zoo import Codec, load_codec
+from rcam.training.train import resolve_device
 
 
 class BatchFailed(Exception):
@@ -366,7 +366,7 @@ def _run_pool(todo: list[tuple[Path, Path]], work: Callable, jobs: int, pool_set
     # forkserver: one fresh interpreter imports rcam (torch: seconds) once, and every worker is a fork of it;
     # spawn would import it again in each worker, and a plain fork would copy this process's threads.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["rcam.batch"])
+    context.set_forkserver_preload(["rcam.codec.batch"])
     pool = ProcessPoolExecutor(min(jobs, len(todo)) or 1, mp_context=context, initializer=_worker_start, initargs=pool_setup)
     pending = {pool.submit(_worker_task, work, source, target): (source, target) for source, target in todo}
     try:

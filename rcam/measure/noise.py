@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import convolve
 
+from rcam.codec.rawio import raw_values, reference_render
 from rcam.errors import RcamError
-from rcam.metrics import psnr
-from rcam.rawio import raw_values, reference_render
+from rcam.measure.metrics import psnr
 
 LAPLACIAN = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float64)  # white noise σ -> std 6σ
 BLOCK = 8  # pixels of one CFA plane per side

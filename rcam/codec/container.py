@@ -15,9 +15,9 @@ import struct
 import zlib
 from dataclasses import dataclass, replace
 
+from rcam.codec.metadata import MAX_EXIF, MAX_XMP
+from rcam.codec.tone import IDENTITY, MAX_KNOTS, check_tone, knots_of
 from rcam.errors import RcamError
-from rcam.metadata import MAX_EXIF, MAX_XMP
-from rcam.tone import IDENTITY, MAX_KNOTS, check_tone, knots_of
 
 MAGIC = b"\x89RCB\r\n\x1a\n"  # like PNG's: catches text-mode transfers and truncation to a few bytes
 FORMAT_VERSION = 4  # written
@@ -61,14 +61,14 @@ class Header:
     overlap: int
     tile_rows: int
     tile_cols: int
-    tone: tuple[float, ...] = IDENTITY  # encoder-fitted gain and offset fields, 6 K² values (rcam.tone)
+    tone: tuple[float, ...] = IDENTITY  # encoder-fitted gain and offset fields, 6 K² values (rcam.codec.tone)
     look: str = "clean"  # SPEC §3: which target the decoder renders (files before version 4: clean)
-    cam_to_srgb: tuple[float, ...] = IDENTITY_MATRIX  # 9 values, the skeleton decoder's colour matrix (rcam.skeleton)
+    cam_to_srgb: tuple[float, ...] = IDENTITY_MATRIX  # 9 values, the skeleton decoder's colour matrix (rcam.codec.skeleton)
     white: float = 1.0  # the skeleton decoder's auto-brightness level (linear sRGB value that becomes 1)
     stream_lengths: tuple[int, ...] = ()
     stream_crcs: tuple[int, ...] = ()
     format_version: int = FORMAT_VERSION  # of the file it was read from
-    exif: bytes = b""  # capture EXIF, TIFF-structured (rcam.metadata); stored after the header, own CRC
+    exif: bytes = b""  # capture EXIF, TIFF-structured (rcam.codec.metadata); stored after the header, own CRC
     xmp: bytes = b""  # capture XMP packet, UTF-8
 
 
@@ -136,7 +136,7 @@ def _pack_float16(values: tuple[float, ...]) -> bytes:
     packed = struct.pack(f"<{len(values)}e", *values)
     # The decoder applies what the file holds: an encoder must hand over values float16 keeps exactly.
     if struct.unpack(f"<{len(values)}e", packed) != tuple(values):
-        raise ValueError("tone values must be exact float16 numbers (rcam.tone.fit_tone rounds them)")
+        raise ValueError("tone values must be exact float16 numbers (rcam.codec.tone.fit_tone rounds them)")
     return packed
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rcam.codec.models import TILE_MULTIPLE
 from rcam.errors import RcamError
-from rcam.models import TILE_MULTIPLE
 
 DEFAULT_TILE = 512  # packed pixels (a 1024×1024 sensor crop): the memory / speed knob
 DEFAULT_OVERLAP = 32  # packed pixels (64 output pixels) of blending between neighbours

@@ -5,7 +5,7 @@ produce; like a video codec's encoder-side loop-filter parameters, a few numbers
 tone onto the reference's. The correction is out = gain(y, x) · decoded + offset(y, x) per channel, gain and
 offset bilinear between K x K knots spread evenly over the sensor frame, corners included (K = 1: one gain
 and offset per channel). The render it fits to has the estimated lens falloff divided out
-(rcam.codec.tone_reference), so every pixel of the frame takes part alike. Against one gain and offset per
+(rcam.codec.engine.tone_reference), so every pixel of the frame takes part alike. Against one gain and offset per
 channel, the 6 x 6 field the encoder fits gains 0.17 dB BD-PSNR on protocol S with its 432 header bytes
 counted (about 2% of the rate of a 0.25 MP val image) and 0.76 dB on protocol R.
 """

@@ -1,6 +1,6 @@
 """Write minimal, uncompressed DNG files (Bayer, generic CFA, LinearRaw) that LibRaw / rawpy reads.
 
-Used by the synthetic-data engine (rcam.synth) and by tests that need RAW files with known content.
+Used by the synthetic-data engine (rcam.training.synth) and by tests that need RAW files with known content.
 Tag numbers and meanings follow the DNG 1.4 specification and TIFF/EP.
 
 LibRaw quirks worth knowing (LibRaw 0.22 via rawpy 0.28):

@@ -16,11 +16,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from rcam.entropy import IntegerHyperSynthesis, LatentCoder, z_tables
+from rcam.codec.entropy import IntegerHyperSynthesis, LatentCoder, z_tables
+from rcam.codec.models import LAMBDA_RANGE, ModelConfig, RealCamNet
 from rcam.errors import RcamError
-from rcam.models import LAMBDA_RANGE, ModelConfig, RealCamNet
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
 DEFAULT_MODEL = "rcam-small"
 Z_TABLE_KEY = "coding.z_table"
 METADATA_KEY = "rcam"  # safetensors metadata: JSON {"config": ModelConfig fields, "total_steps": int or null}

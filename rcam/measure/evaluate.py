@@ -2,7 +2,7 @@
 
 Protocol R: real RAW files; reference = reference render of the same file; rcam and the cascades both
 start from that file.
-Protocol S: photos; each becomes a synthetic degraded DNG with a clean twin (rcam.synth.make_pair);
+Protocol S: photos; each becomes a synthetic degraded DNG with a clean twin (rcam.training.synth.make_pair);
 reference = render of the clean twin; rcam encodes the degraded DNG and the cascades compress the
 reference render of the degraded DNG (what a user does today).
 
@@ -34,13 +34,13 @@ import imagecodecs
 import numpy as np
 from tqdm import tqdm
 
-from rcam import baselines as baselines_module
-from rcam import synth
-from rcam.bjontegaard import bd_metric, bd_rate
+from rcam.codec.rawio import reference_render
+from rcam.codec.zoo import file_digest
+from rcam.comparators import baselines as baselines_module
 from rcam.errors import RcamError
-from rcam.metrics import all_metrics, bits_per_pixel
-from rcam.zoo import file_digest
-from rcam.rawio import reference_render
+from rcam.measure.bjontegaard import bd_metric, bd_rate
+from rcam.measure.metrics import all_metrics, bits_per_pixel
+from rcam.training import synth
 
 Codec = Callable[[Path, float], tuple[int, np.ndarray]]
 # command_timer(raw_path, lam) -> (encode_s, decode_s), or a dict with encode_s, decode_s and optionally
@@ -647,8 +647,8 @@ def run_eval(
     codec(raw_path, lam) -> (whole-file bytes, decoded (H,W,3) uint8); command_timer(raw_path, lam) ->
     (encode s, decode s) or a dict (see CommandTimer) for whole commands, run once per image at speed_lambda
     (default: the middle λ); the cascade (render + JPEG XL) is timed on the same images.
-    render: reference render (default rcam.rawio.reference_render); make_pair: protocol S synthesis
-    (default rcam.synth.make_pair). qualities overrides a baseline's sweep. Baseline results are cached
+    render: reference render (default rcam.codec.rawio.reference_render); make_pair: protocol S synthesis
+    (default rcam.training.synth.make_pair). qualities overrides a baseline's sweep. Baseline results are cached
     under cache_dir (default out_dir/cache). Writes results.json, points.csv, curves.csv, bd.csv, speed.csv
     and rd.png to out_dir and returns the results dict (also what results.json holds).
     """

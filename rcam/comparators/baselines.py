@@ -14,7 +14,7 @@ import imagecodecs
 import numpy as np
 
 from rcam.errors import RcamError
-from rcam.metrics import bits_per_pixel
+from rcam.measure.metrics import bits_per_pixel
 
 
 @dataclass(frozen=True)

@@ -13,17 +13,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rcam import container
-from rcam.entropy import TileLatents
+from rcam.codec import container
+from rcam.codec.entropy import TileLatents
+from rcam.codec.layers import log_gain_at
+from rcam.codec.metadata import EMPTY, Metadata, check_metadata
+from rcam.codec.models import LAMBDA_RANGE
+from rcam.codec.rawio import RawImage, apply_flip, network_input, network_input_and_white, read_raw, reference_render, undo_flip
+from rcam.codec.skeleton import Development
+from rcam.codec.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, blend_weights, coordinate_map, crop_tile, plan_tiles, thumbnail
+from rcam.codec.tone import FIELD_KNOTS, IDENTITY, apply_tone, fit_tone, identity
+from rcam.codec.zoo import Codec
 from rcam.errors import RcamError
-from rcam.layers import log_gain_at
-from rcam.metadata import EMPTY, Metadata, check_metadata
-from rcam.models import LAMBDA_RANGE
-from rcam.rawio import RawImage, apply_flip, network_input, network_input_and_white, read_raw, reference_render, undo_flip
-from rcam.skeleton import Development
-from rcam.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, blend_weights, coordinate_map, crop_tile, plan_tiles, thumbnail
-from rcam.tone import FIELD_KNOTS, IDENTITY, apply_tone, fit_tone, identity
-from rcam.zoo import Codec
 
 DEFAULT_TILE_BATCH = 1
 SIZE_TOLERANCE = 0.05  # a target size is met within ±5%
@@ -232,8 +232,8 @@ def encode_image(
     """RawImage -> Encoded (.rcb bytes + latents) in `look` (SPEC §3); `progress` is called once per tile.
 
     With `reference` ((H, W, 3) uint8, the reference render of the same file) the encoder also synthesises
-    tiles spread over the frame as the decoder will and stores a fitted tone correction (rcam.tone) in the header.
-    `metadata` (EXIF and XMP, rcam.metadata) is stored as it is.
+    tiles spread over the frame as the decoder will and stores a fitted tone correction (rcam.codec.tone) in the header.
+    `metadata` (EXIF and XMP, rcam.codec.metadata) is stored as it is.
     """
     lam = check_lambda(lam)
     analysis = analyse_image(codec, image, tile, overlap, tile_batch, look)
@@ -346,7 +346,7 @@ def encode_file(
 
     `tone_fit` fits the tone against tone_reference(): pass it as `reference` when the caller already has it
     (e.g. one render for several λ), else it is rendered here. `metadata` reads the file's capture metadata
-    (e.g. rcam.metadata.read_metadata); without it none is stored.
+    (e.g. rcam.codec.metadata.read_metadata); without it none is stored.
     """
     if sum(value is not None for value in (lam, target_bytes, target_bpp)) != 1:
         raise RcamError("give one of a λ, a target size and a target bpp")

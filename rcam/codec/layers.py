@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rcam.skeleton import linear_to_srgb, srgb_to_linear
+from rcam.codec.skeleton import linear_to_srgb, srgb_to_linear
 
 
 def conv(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> nn.Conv2d:

@@ -25,9 +25,9 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from rcam.dng import BAYER_PATTERNS, write_bayer_dng
+from rcam.codec.rawio import reference_render
 from rcam.errors import RcamError
-from rcam.rawio import reference_render
+from rcam.training.dng import BAYER_PATTERNS, write_bayer_dng
 
 # Published D65 ColorMatrix (XYZ -> camera) values of real cameras (Adobe DNG Converter values as listed in
 # dcraw's / LibRaw's adobe_coeff table, x1e4). The first seven are the ones the convex mix draws from (the

@@ -20,19 +20,27 @@ from PIL import Image
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from rcam.codec.layers import VignettingEstimator
+from rcam.codec.models import CONFIGS, LAMBDA_RANGE, ModelConfig, RealCamNet, rate_bits
+from rcam.codec.rawio import RawImage, auto_bright_white, network_input_and_white, normalise_planes, read_raw, reference_render, undo_flip
+from rcam.codec.tiling import Tile, coordinate_map, thumbnail
 from rcam.errors import RcamError
-from rcam.models import CONFIGS, LAMBDA_RANGE, ModelConfig, RealCamNet, rate_bits
-from rcam.rawio import RawImage, auto_bright_white, network_input_and_white, normalise_planes, read_raw, reference_render, undo_flip
-from rcam.layers import VignettingEstimator
-from rcam.synth import HELD_OUT_FAMILIES, DefectParams, SensorParams, degrade_planes, sample_defects, vignetting_at, without_vignetting
-from rcam.tiling import Tile, coordinate_map, thumbnail
+from rcam.training.synth import (
+    HELD_OUT_FAMILIES,
+    DefectParams,
+    SensorParams,
+    degrade_planes,
+    sample_defects,
+    vignetting_at,
+    without_vignetting,
+)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on; stored in the run folder and the checkpoint manifest."""
 
-    dataset: str  # index.jsonl written by rcam.synth.build_dataset
+    dataset: str  # index.jsonl written by rcam.training.synth.build_dataset
     run_dir: str
     model: str = "small"
     model_overrides: dict = field(default_factory=dict)  # e.g. {"cadr": false} for ablations
@@ -84,7 +92,7 @@ class TrainConfig:
     # keeps them: faithful look or clean input), in the units of the image term; it gives the new plane head a
     # direct signal, where the skeleton's clipping would hide gradients from a bad start.
     plane_weight: float = 0.0
-    # Defect families (rcam.synth.FAMILIES) that fresh defects and vignetting examples never draw: kept for a
+    # Defect families (rcam.training.synth.FAMILIES) that fresh defects and vignetting examples never draw: kept for a
     # validation set made with `rcam synth --held-out`, which then measures generalisation to unseen defects.
     held_out_families: list = field(default_factory=lambda: list(HELD_OUT_FAMILIES))
 
@@ -411,10 +419,10 @@ def validation_sets(config: TrainConfig) -> dict[str, list[tuple[Path, Path | No
 def validate(model: RealCamNet, config: TrainConfig) -> dict:
     """Real encode/decode of the val pairs (clean look) and real DNGs (faithful look where the model has it:
     the target is the file's own render) at val_lambda: mean bpp and PSNR per set."""
-    from rcam.codec import decode_bytes, encode_file, tone_reference
-    from rcam.metrics import psnr
-    from rcam.output import quantize
-    from rcam.zoo import codec_from_model
+    from rcam.codec.engine import decode_bytes, encode_file, tone_reference
+    from rcam.codec.output import quantize
+    from rcam.codec.zoo import codec_from_model
+    from rcam.measure.metrics import psnr
 
     sets = validation_sets(config)
     was_training = model.training
@@ -496,7 +504,7 @@ def load_starting_weights(model: RealCamNet, path: Path, exclude: tuple[str, ...
     prior's new inputs), so the fine-tuned model starts out exactly as the weights it came from, or where
     train() pre-trains them (the vignetting estimator).
     """
-    from rcam.zoo import checkpoint_weights, read_weights
+    from rcam.codec.zoo import checkpoint_weights, read_weights
 
     if path.suffix == ".safetensors":
         tensors, steps = read_weights(path)

@@ -20,8 +20,8 @@ import numpy as np
 import tifffile
 from PIL import Image, ImageCms
 
+from rcam.codec.metadata import EMPTY, Metadata, png_chunks, upright, write_into
 from rcam.errors import RcamError
-from rcam.metadata import EMPTY, Metadata, png_chunks, upright, write_into
 
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff"}
 # zlib level of PNG output: at 24 MP level 2 takes 1.5 s where the default (6) takes 7.6 s, for a file 4.5% larger.
