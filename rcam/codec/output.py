@@ -83,7 +83,9 @@ def encode_image(image: np.ndarray, kind: str, bits: int = 8, quality: int = 95,
         return buffer.getvalue()
     if kind == "tiff":
         buffer = io.BytesIO()
-        tifffile.imwrite(buffer, pixels, photometric="rgb", compression="zlib", iccprofile=profile)
+        # No tifffile ImageDescription ('{"shape": ...}') or Software: both are capture fields, and the RAW's own
+        # (or none) must be what the image carries.
+        tifffile.imwrite(buffer, pixels, photometric="rgb", compression="zlib", iccprofile=profile, metadata=None, software=False)
         # libexiv2 writes the Exif and GPS sub-IFDs and the XMP tag (700) into the finished TIFF.
         return write_into(buffer.getvalue(), metadata)
     raise RcamError(f"unknown output format '{kind}'")
