@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from nef import write_nef
 from PIL import Image
 
 from rcam import cli
@@ -30,6 +31,7 @@ from rcam.codec.zoo import load_codec, save_checkpoint
 from rcam.demo import sample_scene
 from rcam.training.dng import XTRANS_PATTERN, write_bayer_dng, write_cfa_dng, write_linear_dng
 from rcam.training.synth import build_dataset
+
 
 TINY_CONFIG = dataclasses.replace(
     CONFIGS["small"], name="tiny", channels=16, latent_channels=16, hyper_channels=16, prior_channels=8, thumbnail=32
@@ -382,6 +384,41 @@ def add_metadata(path, exif: dict[str, str] | None = None, xmp: str | None = Non
 def capture_dng(path, orientation: int = 6) -> Path:
     """A Bayer DNG carrying CAPTURE_EXIF and CAPTURE_XMP."""
     return add_metadata(bayer_dng_of_size(path, 64, 96, orientation=orientation), CAPTURE_EXIF, CAPTURE_XMP)
+
+
+# Nikon's own identity strings, as its NEFs carry them (the model repeats the make).
+NEF_IDENTITY = {"Exif.Image.Make": "NIKON CORPORATION", "Exif.Image.Model": "NIKON Z 6"}
+# Capture fields beyond CAPTURE_EXIF, of the EXIF types it lacks (SRATIONAL, UNDEFINED), for field-by-field checks.
+MORE_CAPTURE_EXIF = {
+    "Exif.Image.Copyright": "(c) 2024 Ada Lovelace",
+    "Exif.Photo.ExifVersion": "48 50 51 50",
+    "Exif.Photo.ExposureProgram": "3",
+    "Exif.Photo.ExposureBiasValue": "-2/3",
+    "Exif.Photo.MeteringMode": "5",
+    "Exif.Photo.Flash": "16",
+    "Exif.Photo.WhiteBalance": "0",
+    "Exif.Photo.OffsetTime": "+02:00",
+    "Exif.Photo.DateTimeDigitized": "2024:05:17 14:03:22",
+    "Exif.Photo.BodySerialNumber": "6012345",
+    "Exif.GPSInfo.GPSTimeStamp": "12/1 3/1 22/1",
+    "Exif.GPSInfo.GPSDateStamp": "2024:05:17",
+}
+# A Nikon maker note naming the lens (LensData 0100 and LensType as an AF-S Nikkor 50mm f/1.8G holds them) and
+# no EXIF LensModel, as in NEFs of cameras older than the Z series.
+NIKON_LENS_MAKERNOTE = {
+    "Exif.Nikon3.Version": "48 50 49 48", "Exif.Nikon3.LensType": "6", "Exif.NikonLd1.Version": "48 49 48 48",
+    "Exif.NikonLd1.LensIDNumber": "176", "Exif.NikonLd1.LensFStops": "76", "Exif.NikonLd1.MinFocalLength": "80",
+    "Exif.NikonLd1.MaxFocalLength": "80", "Exif.NikonLd1.MaxApertureAtMinFocal": "20",
+    "Exif.NikonLd1.MaxApertureAtMaxFocal": "20", "Exif.NikonLd1.MCUVersion": "178",
+}  # fmt: skip
+
+
+def capture_nef(path, orientation: int = 6, exif: dict[str, str] | None = None) -> Path:
+    """A Nikon NEF (tests/nef.py) of smooth_mosaic(64, 96) carrying CAPTURE_EXIF with Nikon's Make and Model,
+    the given extra fields, and CAPTURE_XMP."""
+    make, model = NEF_IDENTITY["Exif.Image.Make"], NEF_IDENTITY["Exif.Image.Model"]
+    nef = write_nef(path, smooth_mosaic(64, 96), make=make, model=model, orientation=orientation)
+    return add_metadata(nef, CAPTURE_EXIF | NEF_IDENTITY | (exif or {}), CAPTURE_XMP)
 
 
 def _ifd_entries(data: bytes, offset: int) -> list[tuple[int, int, int, int, int]]:

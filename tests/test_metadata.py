@@ -10,23 +10,32 @@ from pathlib import Path
 import exiv2
 import numpy as np
 import pytest
+import rawpy
 from conftest import (
     CAPTURE_EXIF,
     HOSTILE_METADATA,
+    MORE_CAPTURE_EXIF,
+    NEF_IDENTITY,
+    NIKON_LENS_MAKERNOTE,
+    WHITE_LEVEL,
     add_metadata,
     bayer_dng_of_size,
     capture_dng,
+    capture_nef,
     check_one_error_line,
     hostile_metadata_dng,
     part_files,
+    smooth_mosaic,
 )  # fmt: skip
 from PIL import Image
+from PIL.TiffImagePlugin import IFDRational
 
 import rcam.pillow  # noqa: F401 (registers the .rcb plugin)
 from rcam.codec import container
 from rcam.codec.engine import decode_bytes, encode_file
-from rcam.codec.metadata import MAX_XMP, Metadata, read_metadata, summary, upright
+from rcam.codec.metadata import GPS_GROUP, KEPT_KEYS, MAX_XMP, Metadata, read_metadata, summary, upright
 from rcam.codec.output import encode_image
+from rcam.codec.rawio import read_raw
 from rcam.errors import RcamError
 
 RAW_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "raw"
@@ -53,6 +62,35 @@ def image_xmp(data: bytes) -> dict[str, str]:
     image = exiv2.ImageFactory.open(data)
     image.readMetadata()
     return xmp_properties(image.xmpPacket())
+
+
+def capture_fields(data: bytes) -> dict[str, str]:
+    """exif_fields restricted to the capture fields rcam carries (not a raw file's strips, sub-IFDs, maker note)."""
+    return {key: value for key, value in exif_fields(data).items() if key in KEPT_KEYS or key.split(".")[1] == GPS_GROUP}
+
+
+def _as_exiv2_text(value) -> str:
+    """A value as Pillow reads it, written as exiv2's toString writes it (BYTE/UNDEFINED as numbers, n/d rationals)."""
+    if isinstance(value, bytes):
+        return " ".join(str(byte) for byte in value)
+    if isinstance(value, tuple):
+        return " ".join(_as_exiv2_text(item) for item in value)
+    if isinstance(value, IFDRational):
+        return f"{value.numerator}/{value.denominator}"
+    return str(value)
+
+
+def pillow_fields(data: bytes, keys) -> dict[str, str]:
+    """Pillow's own reading of an image's EXIF (IFD0, Exif and GPS IFDs) for the given exiv2 keys, as exiv2 text."""
+    with Image.open(io.BytesIO(data)) as image:
+        exif = image.getexif()
+        ifds = {"Image": exif, "Photo": exif.get_ifd(EXIF_IFD), GPS_GROUP: exif.get_ifd(GPS_IFD)}
+        found = {}
+        for key in keys:
+            ifd, tag = ifds[key.split(".")[1]], exiv2.ExifKey(key).tag()
+            if tag in ifd:
+                found[key] = _as_exiv2_text(ifd[tag])
+        return found
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,3 +319,66 @@ def test_damaged_metadata_in_an_rcb_leaves_the_pixels_decodable(run, tmp_path, t
     assert status == 0 and "metadata     stored" in out
     with Image.open(source) as image:  # the Pillow plugin too
         assert "exif" not in image.info and image.size == (64, 96)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A second raw format, NEF (written by tests/nef.py), and every capture field through RAW -> .rcb -> images
+
+
+def test_written_nef_is_a_nef_to_libexiv2_and_libraw(tmp_path):
+    path = capture_nef(tmp_path / "capture.nef")
+    image = exiv2.ImageFactory.open(str(path))
+    image.readMetadata()
+    assert image.mimeType() == "image/x-nikon-nef"  # libexiv2's name for it (its type detector is the TIFF one)
+    with rawpy.imread(str(path)) as raw:  # LibRaw's uncompressed-NEF loader, Nikon's identity and colour table
+        assert np.array_equal(raw.raw_image_visible, smooth_mosaic(64, 96)) and raw.white_level == WHITE_LEVEL
+        assert raw.sizes.flip == 6 and np.abs(raw.rgb_xyz_matrix).sum() > 0
+    assert read_raw(path).cfa == "RGGB"
+
+
+RAW_CAPTURES = {
+    # format: (a capture file carrying CAPTURE_EXIF, the given extra fields and CAPTURE_XMP; its camera in `rcam info`)
+    "dng": (lambda path, exif: add_metadata(capture_dng(path), exif), "Nikon Z 6"),
+    "nef": (lambda path, exif: capture_nef(path, exif=exif), "NIKON Z 6"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(RAW_CAPTURES))
+def test_every_capture_field_survives_raw_to_rcb_to_each_image(run, tmp_path, tiny_model_path, kind):
+    build, camera = RAW_CAPTURES[kind]
+    source = build(tmp_path / f"capture.{kind}", MORE_CAPTURE_EXIF)
+    # What the RAW holds, by libexiv2: every field written, and nothing else among the capture fields.
+    held = capture_fields(source.read_bytes())
+    assert set(held) == set(CAPTURE_EXIF) | set(MORE_CAPTURE_EXIF) | {"Exif.Image.Orientation"}
+    assert held["Exif.Image.Orientation"] == "6"
+    if kind == "nef":
+        assert {key: held[key] for key in NEF_IDENTITY} == NEF_IDENTITY
+    expected = held | {"Exif.Image.Orientation": "1"}
+    expected_xmp = image_xmp(source.read_bytes()) | {"Xmp.tiff.Orientation": "1"}
+    assert len(expected_xmp) >= 6
+    encoded = tmp_path / "capture.rcb"
+    assert run("encode", source, "--model", tiny_model_path, "-o", encoded, "--no-tone-fit")[0] == 0
+    assert f"camera       {camera}" in run("info", encoded)[1]
+    for suffix in (".png", ".jpg", ".tif"):
+        image = tmp_path / f"capture{suffix}"
+        assert run("decode", encoded, "--model", tiny_model_path, "-o", image)[0::2] == (0, "")
+        data = image.read_bytes()
+        # Field by field, by libexiv2 and by Pillow's own EXIF parser: the same values as in the RAW.
+        assert capture_fields(data) == expected, suffix
+        assert pillow_fields(data, expected) == expected, suffix
+        assert image_xmp(data) == expected_xmp, suffix
+        with Image.open(image) as pillow:
+            assert xmp_properties(pillow.info["xmp"]) == expected_xmp, suffix
+
+
+def test_a_lens_named_only_in_the_maker_note_is_kept(tmp_path):
+    # NEFs before the Z series name the lens only in Nikon's maker note; libexiv2's lens table names it.
+    source = add_metadata(capture_nef(tmp_path / "old.nef", exif=NIKON_LENS_MAKERNOTE), remove=("Exif.Photo.LensModel",))
+    fields = exif_fields(read_metadata(source).exif)
+    assert fields["Exif.Photo.LensModel"] == "Nikon AF-S Nikkor 50mm f/1.8G"
+    assert not any(key.startswith(("Exif.Nikon", "Exif.MakerNote")) for key in fields)  # the maker note stays behind
+    # The EXIF's own LensModel wins; a lens id libexiv2 does not know is no name.
+    both = capture_nef(tmp_path / "both.nef", exif=NIKON_LENS_MAKERNOTE)
+    assert exif_fields(read_metadata(both).exif)["Exif.Photo.LensModel"] == CAPTURE_EXIF["Exif.Photo.LensModel"]
+    unknown = add_metadata(source, {"Exif.NikonLd1.LensIDNumber": "251"})
+    assert "Exif.Photo.LensModel" not in exif_fields(read_metadata(unknown).exif)

@@ -53,6 +53,7 @@ _TIFF_EP = ("ExposureTime", "FNumber", "ExposureProgram", "ISOSpeedRatings", "Da
 KEPT_KEYS = frozenset([f"Exif.Image.{name}" for name in _IFD0] + [f"Exif.Photo.{name}" for name in _PHOTO])
 GPS_GROUP = "GPSInfo"
 ORIENTATION_KEY = "Exif.Image.Orientation"
+LENS_KEY = "Exif.Photo.LensModel"
 
 
 @dataclass(frozen=True)
@@ -82,16 +83,16 @@ class _Collect(logging.Handler):
 
 @contextmanager
 def _exiv2_messages() -> Iterator[list[str]]:
-    """Collect libexiv2's warnings and errors instead of letting them reach stderr."""
+    """Collect libexiv2's warnings and errors instead of letting them reach stderr (nor an enclosing collector)."""
     logger = logging.getLogger("exiv2")
     collect = _Collect()
-    propagate = logger.propagate
-    logger.addHandler(collect)
+    propagate, handlers = logger.propagate, logger.handlers
+    logger.handlers = [collect]
     logger.propagate = False
     try:
         yield collect.messages
     finally:
-        logger.removeHandler(collect)
+        logger.handlers = handlers
         logger.propagate = propagate
 
 
@@ -137,6 +138,24 @@ def _decode_exif(block: bytes) -> exiv2.ExifData:
     return data
 
 
+def _maker_note_lens(source: exiv2.ExifData) -> str | None:
+    """The lens a maker note names, by libexiv2's lens tables (e.g. "Nikon AF-S Nikkor 50mm f/1.8G"), or None.
+
+    Native raws (NEF, CR2, PEF, ARW, ...) often name the lens only there; DNG converters copy it into the DNG's
+    LensModel, and so does rcam. Lens specifications ("24-70mm F4") and unknown lens ids ("(251)") are no names.
+    """
+    # python-exiv2 returns None (not end()) when no lens field is there.
+    lens = exiv2.lensName(source)
+    if lens is None or lens.key().startswith("Exif.Photo.") or lens.key() == "Exif.Nikon3.Lens":
+        return None
+    with _exiv2_messages() as messages:  # a maker note libexiv2 cannot print from costs the lens, not the EXIF
+        try:
+            name = lens.print(source).strip().rstrip("\x00").strip()
+        except exiv2.Exiv2Error:
+            return None
+    return name if not messages and re.search("[A-Za-z]", name) and not name.startswith("(") and len(name) <= MAX_FIELD else None
+
+
 def _select(source: exiv2.ExifData, gps: bool, warn: Callable[[str], None]) -> exiv2.ExifData:
     """The capture fields of a raw file's EXIF, as JPEG readers expect them."""
     found = {datum.key(): datum for datum in source}
@@ -153,6 +172,8 @@ def _select(source: exiv2.ExifData, gps: bool, warn: Callable[[str], None]) -> e
             warn(f"EXIF field {key} is {datum.size()} bytes (at most {MAX_FIELD} kept)")
             continue
         kept.add(exiv2.ExifKey(target), datum.value())
+    if LENS_KEY not in found and (name := _maker_note_lens(source)):
+        kept[LENS_KEY] = name
     # A DNG without Make and Model still names its camera.
     unique = found.get("Exif.Image.UniqueCameraModel")
     if "Exif.Image.Make" not in found and "Exif.Image.Model" not in found and unique is not None and unique.size() <= MAX_FIELD:
@@ -330,7 +351,10 @@ def summary(metadata: Metadata) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     if metadata.exif:
         data = _decode_exif(metadata.exif)
-        camera = " ".join(v for v in (_text(data, "Exif.Image.Make"), _text(data, "Exif.Image.Model")) if v)
+        make, model = _text(data, "Exif.Image.Make"), _text(data, "Exif.Image.Model")
+        # Most makers repeat their name in the model ("NIKON CORPORATION" + "NIKON Z 6", "Canon" + "Canon EOS R").
+        repeated = make and model and model.casefold().startswith(make.split()[0].casefold())
+        camera = model if repeated else " ".join(v for v in (make, model) if v)
         lens = _text(data, "Exif.Photo.LensModel") or _text(data, "Exif.Photo.LensSpecification")
         exposure = ", ".join(
             f"{label}{value}" for label, value in (
