@@ -69,6 +69,7 @@ force_option = click.option("--force", is_flag=True, help="Overwrite existing ou
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
 jobs_option = click.option("--jobs", "-j", type=click.IntRange(1, 256), default=1, show_default=True, help="Worker processes, each coding one file at a time with its own copy of the model (--threads is then per worker); the outputs do not depend on it.")
 recursive_option = click.option("--recursive", "-r", is_flag=True, help="Take the files in a folder's subfolders too; with --out-dir the subfolders are mirrored there.")
+cluster_option = click.option("--cluster", metavar="ADDRESS", default=None, help="Run the files on the workers of the Dask scheduler at ADDRESS (tcp://host:8786) instead of here; needs pip install 'rcam[cluster]', and every worker needs rcam, the model's weights and the files under the same paths.")
 skip_existing_option = click.option("--skip-existing", is_flag=True, help="Skip inputs whose output exists (an interrupted batch resumes where it stopped).")
 
 
@@ -78,13 +79,30 @@ def _setup(device: str, threads: int | None):
     return resolve_device(device)
 
 
+def on_cluster(address: str, model_name: str, device: str, threads: int | None, quiet: bool):
+    """run_batch's runner for the Dask cluster at `address`; RcamError when the cluster extra is not installed."""
+    try:
+        from rcam.cluster import run_on_cluster
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in ("dask", "distributed"):
+            raise
+        raise RcamError("--cluster needs Dask distributed, an optional extra: pip install 'rcam[cluster]'") from None
+    resolve_weights(model_name)  # a missing model is found here, once, before any file goes out
+    return functools.partial(run_on_cluster, address, model_name, device, threads, quiet)
+
+
 def run_files(
     items, suffix: str, work, verb: str, *, output, out_dir, force, skip_existing, recursive, model_name, device, threads,
-    jobs, quiet,
+    jobs, quiet, cluster=None,
 ) -> None:  # fmt: skip
-    """The shared part of encode and decode: plan the outputs, load the model here or in `jobs` workers, run."""
+    """The shared part of encode and decode: plan the outputs, load the model here, in `jobs` workers or on the
+    `cluster`'s workers, run."""
     if skip_existing and force:
         raise RcamError("--skip-existing keeps existing outputs, --force overwrites them: give one")
+    if cluster and jobs > 1:
+        raise RcamError("--jobs starts workers on this machine, --cluster uses the cluster's: give one")
+    # The extra's absence is a usage error found before anything is planned.
+    distribute = on_cluster(cluster, model_name, device, threads, quiet) if cluster else None
     check_out_dir(out_dir)
     many = len(items) > 1
     plan, skipped = plan_outputs(
@@ -93,13 +111,14 @@ def run_files(
     codec, pool_setup = None, None
     # Workers for a single file to do would only add their start-up: code it here.
     jobs = min(jobs, max(1, sum(not isinstance(target, RcamError) for _, target in plan)))
-    if jobs == 1:
+    # With --cluster its workers load the model and resolve the device (this machine may have no GPU where they do).
+    if not distribute and jobs == 1:
         codec = load_codec(model_name, _setup(device, threads))
-    else:  # the workers load the model; its errors are found here first, once
+    elif not distribute:  # the workers load the model; its errors are found here first, once
         resolve_weights(model_name)
         resolve_device(device)
         pool_setup = (model_name, device, worker_threads(jobs, threads))
-    run_batch(plan, work, codec, quiet, Summary(verb, len(items), skipped=skipped), jobs, pool_setup)
+    run_batch(plan, work, codec, quiet, Summary(verb, len(items), skipped=skipped), jobs, pool_setup, distribute)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -127,13 +146,14 @@ def cli() -> None:
 @device_option
 @threads_option
 @jobs_option
+@cluster_option
 @recursive_option
 @force_option
 @skip_existing_option
 @quiet_option
 def encode(
     inputs, output, out_dir, lam, bpp, size_text, strip_metadata, strip_gps, strict_metadata, model_name, tile, overlap,
-    tile_batch, tone_fit, look, device, threads, jobs, recursive, force, skip_existing, quiet,
+    tile_batch, tone_fit, look, device, threads, jobs, cluster, recursive, force, skip_existing, quiet,
 ) -> None:  # fmt: skip
     """Encode RAW files (or folders of them) into .rcb bitstreams, with their capture metadata."""
     if sum(option is not None for option in (lam, bpp, size_text)) > 1:
@@ -148,7 +168,7 @@ def encode(
     run_files(
         expand_inputs(inputs, RAW_SUFFIXES, recursive), ".rcb", functools.partial(encode_one, settings), "encoded",
         output=output, out_dir=out_dir, force=force, skip_existing=skip_existing, recursive=recursive,
-        model_name=model_name, device=device, threads=threads, jobs=jobs, quiet=quiet,
+        model_name=model_name, device=device, threads=threads, jobs=jobs, quiet=quiet, cluster=cluster,
     )  # fmt: skip
 
 
@@ -164,19 +184,20 @@ def encode(
 @device_option
 @threads_option
 @jobs_option
+@cluster_option
 @recursive_option
 @force_option
 @skip_existing_option
 @quiet_option
 def decode(
-    inputs, output, out_dir, image_format, bits, quality, strip_metadata, model_name, device, threads, jobs, recursive, force,
-    skip_existing, quiet,
+    inputs, output, out_dir, image_format, bits, quality, strip_metadata, model_name, device, threads, jobs, cluster, recursive,
+    force, skip_existing, quiet,
 ) -> None:  # fmt: skip
     """Decode .rcb bitstreams into sRGB images with an embedded sRGB profile and the capture metadata."""
     run_files(
         expand_inputs(inputs, {".rcb"}, recursive), f".{image_format}", functools.partial(decode_one, DecodeSettings(int(bits), quality, strip_metadata)),
         "decoded", output=output, out_dir=out_dir, force=force, skip_existing=skip_existing, recursive=recursive,
-        model_name=model_name, device=device, threads=threads, jobs=jobs, quiet=quiet,
+        model_name=model_name, device=device, threads=threads, jobs=jobs, quiet=quiet, cluster=cluster,
     )  # fmt: skip
 
 

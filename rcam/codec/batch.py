@@ -291,13 +291,14 @@ def _tile_bar(label: str):
 
 def run_batch(
     plan: list[tuple[Path, Path | RcamError | None]], work: Callable, codec: Codec | None, quiet: bool,
-    summary: Summary | None = None, jobs: int = 1, pool_setup: tuple | None = None,
+    summary: Summary | None = None, jobs: int = 1, pool_setup: tuple | None = None, distribute: Callable | None = None,
 ) -> None:  # fmt: skip
     """Run `work` (attempt's signature) on every planned input, printing each one's line, a bar over files on a
     terminal and the summary; report failures at the end (BatchFailed: exit 2, or 1 if internal).
 
     jobs 1 runs in this process with `codec`; more runs that many worker processes, each loading its own codec
-    from `pool_setup` (model name, device, threads per worker)."""
+    from `pool_setup` (model name, device, threads per worker). `distribute(todo, work, finish)` runs the files
+    elsewhere instead (rcam.cluster)."""
     start = time.perf_counter()
     failed: list[str] = []
     internal = False
@@ -330,7 +331,9 @@ def run_batch(
                 finish(source, target)
             else:
                 todo.append((source, target))
-        if jobs == 1:
+        if distribute:
+            distribute(todo, work, finish)
+        elif jobs == 1:
             for source, target in todo:
                 try:
                     with _tile_bar(source.name if codec else "") as tiles:
