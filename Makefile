@@ -9,7 +9,8 @@ $(BIN)/rcam: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: this exact version installs from the local wheel cache on the project machines.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test]'
+	# the cluster extra too: tests/test_cluster.py starts a local Dask cluster.
+	$(BIN)/pip install -q -e '.[test,cluster]'
 	touch $(BIN)/rcam
 
 setup: $(BIN)/rcam
