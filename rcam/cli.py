@@ -82,7 +82,7 @@ def _setup(device: str, threads: int | None):
 def on_cluster(address: str, model_name: str, device: str, threads: int | None, quiet: bool):
     """run_batch's runner for the Dask cluster at `address`; RcamError when the cluster extra is not installed."""
     try:
-        from rcam.cluster import run_on_cluster
+        from rcam.codec.cluster import run_on_cluster
     except ModuleNotFoundError as error:
         if (error.name or "").split(".")[0] not in ("dask", "distributed"):
             raise

@@ -93,7 +93,7 @@ def test_cluster_usage_errors(run, tmp_path, tree, tiny_model_path, monkeypatch)
     assert list(tree.rglob("*.rcb")) == []
     # Without the extra installed (Dask made unimportable): the command says how to get it.
     monkeypatch.setitem(sys.modules, "distributed", None)
-    monkeypatch.delitem(sys.modules, "rcam.cluster", raising=False)
+    monkeypatch.delitem(sys.modules, "rcam.codec.cluster", raising=False)
     status, _, err = run("encode", tree, "--cluster", "tcp://127.0.0.1:8786", *model)
     assert status == 2
     assert error_lines(err) == ["rcam: error: --cluster needs Dask distributed, an optional extra: pip install 'rcam[cluster]'"]

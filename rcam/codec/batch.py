@@ -298,7 +298,7 @@ def run_batch(
 
     jobs 1 runs in this process with `codec`; more runs that many worker processes, each loading its own codec
     from `pool_setup` (model name, device, threads per worker). `distribute(todo, work, finish)` runs the files
-    elsewhere instead (rcam.cluster)."""
+    elsewhere instead (rcam.codec.cluster)."""
     start = time.perf_counter()
     failed: list[str] = []
     internal = False

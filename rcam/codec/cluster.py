@@ -1,5 +1,6 @@
-"""Many inputs on a Dask cluster (`rcam encode/decode --cluster ADDRESS`): rcam.batch's per-file work run by the
-cluster's workers instead of local worker processes; planning, skipping, the summary and failures stay rcam.batch's.
+"""Many inputs on a Dask cluster (`rcam encode/decode --cluster ADDRESS`): rcam.codec.batch's per-file work run
+by the cluster's workers instead of local worker processes; planning, skipping, the summary and the failures
+stay rcam.codec.batch's.
 
 Each worker loads the model once, itself, from its own weights/ (or the .safetensors path given), through a
 worker plugin, so no task carries tensors; a worker whose weights differ from this machine's (digest) codes
@@ -20,10 +21,10 @@ import click
 import torch
 from distributed import Client, WorkerPlugin, as_completed, get_worker
 
-from rcam.batch import Done, InternalFailure, attempt, worker_threads
+from rcam.codec.batch import Done, InternalFailure, attempt, worker_threads
+from rcam.codec.zoo import Codec, file_digest, load_codec, resolve_weights
 from rcam.errors import RcamError
-from rcam.train import resolve_device
-from rcam.zoo import Codec, file_digest, load_codec, resolve_weights
+from rcam.training.train import resolve_device
 
 # Tasks on the scheduler at once: far more than any cluster's threads, yet a million-file archive is never a
 # million tasks held by the scheduler (each costs it memory); the next file is submitted as one finishes.
@@ -104,7 +105,7 @@ def run_on_cluster(
     address: str, model_name: str, device: str, threads: int | None, quiet: bool,
     todo: list[tuple[Path, Path]], work: Callable, finish: Callable,
 ) -> None:  # fmt: skip
-    """rcam.batch.run_batch's runner for a cluster: work(codec, source, target) for every (source, target) of `todo`
+    """rcam.codec.batch.run_batch's runner for a cluster: work(codec, source, target) for every (source, target) of `todo`
     on the workers of the scheduler at `address`, calling finish(source, Done or error) as each file completes.
 
     Ctrl-C cancels the files not started; those in hand finish (whole) on their workers."""
