@@ -35,6 +35,8 @@ from rcam.codec.metadata import Metadata, summary
 from rcam.codec.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 from rcam.codec.tone import describe_tone
 from rcam.codec.zoo import DEFAULT_MODEL, load_codec, resolve_weights
+from rcam.comparators import END_TO_END
+from rcam.comparators.baselines import BASELINES
 from rcam.errors import RcamError
 from rcam.training.train import resolve_device
 
@@ -311,7 +313,11 @@ def export(checkpoint, name, half, weights_dir) -> None:
 @click.argument("inputs", type=click.Path(exists=True))
 @click.option("--protocol", type=click.Choice(["R", "S"]), default="R", show_default=True, help="R: folder of RAW files; S: folder of photos made into synthetic DNGs with clean twins.")
 @click.option("--lambdas", default="0.005,0.01,0.025,0.1", show_default=True, help="Comma-separated λ values for rcam.")
-@click.option("--baselines", default="jpeg,webp,jpegxl,avif", show_default=True, help="Comma-separated cascades to compare with.")
+@click.option(
+    "--baselines", default="jpeg,webp,jpegxl,avif", show_default=True,
+    help=f"Comma-separated comparators: the cascades {', '.join(BASELINES)} (reference render, then that codec) and the "
+    f"end-to-end learned codecs {', '.join(END_TO_END)} (trained weights in weights/; clean look, protocol S).",
+)  # fmt: skip
 @click.option("--out-dir", type=click.Path(file_okay=False), default="out/eval", show_default=True, help="Where results.json, CSVs and rd.png go.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N images.")
 @click.option("--speed/--no-speed", default=True, show_default=True, help="Also time whole encode/decode commands and the cascade.")
@@ -335,6 +341,8 @@ def evaluate(inputs, protocol, lambdas, baselines, out_dir, limit, speed, held_o
     codec = load_codec(model_name, _setup(device, threads))
     if look == "auto":
         look = "faithful" if protocol == "R" and "faithful" in codec.model.config.looks else "clean"
+    names = [b.strip() for b in baselines.split(",") if b.strip()]
+    end_to_end = [_end_to_end_comparator(name.lower(), codec.device, look) for name in names if name.lower() in END_TO_END]
     # The λ sweep of one file fits its tone to one render.
     render = functools.lru_cache(maxsize=1)(functools.partial(tone_reference, codec, look=look))
 
@@ -347,12 +355,53 @@ def evaluate(inputs, protocol, lambdas, baselines, out_dir, limit, speed, held_o
         extra += ["--threads", str(threads)]
     timer = make_command_timer([str(Path(sys.executable).parent / "rcam")], extra) if speed else None
     results = run_eval(
-        Path(inputs), protocol, lambda_values, [b.strip() for b in baselines.split(",") if b.strip()], Path(out_dir),
-        run_codec, timer, limit=limit, speed=speed, numthreads=threads,
+        Path(inputs), protocol, lambda_values, [name for name in names if name.lower() not in END_TO_END], Path(out_dir),
+        run_codec, timer, limit=limit, speed=speed, numthreads=threads, end_to_end=end_to_end,
         make_pair=functools.partial(make_pair, held_out=True) if held_out else None,
         setup={"model": codec.name, "weights": codec.digest.hex(), "device": str(codec.device), "look": look, "held_out_families": held_out},
     )  # fmt: skip
     print_table(results)
+
+
+def _end_to_end_comparator(name: str, device: torch.device, look: str):
+    """The end-to-end comparator `name` (one of rcam.comparators.END_TO_END), loaded for rcam.evaluate."""
+    from rcam.comparators import rawtobit
+
+    return {"rawtobit": rawtobit.evaluation_comparator}[name](device, look)
+
+
+@cli.command("train-comparator")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--steps", type=click.IntRange(1), default=None, help="Override the config's total steps.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Override the config's device.")
+def train_comparator(config, steps, device) -> None:
+    """Train (or resume) one stage of a seed-paper comparator (RAWtoBit) from a JSON config; Ctrl-C saves and stops."""
+    import json
+
+    from rcam.comparators import rawtobit
+
+    try:
+        comparator = json.loads(Path(config).read_text()).get("comparator")
+    except (OSError, ValueError, AttributeError) as error:
+        raise RcamError(f"{config}: not a valid comparator training config ({error})") from None
+    if comparator != rawtobit.FAMILY:
+        raise RcamError(f"{config}: unknown comparator {comparator!r} (the config's \"comparator\" field; known: {rawtobit.FAMILY})")
+    checkpoint, finished = rawtobit.train_from_config(Path(config), steps, device)
+    click.echo(f"checkpoint: {checkpoint}")
+    if not finished:
+        raise click.exceptions.Abort()
+
+
+@cli.command("export-comparator")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--name", default="rawtobit-small", show_default=True, help="Model name in weights/manifest.json.")
+@click.option("--half", is_flag=True, help="Store fp16 tensors (half the size).")
+@click.option("--weights-dir", type=click.Path(file_okay=False), default=None, help="Folder for the weights and manifest (default: the shipped weights/).")
+def export_comparator(checkpoint, name, half, weights_dir) -> None:
+    """Turn a comparator's final training checkpoint (RAWtoBit's rbn stage) into weights (safetensors + manifest entry)."""
+    from rcam.comparators import rawtobit
+
+    click.echo(f"weights: {rawtobit.export_rbn(Path(checkpoint), name, Path(weights_dir) if weights_dir else None, half=half)}")
 
 
 def main() -> None:

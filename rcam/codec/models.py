@@ -110,6 +110,35 @@ class GainUnits(nn.Module):
         return gain.exp()[:, :, None, None], inverse.exp()[:, :, None, None]
 
 
+def hyper_transforms(latent_channels: int, hyper_channels: int) -> tuple[nn.Sequential, nn.Sequential]:
+    """Mean-scale hyperprior transforms (Minnen et al. 2018): y (B,M,h,w) -> z (B,Nh,h/4,w/4), and ẑ -> means and
+    scales of y (B,2M,h,w). Shared by every codec rcam.entropy codes (RealCamNet, the RAWtoBit comparator)."""
+    m, nh = latent_channels, hyper_channels
+    analysis = nn.Sequential(
+        conv(m, nh, 3), nn.ReLU(inplace=True), conv(nh, nh, 5, 2), nn.ReLU(inplace=True), conv(nh, nh, 5, 2)
+    )
+    # Only conv/deconv and ReLU here: this network is re-run in exact integer arithmetic (entropy.py).
+    synthesis = nn.Sequential(
+        deconv(nh, nh), nn.ReLU(inplace=True), deconv(nh, nh * 3 // 2), nn.ReLU(inplace=True), conv(nh * 3 // 2, 2 * m, 3)
+    )
+    return analysis, synthesis
+
+
+def quantise_latent(model: nn.Module, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Training path of the hyperprior of `model` (hyper_analysis, entropy_bottleneck, hyper_synthesis,
+    gaussian_conditional): gained y (B,M,h,w) -> (ŷ, rounded around its mean, straight-through; likelihoods of y and z).
+
+    Rate terms use additive noise while training; the decoder sees rounded ŷ, as at inference."""
+    z = model.hyper_analysis(y)
+    z_hat, z_likelihoods = model.entropy_bottleneck(z, training=model.training)
+    if model.training:
+        z_hat = z + (torch.round(z) - z).detach()
+    means, scales = model.hyper_synthesis(z_hat).chunk(2, dim=1)
+    _, y_likelihoods = model.gaussian_conditional(y, scales, means=means, training=model.training)
+    y_hat = torch.round(y - means) + means
+    return y + (y_hat - y).detach(), {"y": y_likelihoods, "z": z_likelihoods}
+
+
 def _per_look(groups: torch.Tensor, look: torch.Tensor) -> torch.Tensor:
     """(B, L·C, h, w) outputs, one group of C channels per look, and look (B,) -> each sample's group (B, C, h, w)."""
     batch, channels, height, width = groups.shape
@@ -142,13 +171,7 @@ class RealCamNet(nn.Module):
         self.gft = GFT(m, d)
         self.gains = GainUnits(m)
 
-        self.hyper_analysis = nn.Sequential(
-            conv(m, nh, 3), nn.ReLU(inplace=True), conv(nh, nh, 5, 2), nn.ReLU(inplace=True), conv(nh, nh, 5, 2)
-        )
-        # Only conv/deconv and ReLU here: this network is re-run in exact integer arithmetic (entropy.py).
-        self.hyper_synthesis = nn.Sequential(
-            deconv(nh, nh), nn.ReLU(inplace=True), deconv(nh, nh * 3 // 2), nn.ReLU(inplace=True), conv(nh * 3 // 2, 2 * m, 3)
-        )
+        self.hyper_analysis, self.hyper_synthesis = hyper_transforms(m, nh)
         self.entropy_bottleneck = EntropyBottleneck(nh)
         self.gaussian_conditional = GaussianConditional(None)
 
@@ -231,17 +254,9 @@ class RealCamNet(nn.Module):
     ) -> dict:  # fmt: skip
         """Training pass: rate terms by additive noise, the decoder sees rounded ŷ (straight-through)."""
         gain, inverse_gain = self.gains(lam)
-        y = self.analysis(x, coords, thumbnail, look) * gain
-        z = self.hyper_analysis(y)
-        z_hat, z_likelihoods = self.entropy_bottleneck(z, training=self.training)
-        if self.training:
-            z_hat = z + (torch.round(z) - z).detach()
-        means, scales = self.hyper_parameters(z_hat)
-        _, y_likelihoods = self.gaussian_conditional(y, scales, means=means, training=self.training)
-        y_hat = torch.round(y - means) + means
-        y_hat = y + (y_hat - y).detach()
+        y_hat, likelihoods = quantise_latent(self, self.analysis(x, coords, thumbnail, look) * gain)
         rgb, planes = self.synthesis_parts(y_hat * inverse_gain, development, look)
-        return {"rgb": rgb, "planes": planes, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
+        return {"rgb": rgb, "planes": planes, "likelihoods": likelihoods}
 
 
 def build_model(config: ModelConfig | str) -> RealCamNet:

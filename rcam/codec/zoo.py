@@ -46,21 +46,26 @@ def file_digest(path: Path) -> bytes:
     return sha.digest()
 
 
-def save_checkpoint(model: RealCamNet, path: Path, half: bool = False, total_steps: int | None = None) -> Path:
-    """Write weights + z tables + config (+ training steps) as safetensors (fp16 tensors when `half`)."""
+def save_checkpoint(
+    model: RealCamNet, path: Path, half: bool = False, total_steps: int | None = None, family: str | None = None
+) -> Path:  # fmt: skip
+    """Write weights + z tables + config (+ training steps) as safetensors (fp16 tensors when `half`).
+
+    `family` marks weights of another network coded the same way (a comparator, e.g. "rawtobit"); its class
+    must be built from its config alone, as RealCamNet is."""
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     if half:
         state = {key: value.half() if value.is_floating_point() else value for key, value in state.items()}
     # The tables come from the weights as they will be loaded, so fp16 rounding is included.
-    reloaded = RealCamNet(model.config)
-    reloaded.load_state_dict(_as_float32(state), strict=True)
+    reloaded = type(model)(model.config)
+    reloaded.load_state_dict(as_float32(state), strict=True)
     state[Z_TABLE_KEY] = torch.from_numpy(z_tables(reloaded.entropy_bottleneck))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     # One metadata key: safetensors writes several in a random order (safetensors issue #584), and exporting
     # the same weights again must give the same file digest, or .rcb files made with them stop decoding.
-    info = {"config": model.config.to_dict(), "total_steps": total_steps}
+    info = {"config": model.config.to_dict(), "total_steps": total_steps} | ({"family": family} if family else {})
     save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(info, sort_keys=True)})
     tmp.replace(path)
     return path
@@ -99,7 +104,7 @@ def codec_from_model(model: RealCamNet, name: str = "in-training", device: str |
     return Codec(name=name, digest=bytes(16), model=model, coder=coder, device=torch.device(device))
 
 
-def _open_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def open_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A .safetensors file -> (all its tensors as stored, its metadata); unreadable files raise RcamError."""
     try:
         tensors = load_file(str(path))
@@ -117,13 +122,15 @@ def _file_info(path: Path, metadata: dict[str, str]) -> tuple[ModelConfig, int |
             info = json.loads(metadata[METADATA_KEY])
         else:
             info = {"config": json.loads(metadata["config"]), "total_steps": metadata.get("total_steps")}
+        if info.get("family", "rcam") != "rcam":
+            raise RcamError(f"{path}: weights of the {info['family']} comparator, not an rcam model (rcam eval --baselines measures it)")
         steps = info.get("total_steps")
         return ModelConfig(**info["config"]), None if steps is None else int(steps)
     except (KeyError, TypeError, ValueError, AttributeError) as error:  # JSONDecodeError is a ValueError
         raise RcamError(f"{path}: not a valid rcam weights file (no usable model config: {error})") from None
 
 
-def _as_float32(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def as_float32(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """fp16 weights (shipped files may be half precision) -> float32; integer tensors unchanged."""
     return {key: value.float() if value.is_floating_point() else value for key, value in tensors.items()}
 
@@ -131,7 +138,7 @@ def _as_float32(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], int]:
     """A .safetensors weights file -> (float32 model tensors without the coding tables, training steps behind them)."""
     path = Path(path)
-    tensors, metadata = _open_weights(path)
+    tensors, metadata = open_weights(path)
     tensors.pop(Z_TABLE_KEY, None)
     _, steps = _file_info(path, metadata)
     if steps is None:  # files exported before the steps were stored: the manifest entry with the same digest
@@ -140,18 +147,18 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], int]:
             if entry.get("sha256") == digest:
                 training = entry.get("training", {})
                 steps = training.get("total_steps", training.get("steps"))
-    return _as_float32(tensors), int(steps or 0)
+    return as_float32(tensors), int(steps or 0)
 
 
 def load_codec(name_or_path: str | None = None, device: str | torch.device = "cpu", weights_dir: Path = WEIGHTS_DIR) -> Codec:
     """Load a shipped model (by manifest name) or a .safetensors file into a ready-to-use Codec."""
     name, path = resolve_weights(name_or_path, weights_dir)
-    tensors, metadata = _open_weights(path)
+    tensors, metadata = open_weights(path)
     config, _ = _file_info(path, metadata)
     z_table = tensors.pop(Z_TABLE_KEY, None)
     model = RealCamNet(config)
     try:
-        model.load_state_dict(_as_float32(tensors))
+        model.load_state_dict(as_float32(tensors))
     except RuntimeError as error:
         raise RcamError(f"{path}: weights do not fit model config '{config.name}' ({str(error).splitlines()[0]})") from None
     model.eval()

@@ -75,6 +75,17 @@ NOTES = (
 )
 
 
+@dataclass(frozen=True)
+class EndToEndCodec:
+    """A learned RAW-to-bitstream comparator (e.g. RAWtoBit) measured as rcam is: codec(raw_path, λ) at each λ on the
+    same RAW file, its bpp from its whole file. `note` goes into the run's notes."""
+
+    name: str
+    label: str
+    codec: Codec
+    note: str = ""
+
+
 @dataclass
 class _Item:
     """One image of the set, prepared for measuring."""
@@ -223,8 +234,9 @@ def _prepare_items(
             yield _Item(name, path, Path(degraded), Path(degraded), reference, cascade_image)
 
 
-def _measure_rcam(item: _Item, lambdas: Sequence[float], codec: Codec, progress) -> list[dict]:
-    """rcam's operating points on one image: bytes, bpp, metrics and in-process seconds per λ."""
+def _measure_rcam(item: _Item, lambdas: Sequence[float], codec: Codec, progress, name: str = "rcam") -> list[dict]:
+    """rcam's (or the end-to-end comparator `name`'s) operating points on one image: bytes, bpp, metrics and
+    in-process seconds per λ."""
     pixels = item.reference.shape[0] * item.reference.shape[1]
     rows = []
     for lam in lambdas:
@@ -233,7 +245,7 @@ def _measure_rcam(item: _Item, lambdas: Sequence[float], codec: Codec, progress)
         seconds = time.perf_counter() - start
         decoded = _check_decoded(decoded, item.reference, item.name, lam)
         rows.append({
-            "image": item.name, "codec": "rcam", "param": float(lam), "num_bytes": int(num_bytes),
+            "image": item.name, "codec": name, "param": float(lam), "num_bytes": int(num_bytes),
             "bpp": bits_per_pixel(int(num_bytes), pixels), **all_metrics(item.reference, decoded),
             "seconds": seconds,
         })
@@ -491,12 +503,15 @@ def _bd_rows(bd: dict) -> list[dict]:
     return rows
 
 
-def _codec_label(codec: str) -> str:
-    return "rcam" if codec == "rcam" else baselines_module.get_baseline(codec).label
+def _codec_label(codec: str, labels: dict[str, str] | None = None) -> str:
+    if codec == "rcam":
+        return "rcam"
+    return (labels or {}).get(codec) or baselines_module.get_baseline(codec).label
 
 
-def plot_curves(curves: dict[str, list[dict]], path: Path, title: str) -> None:
-    """RD plot PNG: PSNR, MS-SSIM dB and ΔE00 against bpp (log axis) for every codec's averaged curve."""
+def plot_curves(curves: dict[str, list[dict]], path: Path, title: str, labels: dict[str, str] | None = None) -> None:
+    """RD plot PNG: PSNR, MS-SSIM dB and ΔE00 against bpp (log axis) for every codec's averaged curve
+    (`labels`: legend names of codecs that are not cascades, e.g. the end-to-end comparators)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -509,7 +524,7 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str) -> None:
             bpp = [point["bpp"] for point in curve]
             values = [point[metric] for point in curve]
             style = {"linewidth": 2.5, "marker": "o", "color": "black"} if codec == "rcam" else {"marker": "."}
-            axis.plot(bpp, values, label=_codec_label(codec), **style)
+            axis.plot(bpp, values, label=_codec_label(codec, labels), **style)
         axis.set_xscale("log")
         # Plain numbers at 1-2-5 steps: the default log ticks leave a 0.1-3 bpp range nearly unlabelled.
         axis.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -563,7 +578,7 @@ def format_table(results: dict) -> str:
     ]
     for codec, curve in results["curves"].items():
         for point in curve:
-            param = f"λ={point['param']:g}" if codec == "rcam" else f"q={point['param']:g}"
+            param = f"λ={point['param']:g}" if codec == "rcam" or codec in setup.get("end_to_end", {}) else f"q={point['param']:g}"
             lines.append(
                 f"{codec:<8} {param:>9} {_fmt(point['bpp'], '.3f')} {_fmt(point['psnr'])} "
                 f"{_fmt(point['ms_ssim_db'])} {_fmt(point['ciede2000'], '.3f')}"
@@ -640,6 +655,7 @@ def run_eval(
     numthreads: int | None = None,
     progress: bool = True,
     setup: dict | None = None,
+    end_to_end: Sequence[EndToEndCodec] = (),
 ) -> dict:
     """Measure rcam (at each λ) and the cascades (each baseline's quality sweep) on a set of images.
 
@@ -651,6 +667,7 @@ def run_eval(
     (default rcam.training.synth.make_pair). qualities overrides a baseline's sweep. Baseline results are cached
     under cache_dir (default out_dir/cache). Writes results.json, points.csv, curves.csv, bd.csv, speed.csv
     and rd.png to out_dir and returns the results dict (also what results.json holds).
+    end_to_end: learned RAW-to-bitstream comparators, measured at each λ like rcam and compared like the baselines.
     """
     protocol = protocol.upper()
     if protocol not in PROTOCOLS:
@@ -662,6 +679,7 @@ def run_eval(
         raise RcamError(f"λ values must be positive numbers; got {lambdas}")
     # Canonical names, duplicates dropped, order kept.
     baseline_names = list(dict.fromkeys(baselines_module.get_baseline(name).name for name in baselines))
+    end_to_end = list({comparator.name: comparator for comparator in end_to_end}.values())
     sweeps = {name: list(baselines_module.get_baseline(name).qualities) for name in baseline_names}
     for name, values in (qualities or {}).items():
         name = baselines_module.get_baseline(name).name
@@ -688,7 +706,7 @@ def run_eval(
     images: list[dict] = []
     speed_rows: list[dict] = []
     cache_hits = 0
-    steps_per_image = len(lambdas) + len(baseline_names) + (1 if speed else 0)
+    steps_per_image = len(lambdas) * (1 + len(end_to_end)) + len(baseline_names) + (1 if speed else 0)
     with tqdm(total=len(files) * steps_per_image, desc="rcam eval", unit="step", disable=not progress) as bar:
         items = _prepare_items(files, names, protocol, render, make_pair, out_dir, seed)
         for item in items:
@@ -698,6 +716,8 @@ def run_eval(
             images.append({"image": item.name, "source": str(item.source), "codec_input": str(item.codec_input),
                            "width": width, "height": height, "input_sha256": input_digest})
             points += _measure_rcam(item, lambdas, codec, bar)
+            for comparator in end_to_end:
+                points += _measure_rcam(item, lambdas, comparator.codec, bar, comparator.name)
             for name in baseline_names:
                 rows, hits = _measure_baseline(item, name, sweeps[name], cache, input_digest, numthreads)
                 points += rows
@@ -711,7 +731,8 @@ def run_eval(
     results = {
         "setup": {
             "protocol": protocol, "inputs": str(inputs), "images": len(images), "lambdas": lambdas,
-            "baselines": baseline_names, "qualities": sweeps,
+            "baselines": baseline_names + [comparator.name for comparator in end_to_end], "qualities": sweeps,
+            "end_to_end": {comparator.name: comparator.label for comparator in end_to_end},
             "baseline_settings": {name: baselines_module.get_baseline(name).settings for name in baseline_names},
             "libraries": baselines_module.library_versions(), "seed": seed, "metrics": list(METRICS),
             "bd_method": "pchip", "baseline_cache_hits": cache_hits, **(setup or {}),
@@ -719,10 +740,11 @@ def run_eval(
         "images": images,
         "points": points,
         "curves": curves,
-        "bd": bd_tables(points, curves, baseline_names),
+        "bd": bd_tables(points, curves, baseline_names + [comparator.name for comparator in end_to_end]),
         "speed": _speed_summary(speed_rows, points, speed_lambda) if speed else None,
         "notes": list(NOTES) + ([] if command_timer or not speed else
-                                ["Whole-command rcam encode/decode timing was not run (no command timer given)."]),
+                                ["Whole-command rcam encode/decode timing was not run (no command timer given)."])
+        + [comparator.note for comparator in end_to_end if comparator.note],
     }
     results["outputs"] = _write_outputs(results, out_dir)
     return results
@@ -747,7 +769,7 @@ def _write_outputs(results: dict, out_dir: Path) -> dict[str, str]:
         _atomic_write_text(paths["speed_csv"], _csv_text(results["speed"]["per_image"], speed_fields))
     setup = results["setup"]
     title = f"rcam vs cascades, protocol {setup['protocol']}, {setup['images']} image(s)"
-    plot_curves(results["curves"], paths["plot"], title)
+    plot_curves(results["curves"], paths["plot"], title, setup.get("end_to_end"))
     outputs = {kind: str(path) for kind, path in paths.items()}
     # results.json last, so it lists every file and its presence means the run finished.
     text = json.dumps(_json_safe({**results, "outputs": outputs}), indent=1, ensure_ascii=False)
