@@ -180,6 +180,14 @@ def test_export_records_every_stage_and_loads_offline_as_a_rawtobit_codec(export
         load_codec(exported)
 
 
+def test_a_file_decodes_the_same_with_another_load_of_the_same_weights(exported, make_dng):
+    encoder = rawtobit.load_rawtobit(str(exported))
+    decoder = rawtobit.load_rawtobit("rawtobit-small", weights_dir=exported.parent)
+    data = rawtobit.encode_file(encoder, make_dng("scene.dng", 64, 96, seed=3), 0.01).data
+    assert container.read(data)[0].model_name == "rawtobit-small"
+    assert np.array_equal(rawtobit.decode_bytes(decoder, data), rawtobit.decode_bytes(encoder, data))
+
+
 def test_missing_weights_and_the_faithful_look_are_clear_errors(tmp_path, tiny_model_path):
     with pytest.raises(RcamError, match="train-comparator"):
         rawtobit.load_rawtobit("rawtobit-small", weights_dir=tmp_path)

@@ -51,9 +51,19 @@ from compressai.layers import GDN
 from torch import nn
 from tqdm import tqdm
 
+from rcam import codec as engine
+from rcam import zoo
+from rcam.entropy import IntegerHyperSynthesis, LatentCoder
 from rcam.errors import RcamError
+from rcam.evaluate import EndToEndCodec
 from rcam.layers import conv, deconv
 from rcam.models import LAMBDA_RANGE, GainUnits, hyper_transforms, parameter_count, quantise_latent
+from rcam.output import quantize
+from rcam.train import learning_rate, load_dataset, rd_loss, resolve_device, sample_batch, sample_lambdas
+from rcam.zoo import (
+    METADATA_KEY, Z_TABLE_KEY, Codec, as_float32, codec_from_model, file_digest, open_weights, resolve_weights,
+    save_checkpoint, write_manifest_entry,
+)  # fmt: skip
 
 FAMILY = "rawtobit"  # weights files and manifest entries of the RBN say so (rcam.zoo refuses them as rcam models)
 DEFAULT_WEIGHTS = "rawtobit-small"  # the manifest name `rcam eval --baselines rawtobit` loads
@@ -393,8 +403,6 @@ class _StageStep:
             )
 
     def __call__(self, batch: dict, lam: torch.Tensor, step: int) -> dict:
-        from rcam.train import rd_loss
-
         stage, model = self.config.stage, self.model
         if stage == "isp_teacher":  # the paper trains it with the L2 loss
             mse = ((model(batch["target"])["rgb"] - batch["target"]) ** 2).mean()
@@ -425,8 +433,6 @@ def train_stage(config: RawToBitTrainConfig, images: list | None = None) -> Path
 
     `images` (rcam.train.load_dataset's pairs) skips loading the dataset, as in rcam.train.train.
     """
-    from rcam.train import learning_rate, load_dataset, resolve_device, sample_batch, sample_lambdas
-
     if config.stage not in STAGES:
         raise RcamError(f"unknown RAWtoBit stage {config.stage!r}; choose from {', '.join(STAGES)}")
     torch.set_num_threads(config.threads)
@@ -540,9 +546,7 @@ def train_from_config(path: Path, steps: int | None = None, device: str | None =
 def export_rbn(checkpoint: Path, name: str = DEFAULT_WEIGHTS, weights_dir: Path | None = None, half: bool = False) -> Path:
     """The rbn stage's checkpoint -> weights/NAME.safetensors (the RBN only, with its z tables) and a manifest entry
     that records every stage's steps and parameters (the teachers' from the checkpoints the RBN was distilled from)."""
-    from rcam.zoo import WEIGHTS_DIR, file_digest, save_checkpoint, write_manifest_entry
-
-    weights_dir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    weights_dir = Path(weights_dir) if weights_dir is not None else zoo.WEIGHTS_DIR
     state = _load_checkpoint(Path(checkpoint))
     if state["stage"] != "rbn":
         raise RcamError(f"{checkpoint}: a {state['stage']} checkpoint; export the rbn stage's")
@@ -577,10 +581,7 @@ def _stage_summary(state: dict, path: Path) -> dict:
 def load_rawtobit(name_or_path: str = DEFAULT_WEIGHTS, device: str | torch.device = "cpu", weights_dir: Path | None = None):
     """Shipped RBN weights (manifest name or .safetensors path) -> an rcam.zoo.Codec that rcam.codec encodes and
     decodes like rcam's own model: same tiles, exact integer hyperprior, constriction range coder, .rcb container."""
-    from rcam.entropy import IntegerHyperSynthesis, LatentCoder
-    from rcam.zoo import METADATA_KEY, WEIGHTS_DIR, Z_TABLE_KEY, Codec, as_float32, file_digest, open_weights, resolve_weights
-
-    weights_dir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    weights_dir = Path(weights_dir) if weights_dir is not None else zoo.WEIGHTS_DIR  # read now: tests point it elsewhere
     try:
         name, path = resolve_weights(name_or_path, weights_dir)
     except RcamError as error:
@@ -612,29 +613,22 @@ def load_rawtobit(name_or_path: str = DEFAULT_WEIGHTS, device: str | torch.devic
 
 def codec_from_rbn(model: RBN, name: str = "rawtobit-in-training", device: str | torch.device = "cpu"):
     """An RBN in memory (tests, training) as an rcam.zoo.Codec; its digest is zero, as rcam.zoo.codec_from_model's."""
-    from rcam.zoo import codec_from_model
-
     return codec_from_model(model.eval(), name, device)
 
 
 def encode_file(codec, raw_path: Path, lam: float):
     """A RAW file -> rcam.codec.Encoded (.rcb bytes naming the RAWtoBit model), clean look, no tone field: the
     RBN's own output, nothing of rcam's encoder-side corrections."""
-    from rcam import codec as engine
-
     return engine.encode_file(codec, Path(raw_path), lam, tone_fit=False, look="clean")
 
 
 def decode_bytes(codec, data: bytes) -> np.ndarray:
     """.rcb bytes of a RAWtoBit file -> (H, W, 3) float32 sRGB in [0, 1], oriented (rcam.codec.decode_bytes)."""
-    from rcam import codec as engine
-
     return engine.decode_bytes(codec, data)
 
 
 def eval_codec(codec):
     """The callable rcam.evaluate measures: (raw_path, λ) -> (whole .rcb file bytes, decoded (H, W, 3) uint8)."""
-    from rcam.output import quantize
 
     def run(raw_path: Path, lam: float) -> tuple[int, np.ndarray]:
         data = encode_file(codec, raw_path, lam).data
@@ -645,8 +639,6 @@ def eval_codec(codec):
 
 def evaluation_comparator(device: str | torch.device = "cpu", look: str = "clean", weights: str = DEFAULT_WEIGHTS):
     """`rcam eval --baselines rawtobit`: the shipped RBN as an rcam.evaluate.EndToEndCodec (clean look only)."""
-    from rcam.evaluate import EndToEndCodec
-
     if look != "clean":
         raise RcamError(f"rawtobit renders the clean look only, this run measures {look!r}: use --protocol S (or --look clean)")
     codec = load_rawtobit(weights, device)
