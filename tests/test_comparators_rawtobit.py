@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from rcam import container
+from rcam.codec import container
 from rcam.comparators import rawtobit
 from rcam.demo import sample_scene
 from rcam.errors import RcamError
-from rcam.evaluate import EndToEndCodec, format_table, run_eval
-from rcam.zoo import load_codec, read_manifest
+from rcam.measure.evaluate import EndToEndCodec, format_table, run_eval
+from rcam.codec.zoo import load_codec, read_manifest
 
 TINY = {
     "encoder_channels": 8, "latent_channels": 8, "hyper_channels": 8, "decoder_channels": [8, 8, 8], "attention_blocks": 1,
@@ -64,7 +64,7 @@ def test_the_networks_pair_up_where_the_paper_distils_and_have_the_codec_geometr
     x, lam = torch.rand(2, 4, 32, 64), torch.tensor([0.005, 0.05])
     output = rbn(x, lam)
     assert output["rgb"].shape == (2, 3, 64, 128)
-    assert rbn.analysis(x).shape == (2, 8, 4, 8)  # y at 1/8 of the packed tile, as rcam.codec expects
+    assert rbn.analysis(x).shape == (2, 8, 4, 8)  # y at 1/8 of the packed tile, as rcam.codec.engine expects
     assert rbn.hyper_analysis(rbn.analysis(x)).shape == (2, 8, 1, 2)  # z at 1/32
     teacher = compression_teacher(x, lam)
     assert teacher["planes"].shape == x.shape
@@ -216,7 +216,7 @@ def test_a_rawtobit_file_round_trips_bit_exactly(make_dng):
         torch.set_num_threads(1)
     assert np.array_equal(first, again)
     # The decoder sees exactly the latents the encoder coded.
-    from rcam.codec import decode_latents
+    from rcam.codec.engine import decode_latents
 
     for coded, decoded in zip(encoded.latents, decode_latents(codec, header, streams), strict=True):
         assert torch.equal(coded.y_hat, decoded.y_hat)
@@ -248,8 +248,8 @@ def test_corrupt_truncated_or_foreign_rawtobit_files_are_errors_not_crashes(make
 
 
 def test_run_eval_measures_rawtobit_like_rcam_in_every_output(exported, tiny_codec, tmp_path):
-    from rcam.codec import decode_bytes, encode_file
-    from rcam.output import quantize
+    from rcam.codec.engine import decode_bytes, encode_file
+    from rcam.codec.output import quantize
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -284,14 +284,14 @@ def test_run_eval_measures_rawtobit_like_rcam_in_every_output(exported, tiny_cod
 
 
 def test_cli_eval_with_rawtobit_uses_shipped_weights_and_lists_it(run, exported, tiny_model_path, tmp_path, monkeypatch):
-    import rcam.zoo
+    import rcam.codec.zoo
 
     status, out, _ = run("eval", "--help")
     assert status == 0 and "rawtobit" in out and all(name in out for name in ("jpeg", "webp", "jpegxl", "avif"))
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.fromarray(sample_scene(64, 80, seed=5)).save(photos / "p0.png")
-    monkeypatch.setattr(rcam.zoo, "WEIGHTS_DIR", exported.parent)
+    monkeypatch.setattr(rcam.codec.zoo, "WEIGHTS_DIR", exported.parent)
     status, out, err = run(
         "eval", photos, "--protocol", "S", "--baselines", "jpeg,rawtobit", "--lambdas", "0.005,0.02", "--no-speed",
         "--model", tiny_model_path, "--out-dir", tmp_path / "out", "--device", "cpu",

@@ -15,14 +15,14 @@ convolutions, L2-normalised per sample; the loss is their mean squared differenc
 α0·γ^(k²), which decays as training goes on (α0 = 1e6 for the encoder pairs, 1e5 for the decoder pairs).
 
 Where this differs from the paper, and why:
-- No autoregressive context model: rcam's coder (rcam.entropy) derives the y model from the hyperprior alone,
+- No autoregressive context model: rcam's coder (rcam.codec.entropy) derives the y model from the hyperprior alone,
   in exact integer arithmetic; a serial context model would need its own exact path and is slow on a CPU.
   The RBN is therefore compared as a mean-scale hyperprior codec (Minnen et al. without context), as rcam is.
-- Variable rate: one RBN and one compression teacher for all λ, with rcam's gain units (rcam.models.GainUnits,
+- Variable rate: one RBN and one compression teacher for all λ, with rcam's gain units (rcam.codec.models.GainUnits,
   λ drawn per sample) instead of seven models per λ. The same CPU budget as rcam's model could not train seven
   RBNs and seven teachers; one model per λ at a seventh of the budget each would handicap it more than the
   gain units do. It also lets `rcam eval` measure RAWtoBit at exactly rcam's λ.
-- Input: rcam's network input (rcam.rawio.network_input: the file's white balance, colour matrix, exposure and
+- Input: rcam's network input (rcam.codec.rawio.network_input: the file's white balance, colour matrix, exposure and
   sRGB curve applied to the packed planes), not black/white-normalised camera RGB: the paper trains on one
   camera, our data mixes cameras, and both codecs should start from the same information.
 - The first encoder convolution has stride 1, so y sits at 1/16 of the output resolution, as in Minnen et
@@ -51,21 +51,20 @@ from compressai.layers import GDN
 from torch import nn
 from tqdm import tqdm
 
-from rcam import codec as engine
-from rcam import zoo
-from rcam.entropy import IntegerHyperSynthesis, LatentCoder
+from rcam.codec import engine, zoo
+from rcam.codec.entropy import IntegerHyperSynthesis, LatentCoder
 from rcam.errors import RcamError
-from rcam.evaluate import EndToEndCodec
-from rcam.layers import conv, deconv
-from rcam.models import LAMBDA_RANGE, GainUnits, hyper_transforms, parameter_count, quantise_latent
-from rcam.output import quantize
-from rcam.train import learning_rate, load_dataset, rd_loss, resolve_device, sample_batch, sample_lambdas
-from rcam.zoo import (
+from rcam.measure.evaluate import EndToEndCodec
+from rcam.codec.layers import conv, deconv
+from rcam.codec.models import LAMBDA_RANGE, GainUnits, hyper_transforms, parameter_count, quantise_latent
+from rcam.codec.output import quantize
+from rcam.training.train import learning_rate, load_dataset, rd_loss, resolve_device, sample_batch, sample_lambdas
+from rcam.codec.zoo import (
     METADATA_KEY, Z_TABLE_KEY, Codec, as_float32, codec_from_model, file_digest, open_weights, resolve_weights,
     save_checkpoint, write_manifest_entry,
 )  # fmt: skip
 
-FAMILY = "rawtobit"  # weights files and manifest entries of the RBN say so (rcam.zoo refuses them as rcam models)
+FAMILY = "rawtobit"  # weights files and manifest entries of the RBN say so (rcam.codec.zoo refuses them as rcam models)
 DEFAULT_WEIGHTS = "rawtobit-small"  # the manifest name `rcam eval --baselines rawtobit` loads
 STAGES = ("isp_teacher", "compression_teacher", "rbn")
 
@@ -84,7 +83,7 @@ class RawToBitConfig:
     teacher_latent_channels: int = 64  # K: the compression teacher's latent (paper: 192 at low rates, 320 at high)
     teacher_decoder_channels: int = 48  # the compression teacher's RAW decoder width
     isp_encoder_channels: int = 48  # the ISP teacher's sRGB encoder width
-    # rcam's codec engine (rcam.codec) reads these of every model; the RBN uses no thumbnail or coordinates.
+    # rcam's codec engine (rcam.codec.engine) reads these of every model; the RBN uses no thumbnail or coordinates.
     thumbnail: int = 16
     coordinates: str = "absolute"
     skeleton: bool = False
@@ -185,7 +184,7 @@ class SRGBDecoder(nn.Module):
 
 
 class _HyperpriorCodec(nn.Module):
-    """Gain units and the mean-scale hyperprior of rcam (rcam.models), shared by the RBN and the compression teacher."""
+    """Gain units and the mean-scale hyperprior of rcam (rcam.codec.models), shared by the RBN and the compression teacher."""
 
     def __init__(self, latent_channels: int, hyper_channels: int):
         super().__init__()
@@ -202,21 +201,21 @@ class _HyperpriorCodec(nn.Module):
 
 
 class RBN(_HyperpriorCodec):
-    """The RAW-to-bitstream network; `forward` is the training path, rcam.codec drives it for real files."""
+    """The RAW-to-bitstream network; `forward` is the training path, rcam.codec.engine drives it for real files."""
 
     def __init__(self, config: RawToBitConfig):
         super().__init__(config.latent_channels, config.hyper_channels)
         self.config = config
-        self.vignetting = None  # rcam.codec asks every model for its lens-falloff estimator
+        self.vignetting = None  # rcam.codec.engine asks every model for its lens-falloff estimator
         self.encoder = RawEncoder(config.encoder_channels, config.latent_channels)
         self.decoder = SRGBDecoder(config.latent_channels, config.decoder_channels, config.attention_blocks, config.attention_reduction)
 
     def analysis(self, x: torch.Tensor, coords: torch.Tensor | None = None, thumbnail: torch.Tensor | None = None, look=None) -> torch.Tensor:
-        """Packed tile (B, 4, h, w) -> y (B, M, h/8, w/8) before gains (rcam.codec's signature; the rest is unused)."""
+        """Packed tile (B, 4, h, w) -> y (B, M, h/8, w/8) before gains (rcam.codec.engine's signature; the rest is unused)."""
         return self.encoder(x)[0]
 
     def synthesis(self, y_hat: torch.Tensor, development=None, look=None) -> torch.Tensor:
-        """ŷ after inverse gains (B, M, h/8, w/8) -> sRGB (B, 3, 2h, 2w) (rcam.codec's signature)."""
+        """ŷ after inverse gains (B, M, h/8, w/8) -> sRGB (B, 3, 2h, 2w) (rcam.codec.engine's signature)."""
         return self.decoder(y_hat)[0]
 
     def forward(self, x: torch.Tensor, lam: torch.Tensor) -> dict:
@@ -304,7 +303,7 @@ def distillation_weight(alpha0: float, step: int, decay_steps: float) -> float:
 @dataclass(frozen=True)
 class RawToBitTrainConfig:
     """One training stage of RAWtoBit; stored in its run folder and checkpoint. Data options mean what they mean
-    in rcam.train.TrainConfig (the same dataset, patch sampling and clean-look targets as rcam's model)."""
+    in rcam.training.train.TrainConfig (the same dataset, patch sampling and clean-look targets as rcam's model)."""
 
     stage: str  # "isp_teacher", "compression_teacher" or "rbn"
     dataset: str
@@ -321,7 +320,7 @@ class RawToBitTrainConfig:
     lambda_max: float = LAMBDA_RANGE[1]
     clean_fraction: float = 0.3
     fresh_defects: bool = True
-    held_out_families: list = field(default_factory=lambda: ["vignette-poly", "banding-col"])  # rcam.synth.HELD_OUT_FAMILIES
+    held_out_families: list = field(default_factory=lambda: ["vignette-poly", "banding-col"])  # rcam.training.synth.HELD_OUT_FAMILIES
     limit: int = 0  # use only the first N pairs of the dataset (0: all), for quick measurements
     # The rbn stage: the teachers' checkpoints (their run folders' last.pt) and the distillation of Eq. 3.
     isp_teacher: str = ""
@@ -431,7 +430,7 @@ class _StageStep:
 def train_stage(config: RawToBitTrainConfig, images: list | None = None) -> Path:
     """Run (or resume) one stage; returns the path of its last checkpoint (run_dir/last.pt).
 
-    `images` (rcam.train.load_dataset's pairs) skips loading the dataset, as in rcam.train.train.
+    `images` (rcam.training.train.load_dataset's pairs) skips loading the dataset, as in rcam.training.train.train.
     """
     if config.stage not in STAGES:
         raise RcamError(f"unknown RAWtoBit stage {config.stage!r}; choose from {', '.join(STAGES)}")
@@ -579,7 +578,7 @@ def _stage_summary(state: dict, path: Path) -> dict:
 
 
 def load_rawtobit(name_or_path: str = DEFAULT_WEIGHTS, device: str | torch.device = "cpu", weights_dir: Path | None = None):
-    """Shipped RBN weights (manifest name or .safetensors path) -> an rcam.zoo.Codec that rcam.codec encodes and
+    """Shipped RBN weights (manifest name or .safetensors path) -> an rcam.codec.zoo.Codec that rcam.codec.engine encodes and
     decodes like rcam's own model: same tiles, exact integer hyperprior, constriction range coder, .rcb container."""
     weights_dir = Path(weights_dir) if weights_dir is not None else zoo.WEIGHTS_DIR  # read now: tests point it elsewhere
     try:
@@ -612,23 +611,23 @@ def load_rawtobit(name_or_path: str = DEFAULT_WEIGHTS, device: str | torch.devic
 
 
 def codec_from_rbn(model: RBN, name: str = "rawtobit-in-training", device: str | torch.device = "cpu"):
-    """An RBN in memory (tests, training) as an rcam.zoo.Codec; its digest is zero, as rcam.zoo.codec_from_model's."""
+    """An RBN in memory (tests, training) as an rcam.codec.zoo.Codec; its digest is zero, as rcam.codec.zoo.codec_from_model's."""
     return codec_from_model(model.eval(), name, device)
 
 
 def encode_file(codec, raw_path: Path, lam: float):
-    """A RAW file -> rcam.codec.Encoded (.rcb bytes naming the RAWtoBit model), clean look, no tone field: the
+    """A RAW file -> rcam.codec.engine.Encoded (.rcb bytes naming the RAWtoBit model), clean look, no tone field: the
     RBN's own output, nothing of rcam's encoder-side corrections."""
     return engine.encode_file(codec, Path(raw_path), lam, tone_fit=False, look="clean")
 
 
 def decode_bytes(codec, data: bytes) -> np.ndarray:
-    """.rcb bytes of a RAWtoBit file -> (H, W, 3) float32 sRGB in [0, 1], oriented (rcam.codec.decode_bytes)."""
+    """.rcb bytes of a RAWtoBit file -> (H, W, 3) float32 sRGB in [0, 1], oriented (rcam.codec.engine.decode_bytes)."""
     return engine.decode_bytes(codec, data)
 
 
 def eval_codec(codec):
-    """The callable rcam.evaluate measures: (raw_path, λ) -> (whole .rcb file bytes, decoded (H, W, 3) uint8)."""
+    """The callable rcam.measure.evaluate measures: (raw_path, λ) -> (whole .rcb file bytes, decoded (H, W, 3) uint8)."""
 
     def run(raw_path: Path, lam: float) -> tuple[int, np.ndarray]:
         data = encode_file(codec, raw_path, lam).data
@@ -638,7 +637,7 @@ def eval_codec(codec):
 
 
 def evaluation_comparator(device: str | torch.device = "cpu", look: str = "clean", weights: str = DEFAULT_WEIGHTS):
-    """`rcam eval --baselines rawtobit`: the shipped RBN as an rcam.evaluate.EndToEndCodec (clean look only)."""
+    """`rcam eval --baselines rawtobit`: the shipped RBN as an rcam.measure.evaluate.EndToEndCodec (clean look only)."""
     if look != "clean":
         raise RcamError(f"rawtobit renders the clean look only, this run measures {look!r}: use --protocol S (or --look clean)")
     codec = load_rawtobit(weights, device)
