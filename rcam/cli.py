@@ -36,7 +36,7 @@ from rcam.codec.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 from rcam.codec.tone import describe_tone
 from rcam.codec.zoo import DEFAULT_MODEL, load_codec, resolve_weights
 from rcam.comparators import END_TO_END
-from rcam.comparators.baselines import BASELINES
+from rcam.comparators.baselines import baseline_names, get_baseline
 from rcam.errors import RcamError
 from rcam.training.train import resolve_device
 
@@ -315,8 +315,9 @@ def export(checkpoint, name, half, weights_dir) -> None:
 @click.option("--lambdas", default="0.005,0.01,0.025,0.1", show_default=True, help="Comma-separated λ values for rcam.")
 @click.option(
     "--baselines", default="jpeg,webp,jpegxl,avif", show_default=True,
-    help=f"Comma-separated comparators: the cascades {', '.join(BASELINES)} (reference render, then that codec) and the "
-    f"end-to-end learned codecs {', '.join(END_TO_END)} (trained weights in weights/; clean look, protocol S).",
+    help=f"Comma-separated comparators: the cascades {', '.join(baseline_names())} (jxl = jpegxl; reference render, or "
+    f"for ISP+CODEC that learned ISP, then that codec) and the end-to-end learned codecs {', '.join(END_TO_END)} "
+    f"(learned ISPs and end-to-end codecs: trained weights in weights/, made with rcam train-comparator; clean look, protocol S).",
 )  # fmt: skip
 @click.option("--out-dir", type=click.Path(file_okay=False), default="out/eval", show_default=True, help="Where results.json, CSVs and rd.png go.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N images.")
@@ -338,10 +339,18 @@ def evaluate(inputs, protocol, lambdas, baselines, out_dir, limit, speed, held_o
         lambda_values = [float(v) for v in lambdas.split(",") if v.strip()]
     except ValueError:
         raise RcamError(f"--lambdas: '{lambdas}' is not a comma-separated list of numbers") from None
-    codec = load_codec(model_name, _setup(device, threads))
+    names = [b.strip() for b in baselines.split(",") if b.strip()]
+    cascades = [name for name in names if name.lower() not in END_TO_END]
+    target_device = _setup(device, threads)
+    # The learned ISPs first: missing weights are an error before any work.
+    learned_isps = {}
+    for isp in sorted({get_baseline(name).isp for name in cascades} - {None}):
+        from rcam.comparators.learned_isp import load_learned_isp
+
+        learned_isps[isp] = load_learned_isp(isp, target_device)
+    codec = load_codec(model_name, target_device)
     if look == "auto":
         look = "faithful" if protocol == "R" and "faithful" in codec.model.config.looks else "clean"
-    names = [b.strip() for b in baselines.split(",") if b.strip()]
     end_to_end = [_end_to_end_comparator(name.lower(), codec.device, look) for name in names if name.lower() in END_TO_END]
     # The λ sweep of one file fits its tone to one render.
     render = functools.lru_cache(maxsize=1)(functools.partial(tone_reference, codec, look=look))
@@ -355,10 +364,14 @@ def evaluate(inputs, protocol, lambdas, baselines, out_dir, limit, speed, held_o
         extra += ["--threads", str(threads)]
     timer = make_command_timer([str(Path(sys.executable).parent / "rcam")], extra) if speed else None
     results = run_eval(
-        Path(inputs), protocol, lambda_values, [name for name in names if name.lower() not in END_TO_END], Path(out_dir),
+        Path(inputs), protocol, lambda_values, cascades, Path(out_dir),
         run_codec, timer, limit=limit, speed=speed, numthreads=threads, end_to_end=end_to_end,
         make_pair=functools.partial(make_pair, held_out=True) if held_out else None,
-        setup={"model": codec.name, "weights": codec.digest.hex(), "device": str(codec.device), "look": look, "held_out_families": held_out},
+        setup={
+            "model": codec.name, "weights": codec.digest.hex(), "device": str(codec.device), "look": look, "held_out_families": held_out,
+            "learned_isps": {name: {"system": isp.system, "weights_sha256": isp.digest, "steps": isp.total_steps} for name, isp in learned_isps.items()},
+        },
+        isp_renders={name: isp.render for name, isp in learned_isps.items()},
     )  # fmt: skip
     print_table(results)
 
@@ -372,21 +385,22 @@ def _end_to_end_comparator(name: str, device: torch.device, look: str):
 
 @cli.command("train-comparator")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
-@click.option("--steps", type=click.IntRange(1), default=None, help="Override the config's total steps.")
+@click.option("--steps", type=click.IntRange(1), default=None, help="Override the config's total steps (a learned ISP's phases: stop after this many steps in all, the rest left for a resume).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Override the config's device.")
 def train_comparator(config, steps, device) -> None:
-    """Train (or resume) one stage of a seed-paper comparator (RAWtoBit) from a JSON config; Ctrl-C saves and stops."""
+    """Train (or resume) a seed-paper comparator from a JSON config: a RAWtoBit stage, CameraNet, CAS-Net or its ISP-Net; Ctrl-C saves and stops."""
     import json
 
-    from rcam.comparators import rawtobit
+    from rcam.comparators import isp_training, rawtobit
 
     try:
         comparator = json.loads(Path(config).read_text()).get("comparator")
     except (OSError, ValueError, AttributeError) as error:
         raise RcamError(f"{config}: not a valid comparator training config ({error})") from None
-    if comparator != rawtobit.FAMILY:
-        raise RcamError(f"{config}: unknown comparator {comparator!r} (the config's \"comparator\" field; known: {rawtobit.FAMILY})")
-    checkpoint, finished = rawtobit.train_from_config(Path(config), steps, device)
+    trainers = {rawtobit.FAMILY: rawtobit.train_from_config} | dict.fromkeys(isp_training.COMPARATORS, isp_training.train_from_config)
+    if comparator not in trainers:
+        raise RcamError(f"{config}: unknown comparator {comparator!r} (the config's \"comparator\" field; known: {', '.join(trainers)})")
+    checkpoint, finished = trainers[comparator](Path(config), steps, device)
     click.echo(f"checkpoint: {checkpoint}")
     if not finished:
         raise click.exceptions.Abort()
@@ -394,14 +408,19 @@ def train_comparator(config, steps, device) -> None:
 
 @cli.command("export-comparator")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-@click.option("--name", default="rawtobit-small", show_default=True, help="Model name in weights/manifest.json.")
+@click.option("--name", default=None, help="Name in weights/manifest.json (default: rawtobit-small for RAWtoBit; a learned ISP's config name: cameranet, casnet-artifacts, casnet).")
 @click.option("--half", is_flag=True, help="Store fp16 tensors (half the size).")
 @click.option("--weights-dir", type=click.Path(file_okay=False), default=None, help="Folder for the weights and manifest (default: the shipped weights/).")
 def export_comparator(checkpoint, name, half, weights_dir) -> None:
-    """Turn a comparator's final training checkpoint (RAWtoBit's rbn stage) into weights (safetensors + manifest entry)."""
-    from rcam.comparators import rawtobit
+    """Turn a comparator's final training checkpoint (RAWtoBit's rbn stage, a learned ISP's last.pt) into weights (safetensors + manifest entry)."""
+    from rcam.comparators import isp_training, rawtobit
 
-    click.echo(f"weights: {rawtobit.export_rbn(Path(checkpoint), name, Path(weights_dir) if weights_dir else None, half=half)}")
+    folder = Path(weights_dir) if weights_dir else None
+    if isp_training.is_checkpoint(Path(checkpoint)):
+        path = isp_training.export_comparator(Path(checkpoint), name, folder, half=half)
+    else:
+        path = rawtobit.export_rbn(Path(checkpoint), name or rawtobit.DEFAULT_WEIGHTS, folder, half=half)
+    click.echo(f"weights: {path}")
 
 
 def main() -> None:

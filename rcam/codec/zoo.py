@@ -77,15 +77,18 @@ def read_manifest(weights_dir: Path = WEIGHTS_DIR) -> dict:
     return json.loads(manifest.read_text()) if manifest.exists() else {"models": {}}
 
 
-def resolve_weights(name_or_path: str | None, weights_dir: Path = WEIGHTS_DIR) -> tuple[str, Path]:
-    """A model name from the manifest, or a path to a .safetensors file -> (model name, file path)."""
+def resolve_weights(name_or_path: str | None, weights_dir: Path = WEIGHTS_DIR, section: str = "models") -> tuple[str, Path]:
+    """A model name from the manifest, or a path to a .safetensors file -> (model name, file path).
+
+    section: the manifest's part to look in ("models": rcam's; "comparators": the seed systems' networks).
+    """
     name_or_path = name_or_path or DEFAULT_MODEL
     candidate = Path(name_or_path)
     if candidate.suffix == ".safetensors":
         if not candidate.is_file():
             raise RcamError(f"{candidate}: weights file not found")
         return candidate.stem, candidate
-    models = read_manifest(weights_dir).get("models", {})
+    models = read_manifest(weights_dir).get(section, {})
     if name_or_path not in models:
         known = ", ".join(sorted(models)) or "none"
         raise RcamError(f"model '{name_or_path}' is not in {weights_dir}/manifest.json (known: {known})")
@@ -169,10 +172,12 @@ def load_codec(name_or_path: str | None = None, device: str | torch.device = "cp
     return Codec(name=name, digest=file_digest(path)[:16], model=model.to(device), coder=coder, device=device)
 
 
-def write_manifest_entry(name: str, fields: dict, weights_dir: Path = WEIGHTS_DIR, replace: bool = False) -> Path:
+def write_manifest_entry(
+    name: str, fields: dict, weights_dir: Path = WEIGHTS_DIR, replace: bool = False, section: str = "models"
+) -> Path:  # fmt: skip
     """Create, update or (`replace`) rewrite one model's entry in weights/manifest.json (atomically); returns its path."""
     manifest = read_manifest(weights_dir)
-    models = manifest.setdefault("models", {})
+    models = manifest.setdefault(section, {})
     models[name] = dict(fields) if replace else models.get(name, {}) | fields
     path = Path(weights_dir) / "manifest.json"
     tmp = path.with_suffix(".tmp")

@@ -3,7 +3,13 @@
 Each baseline encodes and decodes an 8-bit sRGB image in process with imagecodecs over a quality sweep
 chosen so that typical photographs span roughly 0.1–3 bpp (measured on camera renders and photos of the
 project's data; smooth images land lower, noisy ones higher).
+
+A learned-ISP cascade is named ISP+CODEC (e.g. cameranet+jpegxl): the learned ISP (rcam.comparators) renders
+the RAW instead of LibRaw, and the codec's own baseline compresses that render with the same sweep. Here it
+is the codec's Baseline with the ISP's name in `isp`; whoever runs it supplies the ISP's render.
 """
+
+import dataclasses
 
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +33,7 @@ class Baseline:
     settings: dict
     encode: Callable[[np.ndarray, float, int | None], bytes]
     decode: Callable[[bytes], np.ndarray]
+    isp: str | None = None  # the learned ISP that renders the RAW (LEARNED_ISPS); None: LibRaw's reference render
 
 
 @dataclass
@@ -87,12 +94,30 @@ BASELINES: dict[str, Baseline] = {
 }
 
 
+# Other spellings of codec names.
+CODEC_ALIASES = {"jxl": "jpegxl"}
+
+# The learned ISPs of the seed papers (rcam.comparators) that cascades can start with, and their labels.
+LEARNED_ISPS = {"cameranet": "CameraNet", "casnet": "CAS-Net ISP"}
+
+
+def baseline_names() -> list[str]:
+    """Every baseline name get_baseline accepts (aliases aside): the codecs, then each learned ISP with each codec."""
+    return list(BASELINES) + [f"{isp}+{codec}" for isp in LEARNED_ISPS for codec in BASELINES]
+
+
 def get_baseline(name: str) -> Baseline:
-    """Look a baseline up by name (jpeg, webp, jpegxl, avif)."""
-    try:
-        return BASELINES[name.lower()]
-    except KeyError:
-        raise RcamError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}") from None
+    """Look a baseline up by name: a codec (jpeg, webp, jpegxl or jxl, avif) or ISP+CODEC (e.g. cameranet+jxl)."""
+    isp, _, codec = name.strip().lower().rpartition("+")
+    codec = CODEC_ALIASES.get(codec, codec)
+    if codec not in BASELINES or (isp and isp not in LEARNED_ISPS):
+        raise RcamError(f"unknown baseline {name!r}; choose from {', '.join(baseline_names())}")
+    baseline = BASELINES[codec]
+    if not isp:
+        return baseline
+    return dataclasses.replace(
+        baseline, name=f"{isp}+{codec}", label=f"{LEARNED_ISPS[isp]} + {baseline.label}", settings={"isp": isp, **baseline.settings}, isp=isp
+    )  # fmt: skip
 
 
 def library_versions() -> dict[str, str]:
@@ -123,7 +148,7 @@ def encode_decode(name: str, img: np.ndarray, quality: float, numthreads: int | 
     if decoded.shape != img.shape or decoded.dtype != np.uint8:
         raise RcamError(f"{baseline.label} decoded to {decoded.shape} {decoded.dtype}, expected {img.shape} uint8")
     height, width = img.shape[:2]
-    return BaselinePoint(name, float(quality), len(data), bits_per_pixel(len(data), height * width), decoded)
+    return BaselinePoint(baseline.name, float(quality), len(data), bits_per_pixel(len(data), height * width), decoded)
 
 
 def sweep(

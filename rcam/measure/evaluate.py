@@ -7,7 +7,9 @@ reference = render of the clean twin; rcam encodes the degraded DNG and the casc
 reference render of the degraded DNG (what a user does today).
 
 The rcam codec is injected as a callable, codec(raw_path, lam) -> (num_bytes, decoded (H,W,3) uint8),
-so this module does not depend on the model. Whole-command speed is measured through an optional
+so this module does not depend on the model. Learned-ISP cascades (baselines named ISP+CODEC, see
+rcam.comparators.baselines) compress the render of an injected isp_renders[ISP](raw_path) -> (H,W,3) uint8 instead of
+LibRaw's, rendering each image once per ISP. Whole-command speed is measured through an optional
 command_timer(raw_path, lam) -> (encode_seconds, decode_seconds) or a dict that may also carry each
 command's peak memory; make_command_timer builds one that runs `rcam encode` / `rcam decode`.
 
@@ -253,19 +255,32 @@ def _measure_rcam(item: _Item, lambdas: Sequence[float], codec: Codec, progress,
     return rows
 
 
+def _cascade_image(item: _Item, name: str, isp_renders: dict[str, Render], rendered: dict[str, np.ndarray]) -> np.ndarray:
+    """The image baseline `name` compresses: LibRaw's render, or its learned ISP's render (made once per image)."""
+    isp = baselines_module.get_baseline(name).isp
+    if isp is None:
+        return item.cascade_image
+    if isp not in rendered:
+        image = np.asarray(isp_renders[isp](item.cascade_input))
+        if image.dtype != np.uint8 or image.shape != item.reference.shape:
+            raise RcamError(f"{item.name}: the {isp} render is {image.shape} {image.dtype}, the reference is {item.reference.shape} uint8")
+        rendered[isp] = image
+    return rendered[isp]
+
+
 def _measure_baseline(
-    item: _Item, name: str, qualities: Sequence[float], cache: BaselineCache, input_digest: str,
+    item: _Item, name: str, image: np.ndarray, qualities: Sequence[float], cache: BaselineCache, input_digest: str,
     numthreads: int | None,
 ) -> tuple[list[dict], int]:
-    """One baseline's points on one image (from the cache where possible); returns (rows, cache hits)."""
-    key = cache.key(input_digest, item.cascade_image, item.reference, name)
+    """One baseline's points on one image, compressing `image` (from the cache where possible); returns (rows, cache hits)."""
+    key = cache.key(input_digest, image, item.reference, name)
     cached = cache.load(key)
     rows, hits, changed = [], 0, False
     for quality in sorted(qualities):
         qkey = _quality_key(quality)
         point = cached.get(qkey)
         if point is None:
-            result = baselines_module.encode_decode(name, item.cascade_image, quality, numthreads)
+            result = baselines_module.encode_decode(name, image, quality, numthreads)
             point = {"num_bytes": result.num_bytes, "bpp": result.bpp, **all_metrics(item.reference, result.decoded)}
             cached[qkey] = point
             changed = True
@@ -509,6 +524,15 @@ def _codec_label(codec: str, labels: dict[str, str] | None = None) -> str:
     return (labels or {}).get(codec) or baselines_module.get_baseline(codec).label
 
 
+def _curve_style(codec: str, labels: dict[str, str] | None = None) -> dict:
+    """rcam bold black; learned-ISP cascades dashed; LibRaw cascades and end-to-end comparators plain."""
+    if codec == "rcam":
+        return {"linewidth": 2.5, "marker": "o", "color": "black"}
+    if codec not in (labels or {}) and baselines_module.get_baseline(codec).isp:
+        return {"marker": ".", "linestyle": "--"}
+    return {"marker": "."}
+
+
 def plot_curves(curves: dict[str, list[dict]], path: Path, title: str, labels: dict[str, str] | None = None) -> None:
     """RD plot PNG: PSNR, MS-SSIM dB and ΔE00 against bpp (log axis) for every codec's averaged curve
     (`labels`: legend names of codecs that are not cascades, e.g. the end-to-end comparators)."""
@@ -523,8 +547,7 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str, labels: d
         for codec, curve in curves.items():
             bpp = [point["bpp"] for point in curve]
             values = [point[metric] for point in curve]
-            style = {"linewidth": 2.5, "marker": "o", "color": "black"} if codec == "rcam" else {"marker": "."}
-            axis.plot(bpp, values, label=_codec_label(codec, labels), **style)
+            axis.plot(bpp, values, label=_codec_label(codec, labels), **_curve_style(codec, labels))
         axis.set_xscale("log")
         # Plain numbers at 1-2-5 steps: the default log ticks leave a 0.1-3 bpp range nearly unlabelled.
         axis.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -569,18 +592,19 @@ def format_table(results: dict) -> str:
     """
     setup = results["setup"]
     lambdas = ", ".join(f"{lam:g}" for lam in setup["lambdas"])
+    width = max([8, *map(len, results["curves"])])  # codec column: ISP+CODEC names are longer
     lines = [
         f"rcam eval: protocol {setup['protocol']}, {setup['images']} image(s), λ = {lambdas}, "
         f"baselines: {', '.join(setup['baselines']) or 'none'}",
         "",
         "Averaged curves (mean over images per operating point; PSNR and MS-SSIM in dB)",
-        f"{'codec':<8} {'param':>9} {'bpp':>8} {'PSNR':>8} {'MS-SSIM':>8} {'ΔE00':>8}",
+        f"{'codec':<{width}} {'param':>9} {'bpp':>8} {'PSNR':>8} {'MS-SSIM':>8} {'ΔE00':>8}",
     ]
     for codec, curve in results["curves"].items():
         for point in curve:
             param = f"λ={point['param']:g}" if codec == "rcam" or codec in setup.get("end_to_end", {}) else f"q={point['param']:g}"
             lines.append(
-                f"{codec:<8} {param:>9} {_fmt(point['bpp'], '.3f')} {_fmt(point['psnr'])} "
+                f"{codec:<{width}} {param:>9} {_fmt(point['bpp'], '.3f')} {_fmt(point['psnr'])} "
                 f"{_fmt(point['ms_ssim_db'])} {_fmt(point['ciede2000'], '.3f')}"
             )
 
@@ -591,12 +615,12 @@ def format_table(results: dict) -> str:
             "",
             "rcam vs each baseline on the averaged curves. BDR = BD-rate %, negative = rcam saves bits;",
             "BD-PSNR / BD-MSSSIM in dB, positive = rcam better; BD-ΔE00 negative = rcam better.",
-            f"{'baseline':<8} {header} {'BDR-PSNR median/img':>20}",
+            f"{'baseline':<{width}} {header} {'BDR-PSNR median/img':>20}",
         ]
         for name, metrics in bd["averaged"].items():
             cells = " ".join(_fmt(metrics[metric][field], spec, 11) for _title, metric, field, spec in _BD_COLUMNS)
             median = bd["per_image_summary"][name]["psnr"]["bd_rate_pct_median"]
-            lines.append(f"{name:<8} {cells} {_fmt(median, '+.1f', 20)}")
+            lines.append(f"{name:<{width}} {cells} {_fmt(median, '+.1f', 20)}")
         missing = sorted({
             f"{name}/{metric}" for name, metrics in bd["averaged"].items() for metric, values in metrics.items()
             if values["bd_rate_pct"] is None or values["bd_metric"] is None
@@ -656,13 +680,15 @@ def run_eval(
     progress: bool = True,
     setup: dict | None = None,
     end_to_end: Sequence[EndToEndCodec] = (),
+    isp_renders: dict[str, Render] | None = None,
 ) -> dict:
     """Measure rcam (at each λ) and the cascades (each baseline's quality sweep) on a set of images.
 
     inputs: a RAW file or folder (protocol "R") or a photo file or folder (protocol "S"), searched recursively.
     codec(raw_path, lam) -> (whole-file bytes, decoded (H,W,3) uint8); command_timer(raw_path, lam) ->
     (encode s, decode s) or a dict (see CommandTimer) for whole commands, run once per image at speed_lambda
-    (default: the middle λ); the cascade (render + JPEG XL) is timed on the same images.
+    (default: the middle λ); the cascade (render + JPEG XL) is timed on the same images. isp_renders: the
+    learned ISPs (name -> render(raw_path) -> (H,W,3) uint8) that ISP+CODEC baselines need.
     render: reference render (default rcam.codec.rawio.reference_render); make_pair: protocol S synthesis
     (default rcam.training.synth.make_pair). qualities overrides a baseline's sweep. Baseline results are cached
     under cache_dir (default out_dir/cache). Writes results.json, points.csv, curves.csv, bd.csv, speed.csv
@@ -680,6 +706,11 @@ def run_eval(
     # Canonical names, duplicates dropped, order kept.
     baseline_names = list(dict.fromkeys(baselines_module.get_baseline(name).name for name in baselines))
     end_to_end = list({comparator.name: comparator for comparator in end_to_end}.values())
+    isp_renders = dict(isp_renders or {})
+    for name in baseline_names:
+        isp = baselines_module.get_baseline(name).isp
+        if isp is not None and isp not in isp_renders:
+            raise RcamError(f"baseline {name} needs the learned ISP '{isp}' to render the RAW files, and none was given")
     sweeps = {name: list(baselines_module.get_baseline(name).qualities) for name in baseline_names}
     for name, values in (qualities or {}).items():
         name = baselines_module.get_baseline(name).name
@@ -718,8 +749,10 @@ def run_eval(
             points += _measure_rcam(item, lambdas, codec, bar)
             for comparator in end_to_end:
                 points += _measure_rcam(item, lambdas, comparator.codec, bar, comparator.name)
+            isp_images: dict[str, np.ndarray] = {}
             for name in baseline_names:
-                rows, hits = _measure_baseline(item, name, sweeps[name], cache, input_digest, numthreads)
+                image = _cascade_image(item, name, isp_renders, isp_images)
+                rows, hits = _measure_baseline(item, name, image, sweeps[name], cache, input_digest, numthreads)
                 points += rows
                 cache_hits += hits
                 bar.update(1)
