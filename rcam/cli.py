@@ -332,6 +332,7 @@ def evaluate(inputs, protocol, lambdas, baselines, out_dir, limit, speed, held_o
     import numpy as np
 
     from rcam.codec.output import quantize
+    from rcam.comparators.learned_isp import load_learned_isp
     from rcam.measure.evaluate import make_command_timer, print_table, run_eval
     from rcam.training.synth import make_pair
 
@@ -343,11 +344,7 @@ def evaluate(inputs, protocol, lambdas, baselines, out_dir, limit, speed, held_o
     cascades = [name for name in names if name.lower() not in END_TO_END]
     target_device = _setup(device, threads)
     # The learned ISPs first: missing weights are an error before any work.
-    learned_isps = {}
-    for isp in sorted({get_baseline(name).isp for name in cascades} - {None}):
-        from rcam.comparators.learned_isp import load_learned_isp
-
-        learned_isps[isp] = load_learned_isp(isp, target_device)
+    learned_isps = {isp: load_learned_isp(isp, target_device) for isp in sorted({get_baseline(name).isp for name in cascades} - {None})}
     codec = load_codec(model_name, target_device)
     if look == "auto":
         look = "faithful" if protocol == "R" and "faithful" in codec.model.config.looks else "clean"

@@ -180,6 +180,7 @@ def test_cascade_names():
     for bad in ("rawtherapee+jpeg", "cameranet+gif", "cameranet+"):
         with pytest.raises(RcamError, match="unknown baseline"):
             baselines.get_baseline(bad)
+    assert set(baselines.LEARNED_ISPS) == set(learned_isp.ISP_SYSTEMS) == set(learned_isp.TRAINING_HINT)
     names = baselines.baseline_names()
     assert {"cameranet+jpeg", "cameranet+webp", "cameranet+jpegxl", "cameranet+avif", "casnet+jpeg", "casnet+avif"} <= set(names)
 
