@@ -142,6 +142,17 @@ def test_reference_render_without_a_falloff(make_dng):
     assert not np.array_equal(tone_reference(codec, path), plain)
 
 
+def test_reference_render_adjusts_the_raw_values_in_bands_with_the_same_result(make_dng, monkeypatch):
+    """The falloff and noise are applied band by band (memory); bands of any height render the same pixels."""
+    path = make_dng(height=64, width=96)
+    falloff = np.linspace(0.4, 1.0, 64 * 96, dtype=np.float32).reshape(64, 96)
+    noise = np.random.default_rng(3).normal(0.0, 40.0, (64, 96))
+    whole = reference_render(path, falloff=falloff, raw_noise=noise)  # one band: the default exceeds 64 rows
+    monkeypatch.setattr("rcam.rawio.RENDER_BAND_ROWS", 7)  # bands that do not divide the frame
+    assert np.array_equal(reference_render(path, falloff=falloff, raw_noise=noise), whole)
+    assert not np.array_equal(whole, reference_render(path))
+
+
 def test_training_pretrains_the_estimator_keeps_it_out_of_the_codec_loss_and_resumes(dataset, tmp_path, monkeypatch):
     weights = tmp_path / "start.safetensors"
     save_checkpoint(build_model(replace(CONFIGS["small"], **TINY)), weights)  # weights without an estimator

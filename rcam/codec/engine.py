@@ -411,7 +411,7 @@ def synthesize(
     extent = (tiles[-1].top + tiles[-1].height, tiles[-1].left + tiles[-1].width)
     canvas = torch.zeros(3, 2 * extent[0], 2 * extent[1])
     weight_sum = torch.zeros(2 * extent[0], 2 * extent[1])
-    missing_weight = torch.zeros(2 * extent[0], 2 * extent[1])  # blend weight of tiles left out
+    missing = torch.zeros(2 * extent[0], 2 * extent[1], dtype=torch.bool)  # covered by a tile left out
     with torch.inference_mode():
         _, inverse_gain = model.gains(torch.tensor([header.lam], device=device))
         development = header_development(codec, header, 1)
@@ -426,13 +426,13 @@ def synthesize(
             rows = slice(2 * tile.top, 2 * (tile.top + tile.height))
             cols = slice(2 * tile.left, 2 * (tile.left + tile.width))
             if not run:
-                missing_weight[rows, cols] += weights
+                missing[rows, cols] = True  # blend weights are positive over the whole tile
                 continue
             canvas[:, rows, cols] += next(tile_images) * weights
             weight_sum[rows, cols] += weights
             if progress:
                 progress()
-    complete = (missing_weight == 0) & (weight_sum > 0)
+    complete = ~missing & (weight_sum > 0)
     image = canvas.div_(weight_sum.clamp_min_(1e-12))  # in place: a full-frame float copy less at 24 MP
     visible = (slice(header.pad_top, header.pad_top + header.sensor_height), slice(header.pad_left, header.pad_left + header.sensor_width))
     return image[:, visible[0], visible[1]], complete[visible[0], visible[1]]

@@ -333,6 +333,9 @@ def normalise_planes_and_white(
     return (np.sign(planes) * encoded).astype(np.float32), white
 
 
+RENDER_BAND_ROWS = 256  # rows of raw values reference_render adjusts at a time (memory, not results)
+
+
 def _black_per_pixel(raw: rawpy.RawPy) -> np.ndarray:
     """(H, W) float64 black level of each visible pixel (its CFA colour's level)."""
     return np.asarray(raw.black_level_per_channel, dtype=np.float64)[raw.raw_colors_visible]
@@ -363,16 +366,19 @@ def reference_render(path: Path, falloff: np.ndarray | None = None, raw_noise: n
         for name, given in (("falloff map", falloff), ("raw noise map", raw_noise)):
             if given is not None and given.shape != visible.shape:
                 raise RcamError(f"{path}: a {name} must be {visible.shape[1]}x{visible.shape[0]}, not {given.shape[1::-1]}")
+        if falloff is not None and not np.all((falloff > 0) & (falloff <= 1)):
+            raise RcamError(f"{path}: a falloff map must hold gains in (0, 1]")
         if falloff is not None or raw_noise is not None:
-            values = visible.astype(np.float64)
-            if falloff is not None:
-                if not np.all((falloff > 0) & (falloff <= 1)):
-                    raise RcamError(f"{path}: a falloff map must hold gains in (0, 1]")
-                black = _black_per_pixel(raw)
-                values = black + (values - black) / falloff
-            if raw_noise is not None:
-                values += raw_noise
-            visible[:] = np.clip(np.rint(values), 0, raw.white_level).astype(visible.dtype)
+            black = _black_per_pixel(raw) if falloff is not None else None
+            # In bands of rows: float64 copies of the whole frame were several hundred MB at 24 MP.
+            for top in range(0, visible.shape[0], RENDER_BAND_ROWS):
+                band = slice(top, top + RENDER_BAND_ROWS)
+                values = visible[band].astype(np.float64)
+                if falloff is not None:
+                    values = black[band] + (values - black[band]) / falloff[band]
+                if raw_noise is not None:
+                    values += raw_noise[band]
+                visible[band] = np.clip(np.rint(values), 0, raw.white_level).astype(visible.dtype)
         return raw.postprocess(
             use_camera_wb=True, output_color=rawpy.ColorSpace.sRGB, output_bps=8, gamma=(2.4, 12.92)
         )
