@@ -148,7 +148,7 @@ def test_reference_render_adjusts_the_raw_values_in_bands_with_the_same_result(m
     falloff = np.linspace(0.4, 1.0, 64 * 96, dtype=np.float32).reshape(64, 96)
     noise = np.random.default_rng(3).normal(0.0, 40.0, (64, 96))
     whole = reference_render(path, falloff=falloff, raw_noise=noise)  # one band: the default exceeds 64 rows
-    monkeypatch.setattr("rcam.rawio.RENDER_BAND_ROWS", 7)  # bands that do not divide the frame
+    monkeypatch.setattr("rcam.codec.rawio.RENDER_BAND_ROWS", 7)  # bands that do not divide the frame
     assert np.array_equal(reference_render(path, falloff=falloff, raw_noise=noise), whole)
     assert not np.array_equal(whole, reference_render(path))
 
