@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import pickle
-import signal
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,7 +29,7 @@ from rcam.comparators.casnet import DEFAULT_QUALITIES, ArtifactNetTraining, IspN
 from rcam.comparators.networks import parameter_count
 from rcam.errors import RcamError
 from rcam.measure.metrics import psnr
-from rcam.training.train import load_dataset, resolve_device, sample_batch
+from rcam.training.train import StopRequest, load_dataset, resolve_device, sample_batch
 
 # sample_batch makes each frame's thumbnail for rcam's global prior; the comparators do not use it.
 _UNUSED_THUMBNAIL = 8
@@ -194,20 +193,13 @@ def train_comparator(
         torch.save(state, tmp)
         tmp.replace(checkpoint_path)
 
-    interrupted = False
-
-    def on_interrupt(signum, frame):  # finish the step, save, stop
-        nonlocal interrupted
-        interrupted = True
-
-    previous_int = signal.signal(signal.SIGINT, on_interrupt)
-    previous_term = signal.signal(signal.SIGTERM, on_interrupt)
+    stop = StopRequest()  # Ctrl-C or SIGTERM: finish the step, save, stop
     model.train()
     sums: dict[str, float] = {}
     progress = tqdm(total=total_steps, initial=step, desc=f"training {config.comparator}", unit="step")
     try:
         with (run_dir / "log.jsonl").open("a") as log:
-            while step < end and not interrupted:
+            while step < end and not stop.requested:
                 started = time.perf_counter()
                 phase, phase_start, phase_steps = _phase_at(plan, step)
                 rate = learning_rate(config, training.lr_scales[phase], (step - phase_start) / phase_steps)
@@ -245,8 +237,7 @@ def train_comparator(
     finally:
         save()
         progress.close()
-        signal.signal(signal.SIGINT, previous_int)
-        signal.signal(signal.SIGTERM, previous_term)
+        stop.restore()
     return checkpoint_path
 
 

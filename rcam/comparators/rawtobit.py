@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import math
 import pickle
-import signal
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -58,7 +57,7 @@ from rcam.measure.evaluate import EndToEndCodec
 from rcam.codec.layers import conv, deconv
 from rcam.codec.models import LAMBDA_RANGE, GainUnits, hyper_transforms, parameter_count, quantise_latent
 from rcam.codec.output import quantize
-from rcam.training.train import learning_rate, load_dataset, rd_loss, resolve_device, sample_batch, sample_lambdas
+from rcam.training.train import StopRequest, learning_rate, load_dataset, rd_loss, resolve_device, sample_batch, sample_lambdas
 from rcam.codec.zoo import (
     METADATA_KEY, Z_TABLE_KEY, Codec, as_float32, codec_from_model, file_digest, open_weights, resolve_weights,
     save_checkpoint, write_manifest_entry,
@@ -471,21 +470,14 @@ def train_stage(config: RawToBitTrainConfig, images: list | None = None) -> Path
         }, tmp)  # fmt: skip
         tmp.replace(checkpoint_path)
 
-    interrupted = False
-
-    def on_interrupt(signum, frame):  # finish the step, save, stop
-        nonlocal interrupted
-        interrupted = True
-
-    previous_int = signal.signal(signal.SIGINT, on_interrupt)
-    previous_term = signal.signal(signal.SIGTERM, on_interrupt)
+    stop = StopRequest()  # Ctrl-C or SIGTERM: finish the step, save, stop
     model.train()
     sums: dict[str, float] = {}
     started, logged_at, logged_step, logged_cpu = time.time(), time.time(), step, time.process_time()
     progress = tqdm(total=config.steps, initial=step, desc=f"rawtobit {config.stage}", unit="step")
     try:
         with (run_dir / "log.jsonl").open("a") as log:
-            while step < config.steps and not interrupted:
+            while step < config.steps and not stop.requested:
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(config, step)
                 batch = sample_batch(
@@ -521,8 +513,7 @@ def train_stage(config: RawToBitTrainConfig, images: list | None = None) -> Path
     finally:
         save()
         progress.close()
-        signal.signal(signal.SIGINT, previous_int)
-        signal.signal(signal.SIGTERM, previous_term)
+        stop.restore()
     return checkpoint_path
 
 

@@ -464,6 +464,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class StopRequest:
+    """Ctrl-C (SIGINT) and SIGTERM while a training loop runs: noted, so the loop finishes its step, saves and
+    stops; restore() puts the previous handlers back."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = (signal.signal(signal.SIGINT, self._request), signal.signal(signal.SIGTERM, self._request))
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        """The handlers from before."""
+        signal.signal(signal.SIGINT, self._previous[0])
+        signal.signal(signal.SIGTERM, self._previous[1])
+
+
 def learning_rate(config: TrainConfig, step: int) -> float:
     """Cosine decay from learning_rate to final_learning_rate over the run."""
     progress = min(step / max(config.steps, 1), 1.0)
@@ -625,14 +642,7 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
         for group in estimator_optimizer.param_groups:
             group["lr"] = 0.1 * config.vignetting_learning_rate  # where the pre-training ends, kept from here on
 
-    interrupted = False
-
-    def on_interrupt(signum, frame):  # finish the step, save, stop
-        nonlocal interrupted
-        interrupted = True
-
-    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
-    previous_term = signal.signal(signal.SIGTERM, on_interrupt)
+    stop = StopRequest()  # Ctrl-C or SIGTERM: finish the step, save, stop
     absolute = model_config.coordinates == "absolute"
     model.train()
     started = time.time()
@@ -640,7 +650,7 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
     progress = tqdm(total=config.steps, initial=step, desc="training", unit="step")
     try:
         with (run_dir / "log.jsonl").open("a") as log:
-            while step < config.steps and not interrupted:
+            while step < config.steps and not stop.requested:
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(config, step)
                 batch = sample_batch(
@@ -689,6 +699,5 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
     finally:
         save()
         progress.close()
-        signal.signal(signal.SIGINT, previous_handler)
-        signal.signal(signal.SIGTERM, previous_term)
+        stop.restore()
     return checkpoint_path
