@@ -29,7 +29,7 @@ from rcam.comparators.casnet import DEFAULT_QUALITIES, ArtifactNetTraining, IspN
 from rcam.comparators.networks import parameter_count
 from rcam.errors import RcamError
 from rcam.measure.metrics import psnr
-from rcam.training.train import StopRequest, load_dataset, resolve_device, sample_batch
+from rcam.training.train import StopRequest, read_config, load_dataset, resolve_device, sample_batch
 
 # sample_batch makes each frame's thumbnail for rcam's global prior; the comparators do not use it.
 _UNUSED_THUMBNAIL = 8
@@ -68,10 +68,7 @@ class ComparatorConfig:
     @staticmethod
     def load(path: Path) -> "ComparatorConfig":
         """Read a JSON config file."""
-        try:
-            return ComparatorConfig(**json.loads(Path(path).read_text()))
-        except (OSError, ValueError, TypeError) as error:
-            raise RcamError(f"{path}: not a valid comparator training config ({error})") from None
+        return read_config(ComparatorConfig, path, "comparator training config")
 
     @property
     def export_name(self) -> str:

@@ -57,7 +57,7 @@ from rcam.measure.evaluate import EndToEndCodec
 from rcam.codec.layers import conv, deconv
 from rcam.codec.models import LAMBDA_RANGE, GainUnits, hyper_transforms, parameter_count, quantise_latent
 from rcam.codec.output import quantize
-from rcam.training.train import StopRequest, learning_rate, load_dataset, rd_loss, resolve_device, sample_batch, sample_lambdas
+from rcam.training.train import StopRequest, read_config, start_run, learning_rate, load_dataset, rd_loss, sample_batch, sample_lambdas
 from rcam.codec.zoo import (
     METADATA_KEY, Z_TABLE_KEY, Codec, as_float32, codec_from_model, file_digest, open_weights, resolve_weights,
     save_checkpoint, write_manifest_entry,
@@ -336,10 +336,7 @@ class RawToBitTrainConfig:
     @staticmethod
     def load(path: Path) -> "RawToBitTrainConfig":
         """Read a JSON config file."""
-        try:
-            return RawToBitTrainConfig(**json.loads(Path(path).read_text()))
-        except (OSError, ValueError, TypeError) as error:
-            raise RcamError(f"{path}: not a valid RAWtoBit training config ({error})") from None
+        return read_config(RawToBitTrainConfig, path, "RAWtoBit training config")
 
     def model_config(self) -> RawToBitConfig:
         """The widths this run trains."""
@@ -433,11 +430,7 @@ def train_stage(config: RawToBitTrainConfig, images: list | None = None) -> Path
     """
     if config.stage not in STAGES:
         raise RcamError(f"unknown RAWtoBit stage {config.stage!r}; choose from {', '.join(STAGES)}")
-    torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    device, run_dir = start_run(config)
     model_config = config.model_config()
     model = build(config.stage, model_config).to(device)
     loss_of = _StageStep(config, model, device)

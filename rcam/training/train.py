@@ -99,11 +99,7 @@ class TrainConfig:
     @staticmethod
     def load(path: Path) -> "TrainConfig":
         """Read a JSON config file."""
-        try:
-            values = json.loads(Path(path).read_text())
-            return TrainConfig(**values)
-        except (OSError, ValueError, TypeError) as error:  # ValueError: bad JSON, or not text at all (UnicodeDecodeError)
-            raise RcamError(f"{path}: not a valid training config ({error})") from None
+        return read_config(TrainConfig, path, "training config")
 
     def model_config(self) -> ModelConfig:
         """The model this run trains."""
@@ -464,6 +460,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def read_config(kind: type, path: Path, what: str):
+    """A JSON file -> the dataclass `kind` built from its keys; unreadable files and unknown keys raise RcamError."""
+    try:
+        return kind(**json.loads(Path(path).read_text()))
+    except (OSError, ValueError, TypeError) as error:  # ValueError: bad JSON, or not text at all (UnicodeDecodeError)
+        raise RcamError(f"{path}: not a valid {what} ({error})") from None
+
+
+def start_run(config) -> tuple[torch.device, Path]:
+    """A training run's set-up from its config (threads, device, run_dir): torch threads set, run_dir made with
+    the config written into it -> (device, run_dir)."""
+    torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    return device, run_dir
+
+
 class StopRequest:
     """Ctrl-C (SIGINT) and SIGTERM while a training loop runs: noted, so the loop finishes its step, saves and
     stops; restore() puts the previous handlers back."""
@@ -570,11 +585,7 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
         raise RcamError(f"ema_decay is {config.ema_decay}: use 0 (off) or a value in (0, 1), e.g. 0.999")
     if config.model_config().vignetting and not (config.fresh_defects and config.vignetting_examples > 0):
         raise RcamError("a model with the vignetting estimator trains with fresh_defects and vignetting_examples > 0 (its examples come from the clean twins)")
-    torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    device, run_dir = start_run(config)
     model_config = config.model_config()
     model = RealCamNet(model_config).to(device)
     estimator = model.vignetting
