@@ -96,6 +96,18 @@ def test_fit_uses_the_whole_frame_alike():
         fit_tone(decoded, reference, usable=np.ones((120, 159), bool))
 
 
+def test_fit_keeps_noisy_shadows_at_their_level():
+    # A render clips the negative half of its shadows' noise at black; a smooth decode of those shadows must
+    # come out at the render's mean level there, not at the mean of the pixels the clipping left above black.
+    rng = np.random.default_rng(4)
+    decoded = smooth_image(128, 128, seed=4)
+    decoded[:, :64] = np.linspace(0.0, 0.06, 64, dtype=np.float32)[None, :, None] + 0.002  # dark left half
+    reference = render_of(decoded + rng.normal(0.0, 0.03, decoded.shape))
+    corrected = quantize(apply_tone(decoded.copy(), fit_tone(decoded, reference)), 8).astype(np.float64)
+    shadows = (slice(None), slice(0, 64))
+    assert abs(corrected[shadows].mean() - reference[shadows].astype(np.float64).mean()) < 1.0
+
+
 def test_fit_leaves_clipped_and_unusable_pixels_out_and_stays_in_range():
     decoded = smooth_image(64, 64, seed=2)
     assert fit_tone(decoded, np.full((64, 64, 3), 255, np.uint8)) == identity(FIELD_KNOTS)  # all clipped
