@@ -89,6 +89,19 @@ def test_training_resumes_from_its_checkpoint(dataset, artifact_net_file, tmp_pa
         train_comparator(tiny_config("casnet-isp", dataset, tmp_path / "run", artifact_net_file))
 
 
+def test_validation_keeps_the_best_checkpoint_across_a_resume(dataset, artifact_net_file, tmp_path):
+    config = tiny_config("cameranet", dataset, tmp_path / "run", artifact_net_file, val_every=1, val_pairs=str(dataset), val_limit=1)
+    train_comparator(config, stop_at=2)
+    train_comparator(config)
+    validations = [r for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if "val" in r]
+    assert [r["step"] for r in validations] == [1, 2, 3]
+    best_record = max(validations, key=lambda r: r["val"]["psnr"])
+    best = torch.load(tmp_path / "run" / "best.pt", map_location="cpu", weights_only=True)
+    assert best["step"] == best_record["step"] and best["best_val_psnr"] == best_record["val"]["psnr"]
+    scores = [r["val"]["psnr"] for r in validations]
+    assert [r["best"] for r in validations] == [score > max(scores[:i], default=-math.inf) for i, score in enumerate(scores)]
+
+
 def test_isp_net_learns_through_the_frozen_artifact_net():
     """Compression-aware phase: with only the compression loss, the ISP gets gradients through CAS-Net, which stays fixed."""
     torch.manual_seed(0)

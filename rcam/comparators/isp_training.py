@@ -145,6 +145,9 @@ def train_comparator(
 ) -> Path:  # fmt: skip
     """Run (or resume) a comparator's training; returns the path of the last checkpoint.
 
+    With validation on, run_dir/best.pt keeps the checkpoint of the best validation PSNR so far (later steps
+    can be worse: CameraNet's first run scored 21.39 dB at step 1600 and 20.76 at 3400).
+
     images: preloaded training pairs (rcam.training.train.load_dataset), else the config's dataset is read. stop_at:
     stop (and save) after this many steps in all, leaving the rest of the phases for a resume. weights_dir:
     where a manifest name in `artifact_net` is looked up (default weights/).
@@ -162,8 +165,8 @@ def train_comparator(
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    checkpoint_path = run_dir / "last.pt"
-    step, seconds = 0, 0.0
+    checkpoint_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    step, seconds, best_psnr = 0, 0.0, -math.inf
     rng = np.random.default_rng(config.seed)
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
@@ -172,6 +175,7 @@ def train_comparator(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, seconds = int(state["step"]), float(state.get("seconds", 0.0))
+        best_psnr = float(state.get("best_val_psnr", -math.inf))
         rng = np.random.default_rng([config.seed, step])  # a fresh stream per resume, reproducible
     (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     if images is None:
@@ -180,15 +184,15 @@ def train_comparator(
             fresh_defects=config.fresh_defects,
         )  # fmt: skip
 
-    def save() -> None:
+    def save(path: Path = checkpoint_path) -> None:
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "seconds": seconds,
             "system": config.comparator, "architecture": model.config.to_dict(), "config": asdict(config),
-            "phases": dict(plan), "sources": sources,
+            "phases": dict(plan), "sources": sources, "best_val_psnr": best_psnr,
         }  # fmt: skip
-        tmp = checkpoint_path.with_suffix(".tmp")
+        tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
-        tmp.replace(checkpoint_path)
+        tmp.replace(path)
 
     stop = StopRequest()  # Ctrl-C or SIGTERM: finish the step, save, stop
     model.train()
@@ -228,9 +232,13 @@ def train_comparator(
                     save()
                 if config.val_every and config.val_pairs and step % config.val_every == 0:
                     scores = validate(model, config)
-                    log.write(json.dumps({"step": step, "val": scores}) + "\n")
+                    improved = scores["psnr"] > best_psnr
+                    if improved:
+                        best_psnr = scores["psnr"]
+                        save(best_path)
+                    log.write(json.dumps({"step": step, "val": scores, "best": improved}) + "\n")
                     log.flush()
-                    progress.write(f"step {step} validation: {scores}")
+                    progress.write(f"step {step} validation: {scores}" + (" (best so far, saved best.pt)" if improved else ""))
     finally:
         save()
         progress.close()
