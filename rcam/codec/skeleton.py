@@ -83,15 +83,20 @@ class Development:
         return matrix, torch.full((batch,), float(self.white), dtype=torch.float32, device=device)
 
 
-def develop(planes: torch.Tensor, cam_to_srgb: torch.Tensor, white: torch.Tensor) -> torch.Tensor:
-    """Encoder-space planes (B, 4, h, w) -> sRGB (B, 3, 2h, 2w) in [0, 1]; cam_to_srgb (B, 3, 3), white (B,)."""
+def camera_planes(planes: torch.Tensor, cam_to_srgb: torch.Tensor, white: torch.Tensor) -> torch.Tensor:
+    """Encoder-space planes (B, 4, h, w) -> the white-balanced camera planes R, G1, G2, B they came from (same
+    shape; 1 = the sensor's white level after white balance): rawio.normalise_planes undone."""
     linear = srgb_to_linear(planes) * white[:, None, None, None]
     red, green1, green2, blue = linear.unbind(1)
     green = 0.5 * (green1 + green2)
     camera = torch.einsum("bij,bjhw->bihw", torch.linalg.inv(cam_to_srgb), torch.stack([red, green, blue], 1))
     # The encoder shifted both greens by (sRGB green - camera green) of their cell: shift them back.
     shift = green - camera[:, 1]
-    mosaic_planes = torch.stack([camera[:, 0], green1 - shift, green2 - shift, camera[:, 2]], 1)
-    camera_rgb = demosaic(mosaic_planes).clamp(0.0, 1.0)  # LibRaw clips at white after white balance
+    return torch.stack([camera[:, 0], green1 - shift, green2 - shift, camera[:, 2]], 1)
+
+
+def develop(planes: torch.Tensor, cam_to_srgb: torch.Tensor, white: torch.Tensor) -> torch.Tensor:
+    """Encoder-space planes (B, 4, h, w) -> sRGB (B, 3, 2h, 2w) in [0, 1]; cam_to_srgb (B, 3, 3), white (B,)."""
+    camera_rgb = demosaic(camera_planes(planes, cam_to_srgb, white)).clamp(0.0, 1.0)  # LibRaw clips at white after white balance
     srgb = torch.einsum("bij,bjhw->bihw", cam_to_srgb, camera_rgb).clamp(0.0, 1.0)
     return linear_to_srgb((srgb / white[:, None, None, None]).clamp(0.0, 1.0))
