@@ -22,9 +22,10 @@ from rcam.training.dng import write_bayer_dng
 TILE, OVERLAP = 64, 32  # packed pixels: a tile lattice every 2 * (TILE - OVERLAP) = 64 output pixels
 # The decoded spectrum at the artifact frequencies may exceed the reference's by this factor. The reference
 # of a noisy flat frame has white noise there; a decoder that removes noise and adds no pattern has less. The
-# shipped stage-8 model has 2.1x at the 2-pixel period (what is left comes from demosaicing reconstructed
-# planes, not from the correction, which rcam.codec.skeleton.band_limit keeps off that period); stage 7 had 7.4x,
-# stage 8's correction without the band limit 13.5x. The margin catches those, not yet the last 2.1x.
+# shipped stage-9 model has 2.0x (clean) and 1.9x (faithful) at the 2-pixel period, stage 8 2.1x (what is left
+# comes from demosaicing reconstructed planes, not from the correction, which rcam.codec.skeleton.band_limit keeps
+# off that period); stage 7 had 7.4x, stage 8's correction without the band limit 13.5x. The margin catches
+# those, not yet the last 2x.
 SPECTRAL_MARGIN = 2.5
 
 
