@@ -42,20 +42,18 @@ from rcam.codec.engine import (
     check_model,
     decode_latents,
     entropy_code,
-    header_development,
-    header_tiles,
+    blend_tiles,
     hyper_path,
-    look_tensor,
-    map_tiles,
     metadata_of,
+    synthesise_tiles,
     synthesize,
     tone_fit_tiles,
     tone_reference,
 )  # fmt: skip
 from rcam.codec.metadata import check_metadata, read_metadata, upright
 from rcam.codec.output import PNG_LEVEL, _png_with_icc, encode_image, srgb_icc_profile, write_atomic
-from rcam.codec.rawio import apply_flip, read_raw, reference_render, undo_flip
-from rcam.codec.tiling import DEFAULT_OVERLAP, blend_weights
+from rcam.codec.rawio import oriented_view, read_raw, reference_render, undo_flip
+from rcam.codec.tiling import DEFAULT_OVERLAP
 from rcam.codec.tone import apply_tone, fit_tone
 from rcam.codec.zoo import load_codec
 from rcam.demo import sample_scene
@@ -98,47 +96,28 @@ def staged_encode(codec, dng: Path, lam: float, tile: int, overlap: int, look: s
     with stages("tone fit: synthesis"):  # rcam.codec.engine.fit_header_tone
         decoded, complete = synthesize(codec, header, latents, tone_fit_tiles(header))
     with stages("tone fit: fit"):
-        tone = fit_tone(decoded.clamp_(0.0, 1.0).permute(1, 2, 0).numpy(), undo_flip(reference, header.flip), complete.numpy())
+        tone = fit_tone(decoded.clamp_(0.0, 1.0).numpy(), undo_flip(reference, header.flip), complete.numpy())
     with stages("container write"):
         return container.write(replace(header, tone=tone), streams)
 
 
 def staged_decode(codec, data: bytes, target: Path, stages: Stages) -> bytes:
     """rcam.codec.engine.decode_bytes and the PNG write of `rcam decode`, one timed stage at a time; returns the PNG bytes."""
-    model, device = codec.model, codec.device
     with stages("container read"):
         header, streams = container.read(data)
         check_model(codec, header)
     with stages("entropy decoding"):
         latents = decode_latents(codec, header, streams)
-    tiles = header_tiles(header)
     with stages("synthesis"):  # rcam.codec.engine.synthesize, its network part
-        with torch.inference_mode():
-            _, inverse_gain = model.gains(torch.tensor([header.lam], device=device))
-            development = header_development(codec, header, 1)
-            look = look_tensor(header.look, 1, device)
-
-        def synthesise(tile_latents):
-            return model.synthesis(tile_latents.y_hat.to(device) * inverse_gain, development, look)[0].float().cpu()
-
-        with closing(map_tiles(device, synthesise, latents)) as results:
+        with closing(synthesise_tiles(codec, header, latents)) as results:
             tile_images = list(results)
     with stages("blending"):  # rcam.codec.engine.synthesize, its canvas part
-        extent = (tiles[-1].top + tiles[-1].height, tiles[-1].left + tiles[-1].width)
-        canvas = torch.zeros(3, 2 * extent[0], 2 * extent[1])
-        weight_sum = torch.zeros(2 * extent[0], 2 * extent[1])
-        for tile, tile_image in zip(tiles, tile_images):
-            weights = blend_weights(tile, extent, header.overlap, scale=2)
-            rows = slice(2 * tile.top, 2 * (tile.top + tile.height))
-            cols = slice(2 * tile.left, 2 * (tile.left + tile.width))
-            canvas[:, rows, cols] += tile_image * weights
-            weight_sum[rows, cols] += weights
-        image = canvas.div_(weight_sum.clamp_min_(1e-12))
-        image = image[:, header.pad_top : header.pad_top + header.sensor_height, header.pad_left : header.pad_left + header.sensor_width]
+        image, _ = blend_tiles(header, tile_images)
+        del tile_images
     with stages("tone"):
-        toned = apply_tone(np.ascontiguousarray(image.clamp_(0.0, 1.0).permute(1, 2, 0).numpy()), header.tone)
+        toned = apply_tone(image.clamp_(0.0, 1.0).numpy(), header.tone)
     with stages("orientation"):
-        oriented = apply_flip(toned, header.flip)
+        oriented = oriented_view(toned, header.flip)
     with stages("image write (PNG)"):
         png = encode_image(oriented, "png", 8, 95, upright(metadata_of(data)))
         write_atomic(target, png)

@@ -64,7 +64,7 @@ def decoded_sensor(codec, data: bytes) -> tuple[np.ndarray, container.Header]:
     """(H, W, 3) uint8 decoded frame in sensor orientation (tone applied), and the header."""
     header, streams = container.read(data)
     image, _ = rcam_codec.synthesize(codec, header, rcam_codec.decode_latents(codec, header, streams))
-    toned = apply_tone(np.ascontiguousarray(image.clamp_(0, 1).permute(1, 2, 0).numpy()), header.tone)
+    toned = apply_tone(image.clamp_(0, 1).numpy(), header.tone)
     return quantize(toned, 8), header
 
 
@@ -105,7 +105,7 @@ def tone_table(codec, path: Path, lam: float) -> None:
     start = time.perf_counter()
     full, _ = rcam_codec.synthesize(codec, header, latents)
     synthesis_s = time.perf_counter() - start
-    decoded = np.ascontiguousarray(full.clamp_(0, 1).permute(1, 2, 0).numpy())
+    decoded = np.ascontiguousarray(full.clamp_(0, 1).numpy())
     sensor_reference = undo_flip(reference, header.flip)
     tiles = len(latents)
 

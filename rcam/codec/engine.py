@@ -18,7 +18,7 @@ from rcam.codec.entropy import TileLatents
 from rcam.codec.layers import log_gain_at
 from rcam.codec.metadata import EMPTY, Metadata, check_metadata
 from rcam.codec.models import LAMBDA_RANGE
-from rcam.codec.rawio import RawImage, apply_flip, network_input, network_input_and_white, read_raw, reference_render, undo_flip
+from rcam.codec.rawio import RawImage, network_input, network_input_and_white, oriented_view, read_raw, reference_render, undo_flip
 from rcam.codec.skeleton import Development
 from rcam.codec.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, blend_weights, coordinate_map, crop_tile, plan_tiles, thumbnail
 from rcam.codec.tone import FIELD_KNOTS, IDENTITY, apply_tone, fit_tone, identity
@@ -298,8 +298,7 @@ def fit_header_tone(codec: Codec, header: container.Header, latents: list[TileLa
     image, complete = synthesize(codec, header, latents, tone_fit_tiles(header))
     # The field lives on the sensor frame, as the tiles do: a file's decoded pixels do not depend on its
     # orientation tag beyond the final flip.
-    decoded = image.clamp_(0.0, 1.0).permute(1, 2, 0).numpy()
-    return fit_tone(decoded, undo_flip(reference, header.flip), complete.numpy())
+    return fit_tone(image.clamp_(0.0, 1.0).numpy(), undo_flip(reference, header.flip), complete.numpy())
 
 
 def estimated_falloff(codec: Codec, image: RawImage) -> np.ndarray | None:
@@ -396,22 +395,14 @@ def decode_latents(codec: Codec, header: container.Header, streams: list[bytes])
     return latents
 
 
-def synthesize(
-    codec: Codec, header: container.Header, latents: list[TileLatents], wanted: list[bool] | None = None, progress=None
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Tiles' latents -> ((3, H, W) blended sensor-oriented RGB, unclamped; (H, W) bool: pixels whose tiles all ran).
+def synthesise_tiles(codec: Codec, header: container.Header, latents: Iterable[TileLatents]) -> Iterator[torch.Tensor]:
+    """Tiles' latents -> each tile's (3, 2h, 2w) float32 RGB on the CPU, in order, a few tiles in hand at once.
 
-    `wanted` picks the tiles to synthesise (all by default). Each tile goes through the synthesis alone, on
-    one thread (map_tiles): batched convolutions and the thread count change the rounding, and a file must
-    decode to the same pixels however it is run.
+    Each tile goes through the synthesis alone, on one thread (map_tiles): batched convolutions and the thread
+    count change the rounding, and a file must decode to the same pixels however it is run. Close the iterator
+    (contextlib.closing) when leaving it early.
     """
-    tiles = header_tiles(header)
-    wanted = wanted or [True] * len(tiles)
     model, device = codec.model, codec.device
-    extent = (tiles[-1].top + tiles[-1].height, tiles[-1].left + tiles[-1].width)
-    canvas = torch.zeros(3, 2 * extent[0], 2 * extent[1])
-    weight_sum = torch.zeros(2 * extent[0], 2 * extent[1])
-    missing = torch.zeros(2 * extent[0], 2 * extent[1], dtype=torch.bool)  # covered by a tile left out
     with torch.inference_mode():
         _, inverse_gain = model.gains(torch.tensor([header.lam], device=device))
         development = header_development(codec, header, 1)
@@ -420,32 +411,63 @@ def synthesize(
     def synthesise(tile_latents: TileLatents) -> torch.Tensor:
         return model.synthesis(tile_latents.y_hat.to(device) * inverse_gain, development, look)[0].float().cpu()
 
-    with closing(map_tiles(device, synthesise, [t for t, run in zip(latents, wanted) if run])) as tile_images:
-        for tile, run in zip(tiles, wanted):
-            weights = blend_weights(tile, extent, header.overlap, scale=2)
-            rows = slice(2 * tile.top, 2 * (tile.top + tile.height))
-            cols = slice(2 * tile.left, 2 * (tile.left + tile.width))
-            if not run:
-                missing[rows, cols] = True  # blend weights are positive over the whole tile
-                continue
-            canvas[:, rows, cols] += next(tile_images) * weights
-            weight_sum[rows, cols] += weights
-            if progress:
-                progress()
+    return map_tiles(device, synthesise, latents)
+
+
+def blend_tiles(
+    header: container.Header, tile_images: Iterable[torch.Tensor], wanted: list[bool] | None = None, progress=None
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The wanted tiles' (3, 2h, 2w) images, in order -> ((H, W, 3) blended sensor-oriented RGB, unclamped; (H, W)
+    bool: pixels whose tiles all ran).
+
+    The canvas is laid out (H, W, 3), the order the tone, the orientation and the image writers read, so no
+    full-frame copy is made to reorder it; the returned image is a view of it (the visible area).
+    """
+    tiles = header_tiles(header)
+    wanted = wanted or [True] * len(tiles)
+    extent = (tiles[-1].top + tiles[-1].height, tiles[-1].left + tiles[-1].width)
+    canvas = torch.zeros(2 * extent[0], 2 * extent[1], 3)
+    weight_sum = torch.zeros(2 * extent[0], 2 * extent[1])
+    missing = torch.zeros(2 * extent[0], 2 * extent[1], dtype=torch.bool)  # covered by a tile left out
+    tile_images = iter(tile_images)
+    for tile, run in zip(tiles, wanted):
+        weights = blend_weights(tile, extent, header.overlap, scale=2)
+        rows = slice(2 * tile.top, 2 * (tile.top + tile.height))
+        cols = slice(2 * tile.left, 2 * (tile.left + tile.width))
+        if not run:
+            missing[rows, cols] = True  # blend weights are positive over the whole tile
+            continue
+        canvas[rows, cols] += next(tile_images).permute(1, 2, 0) * weights[:, :, None]
+        weight_sum[rows, cols] += weights
+        if progress:
+            progress()
     complete = ~missing & (weight_sum > 0)
-    image = canvas.div_(weight_sum.clamp_min_(1e-12))  # in place: a full-frame float copy less at 24 MP
+    image = canvas.div_(weight_sum.clamp_min_(1e-12)[:, :, None])  # in place: a full-frame float copy less
     visible = (slice(header.pad_top, header.pad_top + header.sensor_height), slice(header.pad_left, header.pad_left + header.sensor_width))
-    return image[:, visible[0], visible[1]], complete[visible[0], visible[1]]
+    return image[visible], complete[visible]
+
+
+def synthesize(
+    codec: Codec, header: container.Header, latents: list[TileLatents], wanted: list[bool] | None = None, progress=None
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Tiles' latents -> ((H, W, 3) blended sensor-oriented RGB, unclamped; (H, W) bool: pixels whose tiles all ran).
+
+    `wanted` picks the tiles to synthesise (all by default); synthesise_tiles and blend_tiles say how.
+    """
+    wanted = wanted or [True] * len(latents)
+    with closing(synthesise_tiles(codec, header, [t for t, run in zip(latents, wanted) if run])) as tile_images:
+        return blend_tiles(header, tile_images, wanted, progress)
 
 
 def decode_bytes(codec: Codec, data: bytes, progress=None) -> np.ndarray:
-    """.rcb bytes -> (H, W, 3) float32 sRGB in [0, 1], oriented, the reference render's size, tone-corrected."""
+    """.rcb bytes -> (H, W, 3) float32 sRGB in [0, 1], oriented, the reference render's size, tone-corrected
+    (a strided view of the decoder's canvas: np.ascontiguousarray it before handing it to code that needs that)."""
     header, streams = container.read(data)
     check_model(codec, header)
     latents = decode_latents(codec, header, streams)
     image, _ = synthesize(codec, header, latents, progress=progress)
-    toned = apply_tone(np.ascontiguousarray(image.clamp_(0.0, 1.0).permute(1, 2, 0).numpy()), header.tone)
-    return apply_flip(toned, header.flip)
+    # A view: every caller quantises it next, and an oriented float copy was 288 MB at 24 MP.
+    return oriented_view(apply_tone(image.clamp_(0.0, 1.0).numpy(), header.tone), header.flip)
 
 
 def metadata_of(data: bytes) -> Metadata:

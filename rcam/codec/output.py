@@ -43,11 +43,17 @@ def srgb_icc_profile() -> bytes:
     return bytes(profile)
 
 
+QUANTIZE_BAND_ROWS = 256  # rows quantize converts at a time: its float temporaries were 3 frames at 24 MP
+
+
 def quantize(image: np.ndarray, bits: int) -> np.ndarray:
-    """(H, W, 3) float in [0, 1] -> uint8 or uint16, rounding to nearest."""
+    """(H, W, ...) float in [0, 1] -> uint8 or uint16 of the same shape, rounding to nearest."""
     peak = (1 << bits) - 1
-    values = np.round(np.clip(image, 0.0, 1.0) * peak)
-    return values.astype(np.uint8 if bits == 8 else np.uint16)
+    pixels = np.empty(image.shape, np.uint8 if bits == 8 else np.uint16)
+    for top in range(0, image.shape[0], QUANTIZE_BAND_ROWS):
+        band = slice(top, top + QUANTIZE_BAND_ROWS)
+        pixels[band] = np.round(np.clip(image[band], 0.0, 1.0) * peak)
+    return pixels
 
 
 def _png_with_icc(png: bytes, profile: bytes, extra: bytes = b"") -> bytes:

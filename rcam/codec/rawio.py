@@ -388,15 +388,20 @@ def reference_render(path: Path, falloff: np.ndarray | None = None, raw_noise: n
         raw.close()
 
 
-def apply_flip(image: np.ndarray, flip: int) -> np.ndarray:
-    """Orient an (H, W, C) image as LibRaw does for its flip code (same result as the reference render)."""
+def oriented_view(image: np.ndarray, flip: int) -> np.ndarray:
+    """apply_flip as a view of `image` (strided, no copy): for callers that only read it, e.g. to quantise."""
     if flip & 2:
         image = image[::-1]
     if flip & 1:
         image = image[:, ::-1]
     if flip & 4:
         image = image.transpose(1, 0, 2)
-    return np.ascontiguousarray(image)
+    return image
+
+
+def apply_flip(image: np.ndarray, flip: int) -> np.ndarray:
+    """Orient an (H, W, C) image as LibRaw does for its flip code (same result as the reference render)."""
+    return np.ascontiguousarray(oriented_view(image, flip))
 
 
 def undo_flip(image: np.ndarray, flip: int) -> np.ndarray:

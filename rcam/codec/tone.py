@@ -26,6 +26,7 @@ OFFSET_RANGE = (-0.5, 0.5)
 MIN_FIT_PIXELS = 64  # fewer usable pixels per channel than this: that channel stays as decoded
 RIDGE = 0.05  # pull of each knot towards the channel's single gain and offset, relative to the mean data weight
 FIT_STRIDE = 2  # the fit reads every other row and column: 72 unknowns need far fewer pixels
+APPLY_BAND_ROWS = 256  # rows apply_tone corrects at a time (memory, not results)
 
 
 def identity(knots: int = 1) -> tuple[float, ...]:
@@ -144,13 +145,15 @@ def apply_tone(image: np.ndarray, tone: tuple[float, ...]) -> np.ndarray:
     rows = knot_basis(height, knots).astype(np.float32)
     cols = knot_basis(width, knots).astype(np.float32)
     fields = np.asarray(tone, dtype=np.float32).reshape(2, 3, knots, knots)
-    for channel in range(3):
-        gain = rows @ fields[0, channel] @ cols.T
-        offset = rows @ fields[1, channel] @ cols.T
-        plane = image[..., channel]
-        np.multiply(plane, gain, out=plane)
-        np.add(plane, offset, out=plane)
-    return np.clip(image, 0.0, 1.0, out=image)
+    # In bands of rows: full-frame gain and offset planes were 2 x 96 MB of float32 at 24 MP.
+    for top in range(0, height, APPLY_BAND_ROWS):
+        band = slice(top, top + APPLY_BAND_ROWS)
+        for channel in range(3):
+            plane = image[band, :, channel]
+            np.multiply(plane, rows[band] @ fields[0, channel] @ cols.T, out=plane)
+            np.add(plane, rows[band] @ fields[1, channel] @ cols.T, out=plane)
+            np.clip(plane, 0.0, 1.0, out=plane)
+    return image
 
 
 def describe_tone(tone: tuple[float, ...]) -> str:
