@@ -29,7 +29,7 @@ from rcam.comparators.casnet import DEFAULT_QUALITIES, ArtifactNetTraining, IspN
 from rcam.comparators.networks import parameter_count
 from rcam.errors import RcamError
 from rcam.measure.metrics import psnr
-from rcam.training.train import StopRequest, read_config, load_dataset, resolve_device, sample_batch
+from rcam.training.train import StopRequest, load_dataset, read_config, record_validation, resolve_device, sample_batch
 
 # sample_batch makes each frame's thumbnail for rcam's global prior; the comparators do not use it.
 _UNUSED_THUMBNAIL = 8
@@ -236,9 +236,7 @@ def train_comparator(
                     if improved:
                         best_psnr = scores["psnr"]
                         save(best_path)
-                    log.write(json.dumps({"step": step, "val": scores, "best": improved}) + "\n")
-                    log.flush()
-                    progress.write(f"step {step} validation: {scores}" + (" (best so far, saved best.pt)" if improved else ""))
+                    record_validation(log, progress, step, scores, improved)
     finally:
         save()
         progress.close()

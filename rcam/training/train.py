@@ -479,6 +479,13 @@ def start_run(config) -> tuple[torch.device, Path]:
     return device, run_dir
 
 
+def record_validation(log, progress, step: int, scores: dict, improved: bool, heading: str = "validation", **extra) -> None:
+    """One validation in a run's log.jsonl (flushed) and on the progress bar, saying when it made a new best.pt."""
+    log.write(json.dumps({"step": step, "val": scores, **extra, "best": improved}) + "\n")
+    log.flush()
+    progress.write(f"step {step} {heading}: {scores}" + (" (best so far, saved best.pt)" if improved else ""))
+
+
 class StopRequest:
     """Ctrl-C (SIGINT) and SIGTERM while a training loop runs: noted, so the loop finishes its step, saves and
     stops; restore() puts the previous handlers back."""
@@ -704,9 +711,7 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
                     if improved:  # later steps can be worse on held-out data: keep the best one to export
                         best_cost = cost
                         save(best_path)
-                    log.write(json.dumps({"step": step, "val": scores, "val_cost": cost, "best": improved}) + "\n")
-                    log.flush()
-                    progress.write(f"step {step} validation at lambda {config.val_lambda}: {scores}, cost {cost:.4f}" + (" (best so far, saved best.pt)" if improved else ""))
+                    record_validation(log, progress, step, scores, improved, f"validation at lambda {config.val_lambda}, cost {cost:.4f}", val_cost=cost)
     finally:
         save()
         progress.close()
