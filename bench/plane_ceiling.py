@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from rcam.codec import container
-from rcam.codec.engine import decode_bytes, decode_latents, encode_file, header_development, header_tiles, look_tensor
+from rcam.codec.engine import decode_bytes, decode_latents, encode_file, header_tiles, synthesis_conditions
 from rcam.codec.output import quantize
 from rcam.codec.rawio import apply_flip, network_input_and_white, read_raw, reference_render, undo_flip
 from rcam.codec.skeleton import camera_planes, develop
@@ -62,9 +62,8 @@ def decoded_planes(codec, data: bytes) -> tuple[container.Header, np.ndarray]:
     extent = (tiles[-1].top + tiles[-1].height, tiles[-1].left + tiles[-1].width)
     canvas, weight_sum = torch.zeros(4, *extent), torch.zeros(*extent)
     model = codec.model
+    inverse_gain, development, look = synthesis_conditions(codec, header)
     with torch.inference_mode():
-        _, inverse_gain = model.gains(torch.tensor([header.lam]))
-        development, look = header_development(codec, header, 1), look_tensor(header.look, 1, "cpu")
         for tile, latents in zip(tiles, decode_latents(codec, header, streams)):
             planes = model.synthesis_parts(latents.y_hat * inverse_gain, development, look)[1][0]
             weights = blend_weights(tile, extent, header.overlap, scale=1)

@@ -395,6 +395,15 @@ def decode_latents(codec: Codec, header: container.Header, streams: list[bytes])
     return latents
 
 
+def synthesis_conditions(codec: Codec, header: container.Header) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]:
+    """What the synthesis of each of a file's tiles takes besides its latents: (the inverse λ gain (1, M, 1, 1),
+    the skeleton's development or None, the look (1,)), on the codec's device."""
+    device = codec.device
+    with torch.inference_mode():
+        _, inverse_gain = codec.model.gains(torch.tensor([header.lam], device=device))
+        return inverse_gain, header_development(codec, header, 1), look_tensor(header.look, 1, device)
+
+
 def synthesise_tiles(codec: Codec, header: container.Header, latents: Iterable[TileLatents]) -> Iterator[torch.Tensor]:
     """Tiles' latents -> each tile's (3, 2h, 2w) float32 RGB on the CPU, in order, a few tiles in hand at once.
 
@@ -403,10 +412,7 @@ def synthesise_tiles(codec: Codec, header: container.Header, latents: Iterable[T
     (contextlib.closing) when leaving it early.
     """
     model, device = codec.model, codec.device
-    with torch.inference_mode():
-        _, inverse_gain = model.gains(torch.tensor([header.lam], device=device))
-        development = header_development(codec, header, 1)
-        look = look_tensor(header.look, 1, device)
+    inverse_gain, development, look = synthesis_conditions(codec, header)
 
     def synthesise(tile_latents: TileLatents) -> torch.Tensor:
         return model.synthesis(tile_latents.y_hat.to(device) * inverse_gain, development, look)[0].float().cpu()
