@@ -33,7 +33,17 @@ from rcam.demo import run_demo
 from rcam.errors import RcamError
 from rcam.measure.metrics import psnr
 from rcam.training.synth import DefectParams
-from rcam.training.train import TrainConfig, fresh_crop, load_dataset, load_starting_weights, sample_batch, train, validation_cost
+from rcam.training.train import (
+    TrainConfig,
+    fresh_crop,
+    load_dataset,
+    load_starting_weights,
+    periodic_error,
+    rd_loss,
+    sample_batch,
+    train,
+    validation_cost,
+)
 
 
 def test_training_resumes_and_exports(dataset, tmp_path):
@@ -93,6 +103,37 @@ def test_training_resumes_and_exports(dataset, tmp_path):
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(RcamError, match="not in"):
         load_codec("no-such-model", weights_dir=tmp_path)
+
+
+def test_periodic_error_measures_a_lattice_pattern_and_little_of_random_error():
+    generator = torch.Generator().manual_seed(0)
+    height = width = 128
+    noise = 0.05 * torch.randn(2, 3, height, width, generator=generator)
+    # A 4-pixel checker of amplitude 0.02 on top of the noise and a constant offset (the offset is not periodic).
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    checker = 0.02 * torch.where(((rows // 2) + (cols // 2)) % 2 == 0, 1.0, -1.0)
+    noise_only = periodic_error(noise + 0.1, [4])
+    with_pattern = periodic_error(noise + 0.1 + checker, [4])
+    # The pattern's power is 0.02² = 4e-4; the noise leaves about 0.05² · 16 / 128² = 2.4e-6.
+    assert torch.all(noise_only < 1e-5)
+    assert torch.allclose(with_pattern, torch.full((2,), 4e-4), rtol=0.1)
+    # A 4-pixel checker averages out at the 2-pixel period and is whole again at 8 (it repeats there too).
+    assert torch.all(periodic_error(checker.expand(2, 3, -1, -1), [2]) < 1e-12)
+    assert torch.allclose(periodic_error(checker.expand(2, 3, -1, -1), [8]), torch.full((2,), 4e-4))
+    with pytest.raises(RcamError, match="does not divide"):
+        periodic_error(noise, [3])
+
+
+def test_rd_loss_charges_the_periodic_error_only_when_weighted():
+    target = torch.zeros(2, 3, 16, 16)
+    rows, cols = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    output = {"rgb": (0.01 * ((rows + cols) % 2 * 2 - 1)).expand(2, 3, -1, -1), "likelihoods": {"y": torch.ones(2, 4)}}
+    lam = torch.full((2,), 0.01)
+    plain = rd_loss(output, target, lam)
+    weighted = rd_loss(output, target, lam, periodic_weight=10.0, periods=[2])
+    assert "periodic255" not in plain and float(weighted["periodic255"]) == pytest.approx(0.01**2 * 255**2, rel=1e-4)
+    # Every bit of this error is periodic: the term adds 10 times the image term.
+    assert float(weighted["loss"]) == pytest.approx(11 * float(plain["loss"]), rel=1e-4)
 
 
 def test_validation_cost_prefers_fewer_bits_and_less_error():

@@ -92,6 +92,12 @@ class TrainConfig:
     # keeps them: faithful look or clean input), in the units of the image term; it gives the new plane head a
     # direct signal, where the skeleton's clipping would hide gradients from a bad start.
     plane_weight: float = 0.0
+    # Weight of the periodic part of the output's error (periodic_error), in the units of the image term. A
+    # flat frame decoded by stage 9 carried 7.7x the reference's energy at the 4-pixel period (the synthesis's
+    # last upsampling, seen through the demosaic) and 3.3x at 8 pixels: MSE barely sees a pattern that weak,
+    # so it needs a weight of its own to be trained away.
+    periodic_weight: float = 0.0
+    periodic_periods: list = field(default_factory=lambda: [2, 4, 8])  # output pixels, each dividing 2 · patch
     # Defect families (rcam.training.synth.FAMILIES) that fresh defects and vignetting examples never draw: kept for a
     # validation set made with `rcam synth --held-out`, which then measures generalisation to unseen defects.
     held_out_families: list = field(default_factory=lambda: list(HELD_OUT_FAMILIES))
@@ -379,14 +385,35 @@ def sample_lambdas(batch_size: int, low: float, high: float, rng: np.random.Gene
     return torch.from_numpy(np.exp(rng.uniform(math.log(low), math.log(high), batch_size))).float()
 
 
+def periodic_error(residual: torch.Tensor, periods: Sequence[int]) -> torch.Tensor:
+    """(B, C, H, W) error -> (B,) power of its part that repeats with each period (pixels), summed over periods.
+
+    The error averaged over every position of the same phase (y mod p, x mod p) is the pattern a period-p
+    texture leaves; its variance over the p x p phases (per channel, its mean taken out) is that texture's
+    power. Random error averages out of it (a 1 / (H W / p²) share remains), so the term is aimed at the
+    decoder's upsampling lattice, not at detail.
+    """
+    batch, channels, height, width = residual.shape
+    total = residual.new_zeros(batch)
+    for period in periods:
+        if height % period or width % period:
+            raise RcamError(f"periodic_periods: {period} does not divide the {height}x{width} training output")
+        pattern = residual.reshape(batch, channels, height // period, period, width // period, period).mean(dim=(2, 4))
+        pattern = pattern - pattern.mean(dim=(2, 3), keepdim=True)
+        total = total + pattern.pow(2).mean(dim=(1, 2, 3))
+    return total
+
+
 def rd_loss(
     output: dict, target: torch.Tensor, lam: torch.Tensor, planes_target: torch.Tensor | None = None,
-    planes_mask: torch.Tensor | None = None, plane_weight: float = 0.0,
+    planes_mask: torch.Tensor | None = None, plane_weight: float = 0.0, periodic_weight: float = 0.0,
+    periods: Sequence[int] = (),
 ) -> dict:  # fmt: skip
     """Per-sample R + λ·255²·MSE, averaged; also returns bpp and MSE (8-bit scale) for logging.
 
     With plane_weight, a skeleton model's reconstructed planes also pay plane_weight·λ·255²·MSE against
-    planes_target (B, 4, h, w) on the samples planes_mask (B,) picks.
+    planes_target (B, 4, h, w) on the samples planes_mask (B,) picks. With periodic_weight, the output's
+    periodic_error at `periods` pays periodic_weight·λ·255² too (logged as `periodic255`).
     """
     batch, _, height, width = target.shape
     bits = sum(-torch.log2(lik).reshape(batch, -1).sum(dim=1) for lik in output["likelihoods"].values())
@@ -396,8 +423,13 @@ def rd_loss(
     if plane_weight and output.get("planes") is not None:
         plane_mse = ((output["planes"] - planes_target) ** 2).reshape(batch, -1).mean(dim=1)
         distortion = distortion + plane_weight * planes_mask.float() * plane_mse
+    terms = {}
+    if periodic_weight:
+        periodic = periodic_error(output["rgb"] - target, periods)
+        distortion = distortion + periodic_weight * periodic
+        terms["periodic255"] = (periodic * 255.0**2).mean()
     loss = (bpp + lam.to(bpp.device) * 255.0**2 * distortion).mean()
-    return {"loss": loss, "bpp": bpp.mean(), "mse255": (mse * 255.0**2).mean()}
+    return {"loss": loss, "bpp": bpp.mean(), "mse255": (mse * 255.0**2).mean()} | terms
 
 
 def validation_sets(config: TrainConfig) -> dict[str, list[tuple[Path, Path | None]]]:
@@ -665,6 +697,7 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
     model.train()
     started = time.time()
     sums = {"loss": 0.0, "bpp": 0.0, "mse255": 0.0} | ({"vignetting": 0.0} if estimator is not None else {})
+    sums |= {"periodic255": 0.0} if config.periodic_weight else {}
     progress = tqdm(total=config.steps, initial=step, desc="training", unit="step")
     try:
         with (run_dir / "log.jsonl").open("a") as log:
@@ -681,7 +714,9 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
                 output = model(batch["x"], batch["coords"], batch["thumbnail"], lam.to(device), batch["look"], development)
                 # The planes the skeleton should get back are the input itself where the target keeps them.
                 keeps_planes = (batch["look"] == 1) | batch["clean_input"]
-                terms = rd_loss(output, batch["target"], lam, batch["x"], keeps_planes, config.plane_weight)
+                terms = rd_loss(
+                    output, batch["target"], lam, batch["x"], keeps_planes, config.plane_weight, config.periodic_weight, config.periodic_periods
+                )  # fmt: skip
                 optimizer.zero_grad(set_to_none=True)
                 terms["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(codec_parameters, 1.0)
