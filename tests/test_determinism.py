@@ -22,11 +22,13 @@ from rcam.codec import engine as codec
 from rcam.codec.output import quantize
 from rcam.codec.rawio import network_input, read_raw
 from rcam.codec.tiling import DEFAULT_TILE, plan_tiles
-from rcam.codec.zoo import DEFAULT_MODEL, load_codec, read_manifest
+from rcam.codec.zoo import DEFAULT_MODEL, load_codec, native_bfloat16, read_manifest
 
 RAW_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "raw"
 REAL_DNGS = sorted(RAW_DIR.glob("*.dng")) if RAW_DIR.is_dir() else []
 THREADS = (1, 2, 3)
+# Both transform precisions this CPU runs (the shipped-model tests below use the default, auto).
+PRECISIONS_HERE = ["float32"] + (["bfloat16"] if native_bfloat16(torch.device("cpu")) else [])
 # (threads, tile batch) of the encodes compared: every thread count and both tile batches, and one pair
 # that differs in the tile batch alone.
 ENCODE_SETTINGS = ((1, 1), (1, 4), (2, 1), (3, 4))
@@ -95,7 +97,9 @@ def test_grid_frame_has_2x2_default_tiles(grid_dng):
     assert len(tiles) == 4 and {(t.height, t.width) for t in tiles} == {(DEFAULT_TILE, DEFAULT_TILE)}
 
 
-def test_grid_frame_same_bytes_and_pixels_any_threads_and_tile_batch(tiny_codec, grid_dng):
+@pytest.mark.parametrize("precision", PRECISIONS_HERE)
+def test_grid_frame_same_bytes_and_pixels_any_threads_and_tile_batch(tiny_model_path, grid_dng, precision):
+    tiny_codec = load_codec(tiny_model_path, precision=precision)
     reference = codec.tone_reference(tiny_codec, grid_dng)
     encoded = encode_each_way(tiny_codec, grid_dng, reference)
     check_identical(encoded)

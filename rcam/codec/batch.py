@@ -190,14 +190,14 @@ def _stop(signum, frame) -> None:
         raise KeyboardInterrupt
 
 
-def _worker_start(model_name: str, device: str, threads: int) -> None:
+def _worker_start(model_name: str, device: str, threads: int, precision: str = "auto") -> None:
     """A worker's initializer: load the codec once for all the files it will get."""
     global _worker_codec
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     torch.set_num_threads(threads)
     try:
-        _worker_codec = load_codec(model_name, resolve_device(device))
+        _worker_codec = load_codec(model_name, resolve_device(device), precision=precision)
     except RcamError as error:  # reported on every file it gets, instead of a broken pool
         _worker_codec = error
 
@@ -297,7 +297,7 @@ def run_batch(
     terminal and the summary; report failures at the end (BatchFailed: exit 2, or 1 if internal).
 
     jobs 1 runs in this process with `codec`; more runs that many worker processes, each loading its own codec
-    from `pool_setup` (model name, device, threads per worker). `distribute(todo, work, finish)` runs the files
+    from `pool_setup` (model name, device, threads per worker, precision). `distribute(todo, work, finish)` runs the files
     elsewhere instead (rcam.codec.cluster)."""
     start = time.perf_counter()
     failed: list[str] = []

@@ -34,8 +34,8 @@ IN_FLIGHT = 1024
 class CodecOnWorker(WorkerPlugin):
     """Loads the codec once on every worker (those there now and those that join later) for one batch's tasks."""
 
-    def __init__(self, model_name: str, device: str, threads: int | None, digest: bytes):
-        self.model_name, self.device, self.threads, self.digest = model_name, device, threads, digest
+    def __init__(self, model_name: str, device: str, threads: int | None, digest: bytes, precision: str = "auto"):
+        self.model_name, self.device, self.threads, self.digest, self.precision = model_name, device, threads, digest, precision
         self.codec: Codec | RcamError | InternalFailure | None = None
 
     def __getstate__(self) -> dict:
@@ -47,7 +47,7 @@ class CodecOnWorker(WorkerPlugin):
         self.threads = worker_threads(worker.state.nthreads, self.threads)
         torch.set_num_threads(self.threads)
         try:
-            codec = load_codec(self.model_name, resolve_device(self.device))
+            codec = load_codec(self.model_name, resolve_device(self.device), precision=self.precision)
             if codec.digest != self.digest:  # a different model would write (or decode to) different pixels
                 raise RcamError(
                     f"model '{self.model_name}' there has weights {codec.digest.hex()}, not {self.digest.hex()} as on the "
@@ -102,7 +102,7 @@ def as_given(outcome, source: Path, target: Path):
 
 
 def run_on_cluster(
-    address: str, model_name: str, device: str, threads: int | None, quiet: bool,
+    address: str, model_name: str, device: str, threads: int | None, precision: str, quiet: bool,
     todo: list[tuple[Path, Path]], work: Callable, finish: Callable,
 ) -> None:  # fmt: skip
     """rcam.codec.batch.run_batch's runner for a cluster: work(codec, source, target) for every (source, target) of `todo`
@@ -120,7 +120,7 @@ def run_on_cluster(
         if not quiet:
             where = f"{len(threads_by_worker)} workers, {sum(threads_by_worker.values())} threads" if threads_by_worker else "no workers yet: waiting for some to join"
             click.echo(f"rcam: cluster {address}: {where}", err=True)
-        client.register_plugin(CodecOnWorker(model_name, device, threads, file_digest(weights)[:16]), name=plugin_name)
+        client.register_plugin(CodecOnWorker(model_name, device, threads, file_digest(weights)[:16], precision), name=plugin_name)
         queue = iter(todo)
 
         def submit(source: Path, target: Path):

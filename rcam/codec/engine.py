@@ -89,6 +89,19 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+@contextmanager
+def transform_precision(codec: Codec):
+    """The analysis and synthesis in the block compute in codec.precision (autocast is per thread: enter it in
+    the thread that runs them, as map_tiles' workers do)."""
+    with torch.autocast(codec.device.type, dtype=torch.bfloat16, enabled=codec.precision == "bfloat16"):
+        yield
+
+
+def transform_input(codec: Codec, tensor: torch.Tensor) -> torch.Tensor:
+    """A (B, C, H, W) input of the analysis or synthesis in the memory layout codec.precision runs fastest in."""
+    return tensor.contiguous(memory_format=torch.channels_last) if codec.precision == "bfloat16" else tensor
+
+
 def map_tiles(device: torch.device, function: Callable, items: Iterable) -> Iterator:
     """function(item) for every item, in order, under inference mode; on the CPU each item runs on one
     intra-op thread and torch.get_num_threads() items run at once.
@@ -155,9 +168,10 @@ def analyse_image(
     absolute = model.config.coordinates == "absolute"
 
     def analyse(batch: list[Tile]) -> torch.Tensor:
-        x = torch.stack([crop_tile(planes, t) for t in batch]).to(device)
+        x = transform_input(codec, torch.stack([crop_tile(planes, t) for t in batch]).to(device))
         coords = torch.stack([coordinate_map(t, packed_height, packed_width, absolute) for t in batch]).to(device)
-        return model.analysis(x, coords, thumb.expand(len(batch), -1, -1, -1), look_tensor(look, len(batch), device))
+        with transform_precision(codec):
+            return model.analysis(x, coords, thumb.expand(len(batch), -1, -1, -1), look_tensor(look, len(batch), device))
 
     # `tile_batch` tiles go through the network at once on a GPU; the CPU runs every tile alone (map_tiles),
     # since a batch's floats differ from a single tile's even on one thread, so the bytes never depend on it.
@@ -415,7 +429,9 @@ def synthesise_tiles(codec: Codec, header: container.Header, latents: Iterable[T
     inverse_gain, development, look = synthesis_conditions(codec, header)
 
     def synthesise(tile_latents: TileLatents) -> torch.Tensor:
-        return model.synthesis(tile_latents.y_hat.to(device) * inverse_gain, development, look)[0].float().cpu()
+        y_hat = transform_input(codec, tile_latents.y_hat.to(device) * inverse_gain)
+        with transform_precision(codec):
+            return model.synthesis(y_hat, development, look)[0].float().cpu().contiguous()
 
     return map_tiles(device, synthesise, latents)
 

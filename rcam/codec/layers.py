@@ -221,7 +221,8 @@ class WindowAttention(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         rows, cols = x.shape[2] // w, x.shape[3] // w
         # (B, C, rows·w, cols·w) -> (B·rows·cols, w·w, C)
-        tokens = x.view(batch, channels, rows, w, cols, w).permute(0, 2, 4, 3, 5, 1).reshape(-1, w * w, channels)
+        # reshape, not view: under channels-last memory (fast inference) x is not contiguous in this order.
+        tokens = x.reshape(batch, channels, rows, w, cols, w).permute(0, 2, 4, 3, 5, 1).reshape(-1, w * w, channels)
         qkv = self.qkv(self.norm1(tokens)).view(tokens.shape[0], w * w, 3, self.heads, channels // self.heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4)
         bias = self.position_bias[:, self.bias_index]  # (heads, w·w, w·w)

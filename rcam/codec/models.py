@@ -208,7 +208,7 @@ class RealCamNet(nn.Module):
         y = self.down3(features)
         if global_prior is not None:
             y = self.gft(y, global_prior)
-        return y
+        return y.float()  # float32 also under bfloat16 autocast: the gains, rounding and entropy coding follow
 
     def synthesis(
         self, y_hat: torch.Tensor, development: tuple[torch.Tensor, torch.Tensor] | None = None, look: torch.Tensor | None = None
@@ -230,7 +230,19 @@ class RealCamNet(nn.Module):
         for block in self.decoder_stage2:
             features = block(features)
         features = self.up3(features)
-        batch, _, height, width = features.shape
+        # Under bfloat16 autocast (the engine's fast inference on CPUs with native bfloat16) the plane head, the
+        # tail and the classical path run in float32: the planes and their development are where 8-bit
+        # mantissas would show in the pixels. The correction is small and band-limited, so its conv may not.
+        correction = self.correction(features).float() if self.config.skeleton else None
+        with torch.autocast(features.device.type, enabled=False):
+            return self._heads(features.float(), correction, development, look)
+
+    def _heads(
+        self, features: torch.Tensor, correction: torch.Tensor | None, development: tuple[torch.Tensor, torch.Tensor] | None,
+        look: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """Last features (B,n,h,w) and a skeleton model's correction conv output -> (sRGB (B,3,2h,2w), planes
+        (B,4,h,w) or None): synthesis_parts' tail."""
         if not self.config.skeleton:
             if not self.config.look_tails:
                 return F.pixel_shuffle(self.tail(features), 2), None
@@ -240,8 +252,7 @@ class RealCamNet(nn.Module):
         if development is None or look is None:
             raise RcamError("a skeleton model's synthesis needs the frame's development and look")
         planes = self.plane_head(features)
-        correction = _per_look(self.correction(features), look)
-        return develop(planes, *development) + band_limit(F.pixel_shuffle(correction, 2)), planes
+        return develop(planes, *development) + band_limit(F.pixel_shuffle(_per_look(correction, look), 2)), planes
 
     def hyper_parameters(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ẑ -> (means, scales) of the scaled latent, float path used in training."""

@@ -24,6 +24,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
 DEFAULT_MODEL = "rcam-small"
 Z_TABLE_KEY = "coding.z_table"
 METADATA_KEY = "rcam"  # safetensors metadata: JSON {"config": ModelConfig fields, "total_steps": int or null}
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -35,6 +36,28 @@ class Codec:
     model: RealCamNet
     coder: LatentCoder
     device: torch.device
+    # What the analysis and synthesis transforms compute in: "float32", or "bfloat16" (autocast, channels-last
+    # weights) where the CPU has native bfloat16 (AMX, AVX-512 BF16). The hyper path and the entropy
+    # parameters are float32 / fixed point either way, so the bitstream's meaning never depends on it.
+    precision: str = "float32"
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 convolutions natively (a CPU with AMX tiles or AVX-512 BF16)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "bfloat16" on a CPU with native bfloat16, else "float32"; RcamError for a bfloat16 it cannot run fast."""
+    if precision not in PRECISIONS:
+        raise RcamError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bfloat16" if native_bfloat16(device) else "float32"
+    if precision == "bfloat16" and not native_bfloat16(device):
+        raise RcamError(f"--precision bfloat16 needs a CPU with AMX or AVX-512 BF16 (this {device.type} has neither): use float32")
+    return precision
 
 
 def file_digest(path: Path) -> bytes:
@@ -153,8 +176,11 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], int]:
     return as_float32(tensors), int(steps or 0)
 
 
-def load_codec(name_or_path: str | None = None, device: str | torch.device = "cpu", weights_dir: Path = WEIGHTS_DIR) -> Codec:
-    """Load a shipped model (by manifest name) or a .safetensors file into a ready-to-use Codec."""
+def load_codec(
+    name_or_path: str | None = None, device: str | torch.device = "cpu", weights_dir: Path = WEIGHTS_DIR, precision: str = "auto"
+) -> Codec:  # fmt: skip
+    """Load a shipped model (by manifest name) or a .safetensors file into a ready-to-use Codec (`precision`:
+    PRECISIONS, see Codec.precision)."""
     name, path = resolve_weights(name_or_path, weights_dir)
     tensors, metadata = open_weights(path)
     config, _ = _file_info(path, metadata)
@@ -169,7 +195,11 @@ def load_codec(name_or_path: str | None = None, device: str | torch.device = "cp
         z_table = torch.from_numpy(z_tables(model.entropy_bottleneck))
     coder = LatentCoder(IntegerHyperSynthesis(model.hyper_synthesis), z_table.numpy())
     device = torch.device(device)
-    return Codec(name=name, digest=file_digest(path)[:16], model=model.to(device), coder=coder, device=device)
+    precision = resolve_precision(precision, device)
+    model = model.to(device)
+    if precision == "bfloat16":  # oneDNN's bfloat16 convolutions are fast in channels-last (NHWC) layout
+        model = model.to(memory_format=torch.channels_last)
+    return Codec(name=name, digest=file_digest(path)[:16], model=model, coder=coder, device=device, precision=precision)
 
 
 def write_manifest_entry(
