@@ -15,7 +15,7 @@ Two stages are split here that the codec overlaps: the hyper path runs on worker
 thread entropy-codes finished tiles, and the synthesis while the main thread blends. Their sum is therefore
 a little more than the codec's wall time for them.
 
-    .venv/bin/python bench/bench_codec.py [--megapixels 24] [--lambda 0.01] [--threads 2] [--tile 512]
+    .venv/bin/python bench/bench_codec.py [--megapixels 24] [--lambda 0.01] [--threads 2] [--tile 512] [--precision auto]
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def staged_encode(codec, dng: Path, lam: float, tile: int, overlap: int, look: s
     with stages("analysis"):
         analysis = analyse_image(codec, image, tile, overlap, 1, look)
     with stages("reference render"):
-        reference = tone_reference(codec, dng, image, look)
+        reference = tone_reference(codec, dng, image, look, analysis.thumbnail)
     lam = check_lambda(lam)
     with stages("hyper path"):  # rcam.codec.engine._code, its network part
         hyper_out = list(hyper_path(codec, analysis, lam))
@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--model", default="rcam-small")
     parser.add_argument("--look", default="clean")
+    parser.add_argument("--precision", default="auto", help="the transforms' precision (rcam --precision)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -167,13 +168,14 @@ def main() -> None:
         dng = make_pair(folder / "scene.png", folder, np.random.default_rng(0), "bench").degraded
         megapixels = width * height / 1e6
 
-        common = ["--threads", str(args.threads), "--model", args.model, "--device", "cpu", "-q"]
+        common = ["--threads", str(args.threads), "--model", args.model, "--device", "cpu", "--precision", args.precision, "-q"]
         encode_s, encode_mib = timed_command([rcam, "encode", str(dng), "-o", str(folder / "b.rcb"), "--lambda", str(args.lam), "--tile", str(args.tile), "--look", args.look, *common])
         decode_s, decode_mib = timed_command([rcam, "decode", str(folder / "b.rcb"), "-o", str(folder / "b.png"), *common])
         size = (folder / "b.rcb").stat().st_size
 
         start = time.perf_counter()
-        codec = load_codec(args.model, "cpu")
+        codec = load_codec(args.model, "cpu", precision=args.precision)
+        print(f"transforms in {codec.precision}")
         load_s = time.perf_counter() - start
         encode_stages, decode_stages = Stages(), Stages()
         data = staged_encode(codec, dng, args.lam, args.tile, DEFAULT_OVERLAP, args.look, encode_stages)

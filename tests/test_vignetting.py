@@ -12,15 +12,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_OVERRIDES as TINY
+from conftest import BLACK_LEVEL, WHITE_LEVEL, smooth_mosaic
 
 from rcam.codec import container
-from rcam.codec.engine import decode_bytes, decode_latents, encode_file, estimated_falloff, tone_reference
+from rcam.codec.engine import analyse_image, decode_bytes, decode_latents, encode_file, estimated_falloff, tone_reference
 from rcam.codec.layers import devignette, log_gain_at
 from rcam.codec.models import CONFIGS, build_model
 from rcam.codec.rawio import read_raw, reference_render
 from rcam.codec.tiling import Tile, coordinate_map
 from rcam.codec.zoo import codec_from_model, load_codec, save_checkpoint
 from rcam.errors import RcamError
+from rcam.training.dng import write_bayer_dng
 from rcam.training.train import TrainConfig, load_dataset, pretrain_vignetting, rd_loss, sample_lambdas, train, vignetting_examples
 
 
@@ -120,6 +122,24 @@ def test_estimated_falloff_maps_the_estimate_onto_the_sensor(make_dng):
     assert gains[32, 48] == pytest.approx(1.0)
     assert gains[4, 6] == gains[5, 7]  # one gain per 2x2 CFA cell, as the encoder's packed input has it
     assert estimated_falloff(codec_from_model(build_model(replace(CONFIGS["small"], **TINY)).eval()), image) is None
+
+
+@pytest.mark.parametrize("cfa", ["RGGB", "GBRG"])
+def test_the_analysis_thumbnail_gives_the_same_falloff(cfa, tmp_path):
+    """The encoder hands the analysis' thumbnail to the falloff estimate instead of normalising the frame again:
+    the same gains to the last bit, CFA padding included (the shipped estimator, which reads the thumbnail)."""
+    codec = load_codec()
+    mosaic = smooth_mosaic(302, 400, seed=2).astype(np.float64)
+    rows, cols = np.mgrid[0:302, 0:400]
+    radius2 = ((rows - 151) / 151) ** 2 + ((cols - 200) / 200) ** 2
+    mosaic = BLACK_LEVEL + (mosaic - BLACK_LEVEL) * (1 - 0.3 * radius2)  # strong lens falloff: corners at 40%
+    path = write_bayer_dng(tmp_path / "frame.dng", np.rint(mosaic).astype(np.uint16)[:301], cfa=cfa, black_level=BLACK_LEVEL,
+                           white_level=WHITE_LEVEL, as_shot_neutral=(0.5, 1.0, 0.7))  # fmt: skip
+    image = read_raw(path)
+    again = estimated_falloff(codec, image)
+    shared = estimated_falloff(codec, image, analyse_image(codec, image).thumbnail)
+    assert again.shape == (301, 400) and np.array_equal(again, shared)
+    assert np.ptp(again) > 0.01  # the estimate depends on the frame: a constant would prove nothing
 
 
 def test_reference_render_without_a_falloff(make_dng):
