@@ -151,21 +151,37 @@ class Analysis:
     thumbnail: torch.Tensor  # (4, S, S) on the CPU: the global prior's and the vignetting estimator's view of the frame
 
 
-def analyse_image(
-    codec: Codec, image: RawImage, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
-    tile_batch: int = DEFAULT_TILE_BATCH, look: str = "clean",
-) -> Analysis:  # fmt: skip
-    """Run the analysis transform over every tile once, for `look` (SPEC §3; it does not depend on λ: the gain
-    comes after it)."""
-    look = check_look(codec, look)
-    model, device = codec.model, codec.device
+@dataclass(frozen=True)
+class AnalysisInput:
+    """What the analysis of every tile reads of a frame: its normalised planes, development and thumbnail."""
+
+    planes: torch.Tensor  # (4, Hp, Wp) float32, rawio.network_input
+    development: Development
+    thumbnail: torch.Tensor  # (4, S, S) on the CPU
+
+
+def analysis_input(codec: Codec, image: RawImage) -> AnalysisInput:
+    """The frame normalised as the network reads it (rawio.network_input_and_white), and its thumbnail."""
     normalised, white = network_input_and_white(image)
     planes = torch.from_numpy(normalised)
-    development = frame_development(image, white)
+    with one_thread():  # the thumbnail is made on the CPU whatever the device
+        thumb = thumbnail(planes, codec.model.config.thumbnail)
+    return AnalysisInput(planes, frame_development(image, white), thumb)
+
+
+def analyse_image(
+    codec: Codec, image: RawImage, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
+    tile_batch: int = DEFAULT_TILE_BATCH, look: str = "clean", prepared: AnalysisInput | None = None,
+) -> Analysis:  # fmt: skip
+    """Run the analysis transform over every tile once, for `look` (SPEC §3; it does not depend on λ: the gain
+    comes after it). `prepared`: analysis_input(codec, image) when the caller has it."""
+    look = check_look(codec, look)
+    model, device = codec.model, codec.device
+    prepared = prepared or analysis_input(codec, image)
+    planes, development = prepared.planes, prepared.development
     _, packed_height, packed_width = planes.shape
     tiles = plan_tiles(packed_height, packed_width, tile, overlap)
-    with one_thread():  # the thumbnail is made on the CPU whatever the device
-        thumb = thumbnail(planes, model.config.thumbnail).to(device)
+    thumb = prepared.thumbnail.to(device)
     absolute = model.config.coordinates == "absolute"
 
     def analyse(batch: list[Tile]) -> torch.Tensor:
@@ -178,7 +194,7 @@ def analyse_image(
     # since a batch's floats differ from a single tile's even on one thread, so the bytes never depend on it.
     with closing(map_tiles(device, analyse, _batches(tiles, tile_batch if device.type != "cpu" else 1))) as results:
         batches = list(results)
-    return Analysis(image, tiles, overlap, batches, look, development, thumb.cpu())
+    return Analysis(image, tiles, overlap, batches, look, development, prepared.thumbnail)
 
 
 def hyper_path(codec: Codec, analysis: Analysis, lam: float) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -339,6 +355,12 @@ def estimated_falloff(codec: Codec, image: RawImage, thumb: torch.Tensor | None 
     return np.ascontiguousarray(gains[image.pad_top : image.pad_top + image.height, image.pad_left : image.pad_left + image.width])
 
 
+def tone_falloff(codec: Codec, image: RawImage, look: str, thumb: torch.Tensor | None = None) -> np.ndarray | None:
+    """The falloff tone_reference divides out of the render for `look` (None: the plain render); `thumb` as for
+    estimated_falloff."""
+    return None if check_look(codec, look) == "faithful" else estimated_falloff(codec, image, thumb)
+
+
 def tone_reference(
     codec: Codec, path: Path, image: RawImage | None = None, look: str = "clean", thumb: torch.Tensor | None = None
 ) -> np.ndarray:  # fmt: skip
@@ -350,8 +372,7 @@ def tone_reference(
     """
     if check_look(codec, look) == "faithful":
         return reference_render(path)
-    image = read_raw(path) if image is None else image
-    return reference_render(path, falloff=estimated_falloff(codec, image, thumb))
+    return reference_render(path, falloff=tone_falloff(codec, read_raw(path) if image is None else image, look, thumb))
 
 
 def encode_file(
@@ -373,11 +394,18 @@ def encode_file(
     captured = metadata(path) if metadata else EMPTY
     if target_bpp is not None:
         target_bytes = max(1, round(target_bpp * image.output_size[0] * image.output_size[1] / 8))
-    analysis = analyse_image(codec, image, tile, overlap, tile_batch, look)
-    if target_bytes is not None:
-        lam, _ = lambda_for_size(codec, analysis, target_bytes, tone_fit, captured)
-    if tone_fit and reference is None:
-        reference = tone_reference(codec, path, image, look, analysis.thumbnail)
+    prepared = analysis_input(codec, image)
+    with ThreadPoolExecutor(1, thread_name_prefix="rcam-render") as render_pool:
+        # LibRaw renders the tone reference on its own thread, beside the analysis: it runs on one core without
+        # the GIL (1.5 s at 24 MP), and the encoder's stages around the analysis leave a core idle.
+        rendering = None
+        if tone_fit and reference is None:
+            rendering = render_pool.submit(reference_render, path, tone_falloff(codec, image, look, prepared.thumbnail))
+        analysis = analyse_image(codec, image, tile, overlap, tile_batch, look, prepared)
+        if target_bytes is not None:
+            lam, _ = lambda_for_size(codec, analysis, target_bytes, tone_fit, captured)
+        if rendering is not None:
+            reference = rendering.result()
     return encode_analysed(codec, analysis, lam, reference if tone_fit else None, captured, progress)
 
 
@@ -401,18 +429,22 @@ def check_model(codec: Codec, header: container.Header) -> None:
     check_look(codec, header.look)
 
 
-def decode_latents(codec: Codec, header: container.Header, streams: list[bytes]) -> list[TileLatents]:
-    """Entropy-decode every tile's stream (no synthesis)."""
+def iter_latents(codec: Codec, header: container.Header, streams: list[bytes]) -> Iterator[TileLatents]:
+    """Entropy-decode the tiles' streams one at a time, in order (RcamError naming a stream that cannot be)."""
     config = codec.model.config
     y_shape = (config.latent_channels, header.tile_height // 8, header.tile_width // 8)
     z_shape = (config.hyper_channels, header.tile_height // 32, header.tile_width // 32)
-    latents = []
     for number, stream in enumerate(streams):
         try:
-            latents.append(codec.coder.decode(stream, y_shape, z_shape))
+            latents = codec.coder.decode(stream, y_shape, z_shape)
         except (RcamError, ValueError, RuntimeError) as error:
             raise RcamError(f"stream {number} cannot be decoded: {error}") from None
-    return latents
+        yield latents
+
+
+def decode_latents(codec: Codec, header: container.Header, streams: list[bytes]) -> list[TileLatents]:
+    """Entropy-decode every tile's stream (no synthesis)."""
+    return list(iter_latents(codec, header, streams))
 
 
 def synthesis_conditions(codec: Codec, header: container.Header) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]:
@@ -476,14 +508,16 @@ def blend_tiles(
 
 
 def synthesize(
-    codec: Codec, header: container.Header, latents: list[TileLatents], wanted: list[bool] | None = None, progress=None
+    codec: Codec, header: container.Header, latents: Iterable[TileLatents], wanted: list[bool] | None = None, progress=None
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Tiles' latents -> ((H, W, 3) blended sensor-oriented RGB, unclamped; (H, W) bool: pixels whose tiles all ran).
 
-    `wanted` picks the tiles to synthesise (all by default); synthesise_tiles and blend_tiles say how.
+    `wanted` picks the tiles to synthesise (all by default); synthesise_tiles and blend_tiles say how. `latents`
+    may be an iterator (iter_latents): the tiles are then entropy-decoded on this thread while the synthesis
+    runs on map_tiles' workers.
     """
-    wanted = wanted or [True] * len(latents)
-    with closing(synthesise_tiles(codec, header, [t for t, run in zip(latents, wanted) if run])) as tile_images:
+    wanted = wanted or [True] * len(header_tiles(header))
+    with closing(synthesise_tiles(codec, header, (t for t, run in zip(latents, wanted) if run))) as tile_images:
         return blend_tiles(header, tile_images, wanted, progress)
 
 
@@ -492,8 +526,8 @@ def decode_bytes(codec: Codec, data: bytes, progress=None) -> np.ndarray:
     (a strided view of the decoder's canvas: np.ascontiguousarray it before handing it to code that needs that)."""
     header, streams = container.read(data)
     check_model(codec, header)
-    latents = decode_latents(codec, header, streams)
-    image, _ = synthesize(codec, header, latents, progress=progress)
+    # The streams are entropy-decoded as the synthesis asks for them: one core decodes while the others synthesise.
+    image, _ = synthesize(codec, header, iter_latents(codec, header, streams), progress=progress)
     # A view: every caller quantises it next, and an oriented float copy was 288 MB at 24 MP.
     return oriented_view(apply_tone(image.clamp_(0.0, 1.0).numpy(), header.tone), header.flip)
 
