@@ -402,6 +402,7 @@ def encode_file(
         if tone_fit and reference is None:
             rendering = render_pool.submit(reference_render, path, tone_falloff(codec, image, look, prepared.thumbnail))
         analysis = analyse_image(codec, image, tile, overlap, tile_batch, look, prepared)
+        del prepared  # its normalised planes (96 MB at 24 MP) are not needed after the analysis
         if target_bytes is not None:
             lam, _ = lambda_for_size(codec, analysis, target_bytes, tone_fit, captured)
         if rendering is not None:
