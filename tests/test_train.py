@@ -437,3 +437,15 @@ def test_an_end_to_end_model_with_one_tail_per_look_starts_both_looks_from_singl
         per_look.tail.weight[12:] += 0.1
         assert torch.equal(per_look.synthesis(y_hat, look=torch.zeros(2, dtype=torch.long)), expected)
         assert not torch.equal(per_look.synthesis(y_hat, look=torch.ones(2, dtype=torch.long)), expected)
+
+
+def test_flat_fraction_takes_patches_where_the_target_is_flattest(dataset):
+    images = load_dataset(dataset, CONFIGS["small"].thumbnail, with_clean=True)
+    rng = np.random.default_rng(0)
+
+    def mean_spread(flat_fraction: float) -> float:
+        batch = sample_batch(images, 16, 32, True, rng, thumbnail_size=CONFIGS["small"].thumbnail, flat_fraction=flat_fraction)
+        return float(batch["target"].var(dim=(1, 2, 3)).mean())
+
+    # The flattest of 8 places varies less than a random place, on average over many patches.
+    assert mean_spread(1.0) < 0.7 * mean_spread(0.0)

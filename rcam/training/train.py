@@ -98,6 +98,10 @@ class TrainConfig:
     # so it needs a weight of its own to be trained away.
     periodic_weight: float = 0.0
     periodic_periods: list = field(default_factory=lambda: [2, 4, 8])  # output pixels, each dividing 2 · patch
+    # Share of patches taken from the flattest of FLAT_CANDIDATES random places in their frame (least target
+    # variance): flat noisy areas are where a decoder's periodic texture shows, and random crops of photos
+    # rarely land in one (stage 10 lowered that texture on training patches but raised it on a flat grey frame).
+    flat_fraction: float = 0.0
     # Defect families (rcam.training.synth.FAMILIES) that fresh defects and vignetting examples never draw: kept for a
     # validation set made with `rcam synth --held-out`, which then measures generalisation to unseen defects.
     held_out_families: list = field(default_factory=lambda: list(HELD_OUT_FAMILIES))
@@ -269,16 +273,28 @@ def load_dataset(
     return images
 
 
+FLAT_CANDIDATES = 8  # places a flat patch is chosen among (TrainConfig.flat_fraction)
+
+
+def flattest_place(target: torch.Tensor, height: int, width: int, patch: int, rng: np.random.Generator) -> tuple[int, int]:
+    """(top, left) in packed pixels of the patch whose target crop ((3, 2H, 2W) render) varies least, among
+    FLAT_CANDIDATES random places."""
+    places = [(int(rng.integers(0, max(height - patch, 0) + 1)), int(rng.integers(0, max(width - patch, 0) + 1))) for _ in range(FLAT_CANDIDATES)]
+    spread = [float(target[:, 2 * top : 2 * (top + patch), 2 * left : 2 * (left + patch)].float().var()) for top, left in places]
+    return places[int(np.argmin(spread))]
+
+
 def sample_batch(
     images: list[TrainingImage], batch_size: int, patch: int, absolute: bool, rng: np.random.Generator,
     clean_fraction: float = 0.0, thumbnail_size: int | None = None, faithful_fraction: float = 0.0,
-    held_out: Sequence[str] = HELD_OUT_FAMILIES,
+    held_out: Sequence[str] = HELD_OUT_FAMILIES, flat_fraction: float = 0.0,
 ) -> dict:  # fmt: skip
     """Random patches with their absolute offsets, thumbnails, look, development and whether the input is
     defect-free; a clean_fraction share comes from clean twins, a faithful_fraction share has the faithful look.
 
     Images loaded with fresh defects get a new draw of defects per patch (thumbnail_size is then needed) for
-    the clean look; faithful patches with defects read the degraded DNG and target its own render.
+    the clean look; faithful patches with defects read the degraded DNG and target its own render. A
+    flat_fraction share of patches sits where the target is flattest (flattest_place).
     """
     inputs, targets, coords, thumbs, looks, matrices, whites, clean_inputs = [], [], [], [], [], [], [], []
     for _ in range(batch_size):
@@ -288,8 +304,11 @@ def sample_batch(
         frame = image.clean_frame if not (faithful and not clean) else None
         planes = frame.raw if frame is not None else image.planes
         _, height, width = planes.shape
-        top = int(rng.integers(0, max(height - patch, 0) + 1))
-        left = int(rng.integers(0, max(width - patch, 0) + 1))
+        if flat_fraction > 0 and rng.random() < flat_fraction:  # the scene's flatness: the clean target tells it
+            top, left = flattest_place(image.target, height, width, patch, rng)
+        else:
+            top = int(rng.integers(0, max(height - patch, 0) + 1))
+            left = int(rng.integers(0, max(width - patch, 0) + 1))
         target = image.target
         if frame is not None:
             if thumbnail_size is None:
@@ -706,7 +725,7 @@ def train(config: TrainConfig, images: list[TrainingImage] | None = None) -> Pat
                     group["lr"] = learning_rate(config, step)
                 batch = sample_batch(
                     images, config.batch_size, config.patch, absolute, rng, config.clean_fraction, model_config.thumbnail, config.faithful_fraction,
-                    held_out=tuple(config.held_out_families),
+                    held_out=tuple(config.held_out_families), flat_fraction=config.flat_fraction,
                 )  # fmt: skip
                 lam = sample_lambdas(config.batch_size, config.lambda_min, config.lambda_max, rng)
                 batch = {k: v.to(device) for k, v in batch.items()}
