@@ -22,7 +22,7 @@ from rcam.codec.layers import brightness_layout
 from rcam.codec.models import CONFIGS, build_model, parameter_count
 from rcam.codec.output import quantize
 from rcam.codec.rawio import apply_flip, read_raw, reference_render, undo_flip
-from rcam.codec.tiling import Tile, coordinate_map, plan_tiles
+from rcam.codec.tiling import Tile, blend_weights, coordinate_map, plan_tiles
 from rcam.measure.metrics import psnr
 from rcam.training.dng import write_bayer_dng
 
@@ -226,6 +226,18 @@ def test_tile_plan_covers_the_frame():
         assert t.top % 32 == 0 and t.left % 32 == 0
         covered[t.top : t.top + t.height, t.left : t.left + t.width] = True
     assert covered.all()
+
+
+@pytest.mark.parametrize(("height", "width", "tile", "overlap"), [(100, 130, 64, 32), (992, 992, 512, 32), (700, 1500, 512, 64), (40, 40, 64, 32)])
+def test_blend_weights_sum_to_one_over_a_tile_plan(height, width, tile, overlap):
+    """The decoder's blend is the weighted sum of its tiles, with no division (engine.blend_tiles)."""
+    tiles = plan_tiles(height, width, tile=tile, overlap=overlap)
+    extent = (tiles[-1].top + tiles[-1].height, tiles[-1].left + tiles[-1].width)
+    total = torch.zeros(2 * extent[0], 2 * extent[1], dtype=torch.float64)
+    for t in tiles:
+        total[2 * t.top : 2 * (t.top + t.height), 2 * t.left : 2 * (t.left + t.width)] += blend_weights(t, extent, overlap, scale=2)
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-6)
+    assert len(tiles) == 1 or bool((blend_weights(tiles[0], extent, overlap, scale=2) < 1).any())  # ramps are there
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -86,7 +86,11 @@ def crop_tile(planes: torch.Tensor, tile: Tile) -> torch.Tensor:
 
 
 def blend_weights(tile: Tile, tiles_extent: tuple[int, int], overlap: int, scale: int) -> torch.Tensor:
-    """(h·scale, w·scale) weights: 1 inside, linear ramps across the overlaps with neighbouring tiles."""
+    """(h·scale, w·scale) weights: 1 inside, linear ramps across the overlaps with neighbouring tiles.
+
+    Over a plan_tiles plan the weights of all tiles sum to one at every pixel (the ramps of two neighbours are
+    complementary, and the weights are separable), so a weighted sum of the tiles is already their blend.
+    """
 
     def ramp(size: int, has_before: bool, has_after: bool) -> torch.Tensor:
         position = torch.arange(size * scale, dtype=torch.float32) + 0.5
