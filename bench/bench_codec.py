@@ -12,8 +12,8 @@ On a synthetic DNG of --megapixels it prints:
     PNG write; and the ratios rcam / cascade for encode, decode and the round trip.
 
 Stages are split here that the codec overlaps: the hyper path runs on worker threads while the main thread
-entropy-codes finished tiles, and in decoding the main thread entropy-decodes and blends tiles while the
-workers synthesise. The stage totals are therefore more than the codec's own wall time, which is measured
+entropy-codes finished tiles, the reference render runs on its own thread beside the analysis, and in
+decoding the main thread blends tiles while the workers synthesise. The stage totals are therefore more than the codec's own wall time, which is measured
 too (encode_file, and decode_bytes + the PNG write, in this process) and is what the ratios use.
 
     .venv/bin/python bench/bench_codec.py [--megapixels 24] [--lambda 0.01] [--threads 2] [--tile 512] [--precision auto]
