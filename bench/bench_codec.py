@@ -4,7 +4,7 @@ On a synthetic DNG of --megapixels it prints:
   - whole commands: `rcam encode` and `rcam decode` as separate processes (model loading included), wall time
     and peak memory;
   - the stages, in this process, called in the order rcam.codec.engine.encode_file and decode_bytes call them (RAW
-    read, metadata, analysis, reference render, hyper path, entropy coding, the tone fit's synthesis and fit,
+    read, metadata, analysis, reference render, hyper path, entropy coding, the tone fit (its synthesis, blending and fit, a tile row at a time),
     container write; container read, entropy decoding, synthesis, blending, tone, orientation, image write).
     The staged bytes and pixels are checked against the commands' outputs, so the table cannot drift from
     what the codec does (exit status 1 if it has);
@@ -45,19 +45,18 @@ from rcam.codec.engine import (
     decode_latents,
     encode_file,
     entropy_code,
+    fit_header_tone,
     blend_tiles,
     hyper_path,
     metadata_of,
     synthesise_tiles,
-    synthesize,
-    tone_fit_tiles,
     tone_reference,
 )  # fmt: skip
 from rcam.codec.metadata import check_metadata, read_metadata, upright
 from rcam.codec.output import PNG_LEVEL, _png_with_icc, encode_image, srgb_icc_profile, write_atomic
-from rcam.codec.rawio import oriented_view, read_raw, reference_render, undo_flip
+from rcam.codec.rawio import oriented_view, read_raw, reference_render
 from rcam.codec.tiling import DEFAULT_OVERLAP
-from rcam.codec.tone import apply_tone, fit_tone
+from rcam.codec.tone import apply_tone
 from rcam.codec.zoo import load_codec
 from rcam.demo import sample_scene
 from rcam.measure.evaluate import timed_command
@@ -96,10 +95,8 @@ def staged_encode(codec, dng: Path, lam: float, tile: int, overlap: int, look: s
     with stages("entropy coding"):  # rcam.codec.engine._code, its coding part
         streams, latents = entropy_code(codec, hyper_out)
     header = _header(codec, analysis, lam, check_metadata(captured))
-    with stages("tone fit: synthesis"):  # rcam.codec.engine.fit_header_tone
-        decoded, complete = synthesize(codec, header, latents, tone_fit_tiles(header))
-    with stages("tone fit: fit"):
-        tone = fit_tone(decoded.clamp_(0.0, 1.0).numpy(), undo_flip(reference, header.flip), complete.numpy())
+    with stages("tone fit"):  # synthesis of every other tile, blended and fitted a tile row at a time
+        tone = fit_header_tone(codec, header, latents, reference)
     with stages("container write"):
         return container.write(replace(header, tone=tone), streams)
 

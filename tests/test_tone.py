@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from rcam.codec import container
 from rcam.codec import engine as codec
@@ -16,6 +17,7 @@ from rcam.codec.tone import (
     FIELD_KNOTS,
     GAIN_RANGE,
     IDENTITY,
+    ToneStatistics,
     apply_tone,
     check_tone,
     describe_tone,
@@ -158,6 +160,34 @@ def test_tone_fit_tiles_cover_the_whole_frame_in_a_checkerboard(tiny_codec, make
     assert codec.tone_fit_tiles(dataclasses.replace(header, tile_rows=2, tile_cols=4)) == [True, False, True, False, False, True, False, True]
     small = dataclasses.replace(header, tile_rows=2, tile_cols=2)
     assert codec.tone_fit_tiles(small) == [True] * 4
+
+
+def test_tone_statistics_band_by_band_fit_as_the_whole_frame():
+    rng = np.random.default_rng(0)
+    height, width = 301, 417
+    decoded = rng.random((height, width, 3)).astype(np.float32)
+    reference = np.clip(np.rint((0.9 * decoded + 0.05 + 0.02 * rng.standard_normal(decoded.shape)) * 255), 0, 255).astype(np.uint8)
+    usable = rng.random((height, width)) > 0.2
+    statistics = ToneStatistics(height, width)
+    for top in range(0, height, 37):  # odd band heights: the fit's every other row must stay the frame's
+        statistics.add(top, decoded[top : top + 37], reference[top : top + 37], usable[top : top + 37])
+    assert statistics.solve() == fit_tone(decoded, reference, usable)
+    with pytest.raises(RcamError, match="not inside"):
+        statistics.add(300, decoded[:2], reference[:2])
+
+
+@pytest.mark.parametrize("cfa", ["RGGB", "GBRG"])
+def test_blended_rows_are_the_blended_frame_band_by_band(tiny_codec, make_dng, cfa):
+    header = codec.encode_file(tiny_codec, make_dng("grid.dng", 201, 232, cfa=cfa), 0.01, tile=64, overlap=32, tone_fit=False).header
+    generator = np.random.default_rng(1)
+    tiles = codec.header_tiles(header)
+    images = [torch.from_numpy(generator.random((3, 2 * t.height, 2 * t.width)).astype(np.float32)) for t in tiles]
+    for wanted in ([True] * len(tiles), codec.tone_fit_tiles(header)):
+        whole, complete = codec.blend_tiles(header, [image for image, run in zip(images, wanted) if run], wanted)
+        bands = list(codec.blended_rows(header, [image for image, run in zip(images, wanted) if run], wanted))
+        assert [top for top, _, _ in bands] == list(np.cumsum([0] + [len(rows) for _, rows, _ in bands[:-1]]))
+        assert torch.equal(torch.cat([rows for _, rows, _ in bands]), whole)
+        assert torch.equal(torch.cat([done for _, _, done in bands]), complete.expand(whole.shape[:2]))
 
 
 def test_encoder_fits_on_exactly_what_the_decoder_reconstructs(tiny_codec, make_dng):

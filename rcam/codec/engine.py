@@ -21,7 +21,7 @@ from rcam.codec.models import LAMBDA_RANGE
 from rcam.codec.rawio import RawImage, network_input, network_input_and_white, oriented_view, read_raw, reference_render, undo_flip
 from rcam.codec.skeleton import Development
 from rcam.codec.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, blend_weights, coordinate_map, crop_tile, plan_tiles, thumbnail
-from rcam.codec.tone import FIELD_KNOTS, IDENTITY, apply_tone, fit_tone, identity
+from rcam.codec.tone import FIELD_KNOTS, IDENTITY, ToneStatistics, apply_tone, identity
 from rcam.codec.zoo import Codec
 from rcam.errors import RcamError
 
@@ -326,10 +326,16 @@ def fit_header_tone(codec: Codec, header: container.Header, latents: list[TileLa
     """Synthesise the tone_fit_tiles exactly as the decoder will, and fit the tone on the pixels they complete."""
     if reference.shape[:2] != (header.output_height, header.output_width):
         raise RcamError(f"reference render is {reference.shape[1]}x{reference.shape[0]}, the encoded frame {header.output_width}x{header.output_height}")
-    image, complete = synthesize(codec, header, latents, tone_fit_tiles(header))
+    wanted = tone_fit_tiles(header)
     # The field lives on the sensor frame, as the tiles do: a file's decoded pixels do not depend on its
     # orientation tag beyond the final flip.
-    return fit_tone(image.clamp_(0.0, 1.0).numpy(), undo_flip(reference, header.flip), complete.numpy())
+    sensor_reference = undo_flip(reference, header.flip)
+    statistics = ToneStatistics(header.sensor_height, header.sensor_width)
+    # A tile row at a time: the whole decoded frame was the encoder's largest array (288 MB at 24 MP).
+    with closing(synthesise_tiles(codec, header, [t for t, run in zip(latents, wanted) if run])) as tile_images:
+        for top, rows, complete in blended_rows(header, tile_images, wanted):
+            statistics.add(top, rows.clamp_(0.0, 1.0).numpy(), sensor_reference[top : top + len(rows)], complete.numpy())
+    return statistics.solve()
 
 
 def estimated_falloff(codec: Codec, image: RawImage, thumb: torch.Tensor | None = None) -> np.ndarray | None:
@@ -500,6 +506,44 @@ def blend_tiles(
     complete = torch.ones((), dtype=torch.bool).expand(canvas.shape[:2]) if missing is None else ~missing
     visible = (slice(header.pad_top, header.pad_top + header.sensor_height), slice(header.pad_left, header.pad_left + header.sensor_width))
     return canvas[visible], complete[visible]
+
+
+def blended_rows(
+    header: container.Header, tile_images: Iterable[torch.Tensor], wanted: list[bool] | None = None
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """blend_tiles a tile row at a time: (first row, (h, W, 3) blended rows, (h, W) bool complete) of the visible
+    sensor frame, top to bottom, each band as soon as no later tile touches it. The same sums in the same order
+    as blend_tiles, so the same values, with at most one tile row and its overlap in memory."""
+    tiles = header_tiles(header)
+    wanted = wanted or [True] * len(tiles)
+    extent = (tiles[-1].top + tiles[-1].height, tiles[-1].left + tiles[-1].width)
+    tile_images = iter(tile_images)
+    tops = sorted({tile.top for tile in tiles})
+    canvas = missing = None
+    band_start = 0  # canvas row (2x packed) where the band held in `canvas` starts
+    visible_cols = slice(header.pad_left, header.pad_left + header.sensor_width)
+    for index, top in enumerate(tops):
+        band_end = 2 * (top + tiles[0].height)
+        carried = 0 if canvas is None else band_start + canvas.shape[0] - 2 * top  # overlap rows kept from the band before
+        new_canvas = torch.zeros(band_end - 2 * top, 2 * extent[1], 3)
+        new_missing = torch.zeros(band_end - 2 * top, 2 * extent[1], dtype=torch.bool)
+        if carried > 0:
+            new_canvas[:carried] = canvas[-carried:]
+            new_missing[:carried] = missing[-carried:]
+        canvas, missing, band_start = new_canvas, new_missing, 2 * top
+        for tile, run in zip(tiles, wanted):
+            if tile.top != top:
+                continue
+            cols = slice(2 * tile.left, 2 * (tile.left + tile.width))
+            if not run:
+                missing[:, cols] = True
+                continue
+            canvas[:, cols] += next(tile_images).permute(1, 2, 0) * blend_weights(tile, extent, header.overlap, scale=2)[:, :, None]
+        finished = band_end if index + 1 == len(tops) else 2 * tops[index + 1]  # canvas rows no later tile reaches
+        first, last = max(band_start, header.pad_top), min(finished, header.pad_top + header.sensor_height)
+        if last > first:
+            rows = slice(first - band_start, last - band_start)
+            yield first - header.pad_top, canvas[rows, visible_cols], ~missing[rows, visible_cols]
 
 
 def synthesize(

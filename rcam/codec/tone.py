@@ -62,6 +62,72 @@ def _weighted_gram(weights: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> n
     return gram.transpose(0, 2, 1, 3).reshape(knots * knots, knots * knots)
 
 
+class ToneStatistics:
+    """The sums fit_tone solves from, gathered band by band: (rows, W, 3) pieces of a frame in any order.
+
+    So the encoder can fit its tone while it blends a few tile rows at a time, never holding the whole
+    decoded frame (288 MB at 24 MP). The frame's basis is fixed by its full size; a band only adds its rows'
+    share of every sum.
+    """
+
+    def __init__(self, height: int, width: int, knots: int = FIELD_KNOTS):
+        if not 1 <= knots <= MAX_KNOTS:
+            raise RcamError(f"tone fit: {knots} knots per side, expected 1 to {MAX_KNOTS}")
+        self.height, self.width, self.knots = height, width, knots
+        self.rows = knot_basis(height, knots)
+        self.cols = knot_basis(width, knots)[::FIT_STRIDE]
+        count = knots * knots
+        self.grams = np.zeros((3, 3, count, count))  # per channel: Σ w x x φφᵀ, Σ w x φφᵀ, Σ w φφᵀ
+        self.rhs = np.zeros((3, 2, count))  # per channel: Σ w x y φ, Σ w y φ
+        self.moments = np.zeros((3, 5))  # per channel, over valid pixels: n, Σx, Σy, Σxx, Σxy
+
+    def add(self, top: int, decoded: np.ndarray, reference: np.ndarray, usable: np.ndarray | None = None) -> None:
+        """Rows top .. top + h of the frame: decoded (h, W, 3) float in [0, 1], reference (h, W, 3) uint8 and
+        usable (h, W) bool as fit_tone takes them whole."""
+        height, width = decoded.shape[:2]
+        if reference.shape[:2] != (height, width):
+            raise RcamError(f"reference render is {reference.shape[1]}x{reference.shape[0]}, decoded image {width}x{height}")
+        if usable is not None and usable.shape != (height, width):
+            raise RcamError(f"tone fit: usable mask {usable.shape} is not the frame's {(height, width)}")
+        if width != self.width or not 0 <= top <= self.height - height:
+            raise RcamError(f"tone fit: a band of {width}x{height} at row {top} is not inside the {self.width}x{self.height} frame")
+        first = (-top) % FIT_STRIDE  # the frame's every other row, whatever the band's first row
+        rows = self.rows[top + first : top + height : FIT_STRIDE]
+        for channel in range(3):
+            x = decoded[first::FIT_STRIDE, ::FIT_STRIDE, channel].astype(np.float64)
+            y = reference[first::FIT_STRIDE, ::FIT_STRIDE, channel].astype(np.float64) / 255.0
+            valid = (x > 0.001) & (x < 0.999) & (y < 254.5 / 255)
+            if usable is not None:
+                valid &= usable[first::FIT_STRIDE, ::FIT_STRIDE]
+            weight = valid.astype(np.float64)
+            x, y = x * weight, y * weight  # zero outside the valid pixels
+            self.moments[channel] += (weight.sum(), x.sum(), y.sum(), (x * x).sum(), (x * y).sum())
+            for index, w in enumerate((x * x, x, weight)):
+                self.grams[channel, index] += _weighted_gram(w, rows, self.cols)
+            self.rhs[channel, 0] += (rows.T @ (x * y) @ self.cols).ravel()
+            self.rhs[channel, 1] += (rows.T @ y @ self.cols).ravel()
+
+    def solve(self) -> tuple[float, ...]:
+        """The fitted field, as fit_tone returns it."""
+        count = self.knots * self.knots
+        gains, offsets = np.ones((3, count)), np.zeros((3, count))
+        for channel in range(3):
+            pixels, sum_x, sum_y, sum_xx, sum_xy = self.moments[channel]
+            if pixels < MIN_FIT_PIXELS:
+                continue
+            global_gain, global_offset = _single_fit(pixels, sum_x, sum_y, sum_xx, sum_xy)
+            gram_xx, gram_x1, gram_11 = self.grams[channel]
+            normal = np.block([[gram_xx, gram_x1], [gram_x1, gram_11]])
+            rhs = np.concatenate(self.rhs[channel])
+            ridge = RIDGE * np.concatenate([np.full(count, np.diag(gram_xx).mean()), np.full(count, np.diag(gram_11).mean())])
+            prior = np.concatenate([np.full(count, global_gain), np.full(count, global_offset)])
+            solution = np.linalg.solve(normal + np.diag(ridge), rhs + ridge * prior)
+            gains[channel] = np.clip(solution[:count], *GAIN_RANGE)
+            offsets[channel] = np.clip(solution[count:], *OFFSET_RANGE)
+        # float16: what the header stores, so encoder and decoder apply the very same numbers.
+        return tuple(float(np.float16(value)) for value in np.concatenate([gains.ravel(), offsets.ravel()]))
+
+
 def fit_tone(
     decoded: np.ndarray, reference: np.ndarray, usable: np.ndarray | None = None, knots: int = FIELD_KNOTS
 ) -> tuple[float, ...]:  # fmt: skip
@@ -76,47 +142,18 @@ def fit_tone(
     lifted the shadows (Canon DNG, faithful, λ 0.01: darkest areas +1.95 levels, +0.69 with them kept).
     Returns 6 K² values, gains (3, K, K) then offsets (3, K, K), rounded to float16 as the header stores them
     and clamped to GAIN_RANGE / OFFSET_RANGE; a channel with fewer than MIN_FIT_PIXELS usable pixels stays as
-    decoded.
+    decoded. ToneStatistics gathers the same sums band by band.
     """
-    height, width = decoded.shape[:2]
-    if reference.shape[:2] != (height, width):
-        raise RcamError(f"reference render is {reference.shape[1]}x{reference.shape[0]}, decoded image {width}x{height}")
-    if usable is not None and usable.shape != (height, width):
-        raise RcamError(f"tone fit: usable mask {usable.shape} is not the frame's {(height, width)}")
-    if not 1 <= knots <= MAX_KNOTS:
-        raise RcamError(f"tone fit: {knots} knots per side, expected 1 to {MAX_KNOTS}")
-    rows = knot_basis(height, knots)[::FIT_STRIDE]
-    cols = knot_basis(width, knots)[::FIT_STRIDE]
-    count = knots * knots
-    gains, offsets = np.ones((3, count)), np.zeros((3, count))
-    for channel in range(3):
-        x = decoded[::FIT_STRIDE, ::FIT_STRIDE, channel].astype(np.float64)
-        y = reference[::FIT_STRIDE, ::FIT_STRIDE, channel].astype(np.float64) / 255.0
-        valid = (x > 0.001) & (x < 0.999) & (y < 254.5 / 255)
-        if usable is not None:
-            valid &= usable[::FIT_STRIDE, ::FIT_STRIDE]
-        if valid.sum() < MIN_FIT_PIXELS:
-            continue
-        global_gain, global_offset = _single_fit(x[valid], y[valid])
-        weight = valid.astype(np.float64)
-        x, y = x * weight, y * weight  # zero outside the valid pixels
-        gram_xx, gram_x1, gram_11 = (_weighted_gram(w, rows, cols) for w in (x * x, x, weight))
-        normal = np.block([[gram_xx, gram_x1], [gram_x1, gram_11]])
-        rhs = np.concatenate([(rows.T @ (x * y) @ cols).ravel(), (rows.T @ y @ cols).ravel()])
-        ridge = RIDGE * np.concatenate([np.full(count, np.diag(gram_xx).mean()), np.full(count, np.diag(gram_11).mean())])
-        prior = np.concatenate([np.full(count, global_gain), np.full(count, global_offset)])
-        solution = np.linalg.solve(normal + np.diag(ridge), rhs + ridge * prior)
-        gains[channel] = np.clip(solution[:count], *GAIN_RANGE)
-        offsets[channel] = np.clip(solution[count:], *OFFSET_RANGE)
-    # float16: what the header stores, so encoder and decoder apply the very same numbers.
-    return tuple(float(np.float16(value)) for value in np.concatenate([gains.ravel(), offsets.ravel()]))
+    statistics = ToneStatistics(*decoded.shape[:2], knots=knots)
+    statistics.add(0, decoded, reference, usable)
+    return statistics.solve()
 
 
-def _single_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Least-squares gain and offset of y ≈ gain · x + offset, clamped to the ranges."""
-    mean_x, mean_y = x.mean(), y.mean()
-    var_x = np.mean((x - mean_x) ** 2)
-    gain = np.mean((x - mean_x) * (y - mean_y)) / var_x if var_x > 1e-6 else 1.0
+def _single_fit(pixels: float, sum_x: float, sum_y: float, sum_xx: float, sum_xy: float) -> tuple[float, float]:
+    """Least-squares gain and offset of y ≈ gain · x + offset from the sums over the pixels, clamped to the ranges."""
+    mean_x, mean_y = sum_x / pixels, sum_y / pixels
+    var_x = sum_xx / pixels - mean_x * mean_x
+    gain = (sum_xy / pixels - mean_x * mean_y) / var_x if var_x > 1e-6 else 1.0
     gain = min(max(float(gain), GAIN_RANGE[0]), GAIN_RANGE[1])
     return gain, min(max(float(mean_y - gain * mean_x), OFFSET_RANGE[0]), OFFSET_RANGE[1])
 
