@@ -74,11 +74,19 @@ class CADR(nn.Module):
 
     def forward(self, x: torch.Tensor, coords: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W), coords (B, 2, H, W) in [0, 1], prior (B, D) or None -> features (B, channels, H, W)."""
-        hidden = self.modulation[0](torch.cat([coords, self.embedding(coords)], dim=1))
+        first = self.modulation[0]
+        inputs = torch.cat([coords, self.embedding(coords)], dim=1)
         if self.prior_modulation is not None and prior is not None:
-            hidden = hidden + self.prior_modulation(prior)[:, :, None, None]
+            if prior.shape[0] == 1:  # one frame (inference): the prior is a bias, added inside the conv, not per pixel after it
+                hidden = F.conv2d(inputs, first.weight, first.bias + self.prior_modulation(prior)[0])
+            else:
+                hidden = first(inputs) + self.prior_modulation(prior)[:, :, None, None]
+        else:
+            hidden = first(inputs)
         scale, shift = self.modulation[1:](hidden).chunk(2, dim=1)
-        return self.features(x) * (1.0 + scale) + shift
+        features = self.features(x)
+        # x_h · (1 + s) + t as x_h + x_h · s + t, in place: full-resolution passes are what CADR costs at inference.
+        return features.addcmul_(features, scale).add_(shift) if not torch.is_grad_enabled() else features * (1.0 + scale) + shift
 
 
 def brightness_layout(thumbnail: torch.Tensor, cells: int = 4) -> torch.Tensor:
