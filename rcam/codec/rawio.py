@@ -336,9 +336,9 @@ def normalise_planes_and_white(
 RENDER_BAND_ROWS = 256  # rows of raw values reference_render adjusts at a time (memory, not results)
 
 
-def _black_per_pixel(raw: rawpy.RawPy) -> np.ndarray:
-    """(H, W) float64 black level of each visible pixel (its CFA colour's level)."""
-    return np.asarray(raw.black_level_per_channel, dtype=np.float64)[raw.raw_colors_visible]
+def _black_per_pixel(raw: rawpy.RawPy, rows: slice = slice(None)) -> np.ndarray:
+    """(H, W) float64 black level of each visible pixel (its CFA colour's level), or of the visible rows `rows`."""
+    return np.asarray(raw.black_level_per_channel, dtype=np.float64)[raw.raw_colors_visible[rows]]
 
 
 def raw_values(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
@@ -369,13 +369,14 @@ def reference_render(path: Path, falloff: np.ndarray | None = None, raw_noise: n
         if falloff is not None and not np.all((falloff > 0) & (falloff <= 1)):
             raise RcamError(f"{path}: a falloff map must hold gains in (0, 1]")
         if falloff is not None or raw_noise is not None:
-            black = _black_per_pixel(raw) if falloff is not None else None
-            # In bands of rows: float64 copies of the whole frame were several hundred MB at 24 MP.
+            # In bands of rows, the black levels too: float64 copies of the whole frame were several hundred MB
+            # at 24 MP, and the encoder renders this beside its analysis.
             for top in range(0, visible.shape[0], RENDER_BAND_ROWS):
                 band = slice(top, top + RENDER_BAND_ROWS)
                 values = visible[band].astype(np.float64)
                 if falloff is not None:
-                    values = black[band] + (values - black[band]) / falloff[band]
+                    black = _black_per_pixel(raw, band)
+                    values = black + (values - black) / falloff[band]
                 if raw_noise is not None:
                     values += raw_noise[band]
                 visible[band] = np.clip(np.rint(values), 0, raw.white_level).astype(visible.dtype)
