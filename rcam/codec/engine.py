@@ -335,6 +335,7 @@ def fit_header_tone(codec: Codec, header: container.Header, latents: list[TileLa
     with closing(synthesise_tiles(codec, header, [t for t, run in zip(latents, wanted) if run])) as tile_images:
         for top, rows, complete in blended_rows(header, tile_images, wanted):
             statistics.add(top, rows.clamp_(0.0, 1.0).numpy(), sensor_reference[top : top + len(rows)], complete.numpy())
+            del rows, complete  # views of the band: let it go before the next one is blended
     return statistics.solve()
 
 
@@ -525,12 +526,13 @@ def blended_rows(
     for index, top in enumerate(tops):
         band_end = 2 * (top + tiles[0].height)
         carried = 0 if canvas is None else band_start + canvas.shape[0] - 2 * top  # overlap rows kept from the band before
-        new_canvas = torch.zeros(band_end - 2 * top, 2 * extent[1], 3)
-        new_missing = torch.zeros(band_end - 2 * top, 2 * extent[1], dtype=torch.bool)
-        if carried > 0:
-            new_canvas[:carried] = canvas[-carried:]
-            new_missing[:carried] = missing[-carried:]
-        canvas, missing, band_start = new_canvas, new_missing, 2 * top
+        carry = (canvas[-carried:].clone(), missing[-carried:].clone()) if carried > 0 else None
+        canvas = missing = None  # the band before goes before the next one is made (80 MB each at 24 MP)
+        canvas = torch.zeros(band_end - 2 * top, 2 * extent[1], 3)
+        missing = torch.zeros(band_end - 2 * top, 2 * extent[1], dtype=torch.bool)
+        if carry is not None:
+            canvas[:carried], missing[:carried] = carry
+        band_start = 2 * top
         for tile, run in zip(tiles, wanted):
             if tile.top != top:
                 continue

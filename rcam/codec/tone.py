@@ -27,6 +27,7 @@ MIN_FIT_PIXELS = 64  # fewer usable pixels per channel than this: that channel s
 RIDGE = 0.05  # pull of each knot towards the channel's single gain and offset, relative to the mean data weight
 FIT_STRIDE = 2  # the fit reads every other row and column: 72 unknowns need far fewer pixels
 APPLY_BAND_ROWS = 256  # rows apply_tone corrects at a time (memory, not results)
+ADD_ROWS = 128  # rows ToneStatistics.add gathers at a time (memory; the sums change only in their last bits)
 
 
 def identity(knots: int = 1) -> tuple[float, ...]:
@@ -91,6 +92,13 @@ class ToneStatistics:
             raise RcamError(f"tone fit: usable mask {usable.shape} is not the frame's {(height, width)}")
         if width != self.width or not 0 <= top <= self.height - height:
             raise RcamError(f"tone fit: a band of {width}x{height} at row {top} is not inside the {self.width}x{self.height} frame")
+        # A few rows at a time: the float64 copies of a whole tile row's band were 65 MB at 24 MP.
+        for start in range(0, height, ADD_ROWS):
+            rows = slice(start, start + ADD_ROWS)
+            self._add_rows(top + start, decoded[rows], reference[rows], None if usable is None else usable[rows])
+
+    def _add_rows(self, top: int, decoded: np.ndarray, reference: np.ndarray, usable: np.ndarray | None) -> None:
+        height = decoded.shape[0]
         first = (-top) % FIT_STRIDE  # the frame's every other row, whatever the band's first row
         rows = self.rows[top + first : top + height : FIT_STRIDE]
         for channel in range(3):
