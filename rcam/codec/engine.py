@@ -478,6 +478,17 @@ def synthesise_tiles(codec: Codec, header: container.Header, latents: Iterable[T
     return map_tiles(device, synthesise, latents)
 
 
+def _tile_area(tile: Tile, band_start: int = 0) -> tuple[slice, slice]:
+    """(rows, cols) a tile's output covers on a canvas whose first row is output row `band_start`."""
+    return slice(2 * tile.top - band_start, 2 * (tile.top + tile.height) - band_start), slice(2 * tile.left, 2 * (tile.left + tile.width))
+
+
+def _add_tile(canvas: torch.Tensor, tile: Tile, image: torch.Tensor, extent: tuple[int, int], overlap: int, band_start: int = 0) -> None:
+    """canvas (rows, W, 3) += the tile's (3, 2h, 2w) image times its blend weights: the one blending step that
+    blend_tiles and blended_rows share, so both give the same floats."""
+    canvas[_tile_area(tile, band_start)] += image.permute(1, 2, 0) * blend_weights(tile, extent, overlap, scale=2)[:, :, None]
+
+
 def blend_tiles(
     header: container.Header, tile_images: Iterable[torch.Tensor], wanted: list[bool] | None = None, progress=None
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -496,12 +507,10 @@ def blend_tiles(
     missing = None if all(wanted) else torch.zeros(2 * extent[0], 2 * extent[1], dtype=torch.bool)
     tile_images = iter(tile_images)
     for tile, run in zip(tiles, wanted):
-        rows = slice(2 * tile.top, 2 * (tile.top + tile.height))
-        cols = slice(2 * tile.left, 2 * (tile.left + tile.width))
         if not run:
-            missing[rows, cols] = True  # blend weights are positive over the whole tile
+            missing[_tile_area(tile)] = True  # blend weights are positive over the whole tile
             continue
-        canvas[rows, cols] += next(tile_images).permute(1, 2, 0) * blend_weights(tile, extent, header.overlap, scale=2)[:, :, None]
+        _add_tile(canvas, tile, next(tile_images), extent, header.overlap)
         if progress:
             progress()
     complete = torch.ones((), dtype=torch.bool).expand(canvas.shape[:2]) if missing is None else ~missing
@@ -536,11 +545,10 @@ def blended_rows(
         for tile, run in zip(tiles, wanted):
             if tile.top != top:
                 continue
-            cols = slice(2 * tile.left, 2 * (tile.left + tile.width))
             if not run:
-                missing[:, cols] = True
+                missing[_tile_area(tile, band_start)] = True
                 continue
-            canvas[:, cols] += next(tile_images).permute(1, 2, 0) * blend_weights(tile, extent, header.overlap, scale=2)[:, :, None]
+            _add_tile(canvas, tile, next(tile_images), extent, header.overlap, band_start)
         finished = band_end if index + 1 == len(tops) else 2 * tops[index + 1]  # canvas rows no later tile reaches
         first, last = max(band_start, header.pad_top), min(finished, header.pad_top + header.sensor_height)
         if last > first:
