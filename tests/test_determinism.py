@@ -22,6 +22,7 @@ from rcam.codec import engine as codec
 from rcam.codec.output import quantize
 from rcam.codec.rawio import network_input, read_raw
 from rcam.codec.tiling import DEFAULT_TILE, plan_tiles
+from rcam.codec.tone import FIELD_KNOTS, identity
 from rcam.codec.zoo import DEFAULT_MODEL, load_codec, native_bfloat16, read_manifest
 
 RAW_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "raw"
@@ -63,12 +64,12 @@ def grid_dng(tmp_path_factory):
     return bayer_dng_of_size(tmp_path_factory.mktemp("grid") / "grid.dng", side - 1, side, cfa="GBRG", seed=4)
 
 
-def encode_each_way(codec_, path, reference, settings=ENCODE_SETTINGS) -> dict[tuple[int, int], bytes]:
-    """The file's bytes encoded under each (threads, tile batch)."""
+def encode_each_way(codec_, path, reference, settings=ENCODE_SETTINGS, **options) -> dict[tuple[int, int], bytes]:
+    """The file's bytes encoded under each (threads, tile batch); `options` go to encode_file."""
     encoded = {}
     for threads, tile_batch in settings:
         with torch_threads(threads):
-            encoded[threads, tile_batch] = codec.encode_file(codec_, path, 0.01, reference=reference, tile_batch=tile_batch).data
+            encoded[threads, tile_batch] = codec.encode_file(codec_, path, 0.01, reference=reference, tile_batch=tile_batch, **options).data
     return encoded
 
 
@@ -106,6 +107,18 @@ def test_grid_frame_same_bytes_and_pixels_any_threads_and_tile_batch(tiny_model_
     decoded = decode_each_way(tiny_codec, encoded[1, 1])
     check_identical(decoded)
     assert np.ptp(decoded[1]) > 0.1  # a real image, not a constant that any kernel gets right
+
+
+@pytest.mark.parametrize("precision", PRECISIONS_HERE)
+def test_tone_fit_windows_same_bytes_any_threads_and_tile_batch(tiny_model_path, make_dng, precision):
+    # 2 x 3 tiles of 352 x 384: the tone fit synthesises windows of the tiles (engine.tone_fit_windows).
+    tiny_codec = load_codec(tiny_model_path, precision=precision)
+    path = make_dng("windows.dng", 1200, 1800, seed=5)
+    reference = codec.tone_reference(tiny_codec, path)
+    encoded = encode_each_way(tiny_codec, path, reference, settings=((1, 1), (2, 1), (3, 4)), tile=352)
+    header = container.read(encoded[1, 1])[0]
+    assert codec.tone_fit_windows(header) is not None and header.tone != identity(FIELD_KNOTS)
+    check_identical(encoded)
 
 
 @pytest.mark.parametrize("path", REAL_DNGS or [None], ids=[p.name for p in REAL_DNGS] or ["none"])

@@ -176,6 +176,72 @@ def test_tone_statistics_band_by_band_fit_as_the_whole_frame():
         statistics.add(300, decoded[:2], reference[:2])
 
 
+def test_tone_statistics_window_by_window_fit_as_the_whole_frame():
+    rng = np.random.default_rng(2)
+    height, width = 301, 417
+    decoded = rng.random((height, width, 3)).astype(np.float32)
+    reference = np.clip(np.rint((1.1 * decoded - 0.03 + 0.02 * rng.standard_normal(decoded.shape)) * 255), 0, 255).astype(np.uint8)
+    statistics = ToneStatistics(height, width)
+    for top in range(0, height, 37):  # odd offsets both ways: the fit's every other column must stay the frame's
+        for left in range(0, width, 53):
+            area = (slice(top, top + 37), slice(left, left + 53))
+            statistics.add(top, decoded[area], reference[area], left=left)
+    # The same sums in another order: equal up to the float16 the header stores.
+    np.testing.assert_allclose(statistics.solve(), fit_tone(decoded, reference), atol=2e-3)
+    with pytest.raises(RcamError, match="not inside"):
+        statistics.add(0, decoded[:2, :20], reference[:2, :20], left=400)
+
+
+def test_tone_fit_windows_sit_in_the_middle_of_every_tile(tiny_codec, make_dng):
+    header = codec.encode_file(tiny_codec, make_dng("grid.dng", 200, 232), 0.01, tile=64, overlap=32, tone_fit=False).header
+    assert codec.tone_fit_windows(header) is None  # tiles of 8 latent pixels hold no window: the checkerboard
+    # 3 x 3 tiles of 44 x 48 latent pixels over a frame whose last row and column of tiles reach into the padding.
+    grid = dataclasses.replace(header, tile_rows=3, tile_cols=3, tile_height=352, tile_width=384, overlap=32,
+                               sensor_height=1700, sensor_width=2100, pad_top=1, pad_left=0)  # fmt: skip
+    assert codec.tone_fit_windows(dataclasses.replace(grid, tile_rows=2, tile_cols=2)) is None  # small frames: whole tiles
+    windows = codec.tone_fit_windows(grid, size=32, margin=2)
+    assert [w.tile for w in windows] == list(range(9))
+    for window, tile in zip(windows, codec.header_tiles(grid)):
+        assert (window.latent_rows, window.latent_cols) == (slice(4, 36), slice(8, 40))  # centred on the 32-pixel grid
+        height, width = window.rows.stop - window.rows.start, window.cols.stop - window.cols.start
+        # The fitted pixels: the window less its margins, in the visible frame, clear of the tile's overlaps.
+        assert window.rows.start == 32 and window.cols.start == 32 and width == 16 * 28 and 0 < height <= 16 * 28
+        canvas_top, canvas_left = window.top + grid.pad_top, window.left + grid.pad_left
+        assert canvas_top == 2 * tile.top + 16 * 4 + window.rows.start and canvas_left == 2 * tile.left + 16 * 8 + 32
+        assert 2 * (tile.top + grid.overlap) <= canvas_top and canvas_top + height <= 2 * (tile.top + tile.height - grid.overlap)
+        assert 0 <= window.top and window.top + height <= grid.sensor_height and window.left + width <= grid.sensor_width
+    # The first row's windows start inside the frame; the last row's are cut off at its bottom.
+    assert windows[0].top == 2 * 0 + 16 * (4 + 2) - 1 and windows[-1].top + windows[-1].rows.stop - windows[-1].rows.start == 1700
+
+
+def test_tone_fit_windows_see_the_decoded_pixels(tiny_codec, make_dng):
+    # 2 x 3 tiles of 40 x 44 latent pixels: the encoder fits from windows of the tiles' latents.
+    path = make_dng("windows.dng", 1200, 1800, orientation=6)
+    plain = codec.encode_file(tiny_codec, path, 0.01, tile=352, overlap=32, tone_fit=False)
+    header = plain.header
+    windows = codec.tone_fit_windows(header)
+    assert (header.tile_rows, header.tile_cols) == (2, 3) and len(windows) == 6
+    decoded = undo_flip(codec.decode_bytes(tiny_codec, plain.data), header.flip)
+    crops = [dataclasses.replace(plain.latents[w.tile], y_hat=plain.latents[w.tile].y_hat[:, :, w.latent_rows, w.latent_cols]) for w in windows]
+    usable = np.zeros(decoded.shape[:2], bool)
+    for window, image in zip(windows, codec.synthesise_tiles(tiny_codec, header, crops)):
+        fitted = image[:, window.rows, window.cols].permute(1, 2, 0).clamp(0, 1).numpy()
+        area = (slice(window.top, window.top + fitted.shape[0]), slice(window.left, window.left + fitted.shape[1]))
+        # Cut-off latents change the window's edges, not the pixels inside its margins.
+        assert np.sqrt(np.mean((fitted - np.clip(decoded[area], 0, 1)) ** 2)) * 255 < 0.5
+        usable[area] = True
+    fitted = codec.encode_file(tiny_codec, path, 0.01, tile=352, overlap=32)
+    reference = undo_flip(reference_render(path), header.flip)
+    # Windows' pixels differ from the decoder's by a fraction of a level: the fields nearly agree (the untrained
+    # model's knots with little data move most) and correct the frame alike.
+    on_decoded = fit_tone(decoded, reference, usable)
+    np.testing.assert_allclose(fitted.header.tone, on_decoded, atol=0.03)
+    before = psnr(quantize(decoded, 8), reference)
+    after = psnr(quantize(undo_flip(codec.decode_bytes(tiny_codec, fitted.data), header.flip), 8), reference)
+    assert after > before + 0.5
+    assert abs(after - psnr(quantize(apply_tone(decoded.copy(), on_decoded), 8), reference)) < 0.02
+
+
 @pytest.mark.parametrize("cfa", ["RGGB", "GBRG"])
 def test_blended_rows_are_the_blended_frame_band_by_band(tiny_codec, make_dng, cfa):
     header = codec.encode_file(tiny_codec, make_dng("grid.dng", 201, 232, cfa=cfa), 0.01, tile=64, overlap=32, tone_fit=False).header

@@ -64,11 +64,11 @@ def _weighted_gram(weights: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> n
 
 
 class ToneStatistics:
-    """The sums fit_tone solves from, gathered band by band: (rows, W, 3) pieces of a frame in any order.
+    """The sums fit_tone solves from, gathered piece by piece: bands or windows of a frame in any order.
 
-    So the encoder can fit its tone while it blends a few tile rows at a time, never holding the whole
-    decoded frame (288 MB at 24 MP). The frame's basis is fixed by its full size; a band only adds its rows'
-    share of every sum.
+    So the encoder can fit its tone while it blends a few tile rows at a time, or from windows of the tiles,
+    never holding the whole decoded frame (288 MB at 24 MP). The frame's basis is fixed by its full size; a
+    piece only adds its pixels' share of every sum.
     """
 
     def __init__(self, height: int, width: int, knots: int = FIELD_KNOTS):
@@ -76,44 +76,48 @@ class ToneStatistics:
             raise RcamError(f"tone fit: {knots} knots per side, expected 1 to {MAX_KNOTS}")
         self.height, self.width, self.knots = height, width, knots
         self.rows = knot_basis(height, knots)
-        self.cols = knot_basis(width, knots)[::FIT_STRIDE]
+        self.cols = knot_basis(width, knots)
         count = knots * knots
         self.grams = np.zeros((3, 3, count, count))  # per channel: Σ w x x φφᵀ, Σ w x φφᵀ, Σ w φφᵀ
         self.rhs = np.zeros((3, 2, count))  # per channel: Σ w x y φ, Σ w y φ
         self.moments = np.zeros((3, 5))  # per channel, over valid pixels: n, Σx, Σy, Σxx, Σxy
 
-    def add(self, top: int, decoded: np.ndarray, reference: np.ndarray, usable: np.ndarray | None = None) -> None:
-        """Rows top .. top + h of the frame: decoded (h, W, 3) float in [0, 1], reference (h, W, 3) uint8 and
-        usable (h, W) bool as fit_tone takes them whole."""
+    def add(self, top: int, decoded: np.ndarray, reference: np.ndarray, usable: np.ndarray | None = None, left: int = 0) -> None:
+        """The window of rows top .. top + h and columns left .. left + w of the frame: decoded (h, w, 3) float in
+        [0, 1], reference (h, w, 3) uint8 and usable (h, w) bool as fit_tone takes them whole. The fit reads the
+        frame's every other row and column wherever the window starts, so windows tiling the frame add up to the
+        sums of the whole frame."""
         height, width = decoded.shape[:2]
         if reference.shape[:2] != (height, width):
             raise RcamError(f"reference render is {reference.shape[1]}x{reference.shape[0]}, decoded image {width}x{height}")
         if usable is not None and usable.shape != (height, width):
             raise RcamError(f"tone fit: usable mask {usable.shape} is not the frame's {(height, width)}")
-        if width != self.width or not 0 <= top <= self.height - height:
-            raise RcamError(f"tone fit: a band of {width}x{height} at row {top} is not inside the {self.width}x{self.height} frame")
+        if not (0 <= top <= self.height - height and 0 <= left <= self.width - width):
+            raise RcamError(f"tone fit: a window of {width}x{height} at ({left}, {top}) is not inside the {self.width}x{self.height} frame")
         # A few rows at a time: the float64 copies of a whole tile row's band were 65 MB at 24 MP.
         for start in range(0, height, ADD_ROWS):
             rows = slice(start, start + ADD_ROWS)
-            self._add_rows(top + start, decoded[rows], reference[rows], None if usable is None else usable[rows])
+            self._add_rows(top + start, left, decoded[rows], reference[rows], None if usable is None else usable[rows])
 
-    def _add_rows(self, top: int, decoded: np.ndarray, reference: np.ndarray, usable: np.ndarray | None) -> None:
-        height = decoded.shape[0]
-        first = (-top) % FIT_STRIDE  # the frame's every other row, whatever the band's first row
+    def _add_rows(self, top: int, left: int, decoded: np.ndarray, reference: np.ndarray, usable: np.ndarray | None) -> None:
+        height, width = decoded.shape[:2]
+        first, first_col = (-top) % FIT_STRIDE, (-left) % FIT_STRIDE  # the frame's every other row and column
         rows = self.rows[top + first : top + height : FIT_STRIDE]
+        cols = self.cols[left + first_col : left + width : FIT_STRIDE]
+        picked = (slice(first, None, FIT_STRIDE), slice(first_col, None, FIT_STRIDE))
         for channel in range(3):
-            x = decoded[first::FIT_STRIDE, ::FIT_STRIDE, channel].astype(np.float64)
-            y = reference[first::FIT_STRIDE, ::FIT_STRIDE, channel].astype(np.float64) / 255.0
+            x = decoded[picked + (channel,)].astype(np.float64)
+            y = reference[picked + (channel,)].astype(np.float64) / 255.0
             valid = (x > 0.001) & (x < 0.999) & (y < 254.5 / 255)
             if usable is not None:
-                valid &= usable[first::FIT_STRIDE, ::FIT_STRIDE]
+                valid &= usable[picked]
             weight = valid.astype(np.float64)
             x, y = x * weight, y * weight  # zero outside the valid pixels
             self.moments[channel] += (weight.sum(), x.sum(), y.sum(), (x * x).sum(), (x * y).sum())
             for index, w in enumerate((x * x, x, weight)):
-                self.grams[channel, index] += _weighted_gram(w, rows, self.cols)
-            self.rhs[channel, 0] += (rows.T @ (x * y) @ self.cols).ravel()
-            self.rhs[channel, 1] += (rows.T @ y @ self.cols).ravel()
+                self.grams[channel, index] += _weighted_gram(w, rows, cols)
+            self.rhs[channel, 0] += (rows.T @ (x * y) @ cols).ravel()
+            self.rhs[channel, 1] += (rows.T @ y @ cols).ravel()
 
     def solve(self) -> tuple[float, ...]:
         """The fitted field, as fit_tone returns it."""
