@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from rcam.codec import container
+from rcam.codec.allocator import tune_allocator
 from rcam.codec.engine import (
     _header,
     analyse_image,
@@ -156,6 +157,7 @@ def main() -> None:
     parser.add_argument("--look", default="clean")
     parser.add_argument("--precision", default="auto", help="the transforms' precision (rcam --precision)")
     args = parser.parse_args()
+    tune_allocator()  # the codec and the cascade in process run under the malloc settings the rcam command uses
     torch.set_num_threads(args.threads)
 
     rcam = str(Path(sys.executable).parent / "rcam")

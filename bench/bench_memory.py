@@ -98,6 +98,9 @@ def main() -> None:
     parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # child: one DNG, JSON on stdout
     args = parser.parse_args()
     if args.one:
+        from rcam.codec.allocator import tune_allocator
+
+        tune_allocator()  # as the rcam command runs
         print(json.dumps(one_size(args.one, args.threads, args.model, args.tile)))
         return
     results = []

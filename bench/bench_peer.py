@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rcam.codec.allocator import tune_allocator
 from rcam.codec import engine as rcam_codec
 from rcam.codec.tiling import DEFAULT_OVERLAP, blend_weights, crop_tile, plan_tiles
 from rcam.codec.zoo import load_codec
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--lambda", dest="lam", type=float, default=0.01)
     parser.add_argument("--model", default="rcam-small")
     args = parser.parse_args()
+    tune_allocator()  # rcam and the peer alike, under the malloc settings the rcam command uses
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as folder:

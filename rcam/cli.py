@@ -15,6 +15,7 @@ import click
 import torch
 
 from rcam.codec import container
+from rcam.codec.allocator import tune_allocator
 from rcam.codec.batch import (
     BatchFailed,
     DecodeSettings,
@@ -432,6 +433,7 @@ def export_comparator(checkpoint, name, half, weights_dir) -> None:
 
 def main() -> None:
     """Console entry point: map errors to exit statuses."""
+    tune_allocator()  # a process-wide setting: here, not in the library (rcam.codec.allocator)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Exit as done:

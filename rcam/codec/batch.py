@@ -24,6 +24,7 @@ import click
 import torch
 from tqdm import tqdm
 
+from rcam.codec.allocator import tune_allocator
 from rcam.codec.engine import decode_bytes, encode_file, metadata_of
 from rcam.codec.metadata import EMPTY, read_metadata, upright
 from rcam.codec.output import check_output_path, encode_image, image_kind, write_atomic
@@ -195,6 +196,7 @@ def _worker_start(model_name: str, device: str, threads: int, precision: str = "
     global _worker_codec
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
+    tune_allocator()  # a process of rcam's own, like the CLI's
     torch.set_num_threads(threads)
     try:
         _worker_codec = load_codec(model_name, resolve_device(device), precision=precision)
