@@ -40,7 +40,7 @@ from torch import nn
 
 from rcam.codec.engine import frame_development, look_tensor
 from rcam.codec.rawio import network_input_and_white, read_raw
-from rcam.codec.skeleton import band_limit, develop
+from rcam.codec.skeleton import band_limit_packed, develop_packed
 from rcam.codec.tiling import Tile, coordinate_map, crop_tile, thumbnail
 from rcam.codec.zoo import load_codec
 
@@ -76,7 +76,7 @@ def finish_synthesis(model, heads: tuple[torch.Tensor, torch.Tensor], developmen
     if not model.config.skeleton:
         return torch.nn.functional.pixel_shuffle(corrections, 2)
     groups = corrections.view(1, -1, 12, *corrections.shape[-2:])[:, int(look[0])]
-    return develop(planes, *development) + band_limit(torch.nn.functional.pixel_shuffle(groups, 2))
+    return torch.nn.functional.pixel_shuffle(develop_packed(planes, *development) + band_limit_packed(groups), 2)
 
 
 class AnalysisNetwork(nn.Module):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from test_codec import REAL_DNGS
 
 from rcam.codec.rawio import apply_flip, auto_bright_white, network_input, normalise_planes, read_raw, reference_render
-from rcam.codec.skeleton import demosaic, develop, linear_to_srgb, srgb_to_linear
+from rcam.codec.skeleton import band_limit, band_limit_packed, demosaic, develop, develop_packed, linear_to_srgb, packed_pad, srgb_to_linear
 from rcam.measure.metrics import dark_offset, psnr
 
 
@@ -141,8 +142,6 @@ def test_a_model_without_the_skeleton_refuses_the_faithful_look(tiny_codec, make
 
 
 def test_the_band_limited_correction_has_nothing_at_the_two_pixel_period():
-    from rcam.codec.skeleton import band_limit
-
     rows, cols = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
     checkerboard = ((rows + cols) % 2).float()[None, None].repeat(1, 3, 1, 1) - 0.5
     stripes = (cols % 2).float()[None, None].repeat(1, 3, 1, 1) - 0.5
@@ -150,3 +149,39 @@ def test_the_band_limited_correction_has_nothing_at_the_two_pixel_period():
         assert float(band_limit(pattern)[..., 1:-1, 1:-1].abs().max()) < 1e-6
     smooth = 0.01 * (rows + 2 * cols).float()[None, None].repeat(1, 3, 1, 1)  # affine: kept exactly
     assert torch.allclose(band_limit(smooth)[..., 1:-1, 1:-1], smooth[..., 1:-1, 1:-1], atol=1e-5)
+
+
+def _malvar_at_full_resolution(packed: torch.Tensor) -> torch.Tensor:
+    """The textbook way, as rcam once computed it: every kernel at every pixel of the reflected mosaic, then
+    each CFA position picks its kernels. The reference the packed demosaic must equal."""
+    from rcam.codec.skeleton import MALVAR_KERNELS
+
+    mosaic = F.pixel_shuffle(packed, 2)
+    filtered = F.pixel_unshuffle(F.conv2d(F.pad(mosaic, (2, 2, 2, 2), mode="reflect"), MALVAR_KERNELS), 2)
+    red, green1, green2, blue = packed.unbind(1)
+    at = lambda kernel, position: filtered[:, 4 * kernel + position]  # noqa: E731
+    planes = [
+        torch.stack([red, at(1, 1), at(2, 2), at(3, 3)], 1),
+        torch.stack([at(0, 0), green1, green2, at(0, 3)], 1),
+        torch.stack([at(3, 0), at(2, 1), at(1, 2), blue], 1),
+    ]
+    return torch.cat([F.pixel_shuffle(p, 2) for p in planes], 1)
+
+
+@pytest.mark.parametrize("size", [(3, 4), (37, 53)])
+def test_packed_padding_is_the_mosaic_padded(size):
+    planes = torch.randn(2, 12, *size)
+    for mode in ("reflect", "replicate"):
+        expected = F.pixel_unshuffle(F.pad(F.pixel_shuffle(planes, 2), (2, 2, 2, 2), mode=mode), 2)
+        assert torch.equal(packed_pad(planes, mode), expected)
+
+
+def test_packed_demosaic_and_band_limit_equal_the_full_resolution_ones():
+    generator = torch.Generator().manual_seed(3)
+    packed = torch.rand(2, 4, 37, 53, generator=generator)
+    assert torch.allclose(demosaic(packed), _malvar_at_full_resolution(packed), atol=1e-6)
+    correction = torch.randn(2, 12, 37, 53, generator=generator)
+    assert torch.allclose(F.pixel_shuffle(band_limit_packed(correction), 2), band_limit(F.pixel_shuffle(correction, 2)), atol=1e-6)
+    # develop_packed is develop before its pixel shuffle.
+    matrix, white = torch.tensor([[1.6, -0.4, -0.2], [-0.2, 1.5, -0.3], [0.0, -0.5, 1.5]])[None].repeat(2, 1, 1), torch.tensor([0.5, 1.3])
+    assert torch.equal(F.pixel_shuffle(develop_packed(packed, matrix, white), 2), develop(packed, matrix, white))

@@ -18,7 +18,7 @@ from torch import nn
 
 from rcam.codec.container import LOOKS  # a look tensor holds indices into it, as the header does
 from rcam.codec.layers import CADR, CSA, GFT, GlobalPrior, LocalPrior, VignettingEstimator, conv, deconv, devignette, log_gain_at
-from rcam.codec.skeleton import band_limit, develop
+from rcam.codec.skeleton import band_limit_packed, develop_packed
 from rcam.errors import RcamError
 
 # λ values with their own learned gain vector; any λ in between is interpolated (Cui et al., CVPR 2021).
@@ -252,7 +252,8 @@ class RealCamNet(nn.Module):
         if development is None or look is None:
             raise RcamError("a skeleton model's synthesis needs the frame's development and look")
         planes = self.plane_head(features)
-        return develop(planes, *development) + band_limit(F.pixel_shuffle(_per_look(correction, look), 2)), planes
+        # Both packed (colour c at CFA position p in channel 4·c + p): one pixel shuffle for their sum.
+        return F.pixel_shuffle(develop_packed(planes, *development) + band_limit_packed(_per_look(correction, look)), 2), planes
 
     def hyper_parameters(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ẑ -> (means, scales) of the scaled latent, float path used in training."""

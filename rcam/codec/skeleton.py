@@ -40,19 +40,74 @@ _DIAGONAL = [[0, 0, -1.5, 0, 0], [0, 2, 0, 2, 0], [-1.5, 0, 6, 0, -1.5], [0, 2, 
 MALVAR_KERNELS = torch.tensor([_GREEN_AT_RED_BLUE, _ALONG_ROW, _ALONG_COLUMN, _DIAGONAL], dtype=torch.float32)[:, None] / 8
 
 
+def packed_pad(packed: torch.Tensor, mode: str) -> torch.Tensor:
+    """Packed planes (B, 4·C, h, w) (each group of 4: R, G1, G2, B, the pixel-shuffle order) -> (B, 4·C, h + 2, w + 2):
+    the planes of the full-resolution mosaic padded by 2 pixels with F.pad's `mode` ("reflect" or "replicate").
+
+    Equal to pixel_unshuffle(F.pad(pixel_shuffle(packed, 2), (2, 2, 2, 2), mode), 2) without making the
+    full-resolution image: the padding's pixels are gathered from the planes (replicate takes a neighbouring
+    CFA position's plane, reflect the same one).
+    """
+    batch, channels, height, width = packed.shape
+    grid = packed.reshape(batch, channels // 4, 2, 2, height, width)  # (B, C, row parity, column parity, h, w)
+
+    def sources(length: int) -> torch.Tensor:
+        """(length + 2, 2): the full-resolution line each padded packed line takes, per parity."""
+        line = torch.arange(-2, 2 * length + 2)
+        if mode == "reflect":
+            line = line.abs()
+            line = torch.where(line >= 2 * length, 2 * (2 * length - 1) - line, line)
+        else:
+            line = line.clamp(0, 2 * length - 1)
+        return line.view(length + 2, 2)
+
+    # Only the first and last padded lines come from elsewhere (the rest are the planes themselves): gather
+    # those and concatenate, rows then columns, so the corners follow both rules as F.pad's do.
+    rows, cols = sources(height).tolist(), sources(width).tolist()
+    edge = lambda line: torch.stack([grid[:, :, source % 2, :, source // 2] for source in line], 2)  # noqa: E731
+    grid = torch.cat([edge(rows[0]).unsqueeze(4), grid, edge(rows[-1]).unsqueeze(4)], 4)
+    edge = lambda line: torch.stack([grid[:, :, :, source % 2, :, source // 2] for source in line], 3)  # noqa: E731
+    grid = torch.cat([edge(cols[0]).unsqueeze(5), grid, edge(cols[-1]).unsqueeze(5)], 5)
+    return grid.reshape(batch, channels, height + 2, width + 2)
+
+
+# Malvar's kernels laid out as one 3x3 convolution of the padded packed planes: output 4·c + p is colour c
+# (R, G, B) at CFA position p (R, G1, G2, B), the pixel-shuffle order; the known samples pass through.
+def _demosaic_weights() -> torch.Tensor:
+    kernel_at = {  # (colour, position) -> Malvar kernel index, or None: the position's own sample
+        (0, 0): None, (0, 1): 1, (0, 2): 2, (0, 3): 3,
+        (1, 0): 0, (1, 1): None, (1, 2): None, (1, 3): 0,
+        (2, 0): 3, (2, 1): 2, (2, 2): 1, (2, 3): None,
+    }  # fmt: skip
+    weights = torch.zeros(12, 4, 3, 3, dtype=torch.float64)
+    for (colour, position), kernel in kernel_at.items():
+        row_parity, col_parity = divmod(position, 2)
+        if kernel is None:
+            weights[4 * colour + position, position, 1, 1] = 1.0
+            continue
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                tap = float(MALVAR_KERNELS[kernel, 0, dy + 2, dx + 2])
+                source_row, source_col = row_parity + dy, col_parity + dx  # full-resolution offsets in the cell
+                plane = 2 * (source_row % 2) + source_col % 2
+                weights[4 * colour + position, plane, 1 + source_row // 2, 1 + source_col // 2] += tap
+    return weights.float()
+
+
+DEMOSAIC_WEIGHTS = _demosaic_weights()
+
+
+def demosaic_packed(packed: torch.Tensor) -> torch.Tensor:
+    """Malvar-He-Cutler demosaic of packed RGGB planes (B, 4, h, w) (R, G1, G2, B) -> (B, 12, h, w): colour c at
+    CFA position p in channel 4·c + p, so pixel_shuffle(·, 2) is the RGB image (B, 3, 2h, 2w)."""
+    weights = DEMOSAIC_WEIGHTS.to(device=packed.device, dtype=packed.dtype)
+    # Reflection keeps each border pixel's CFA colour, as rawio's phase unification does.
+    return F.conv2d(packed_pad(packed, "reflect"), weights)
+
+
 def demosaic(packed: torch.Tensor) -> torch.Tensor:
     """Malvar-He-Cutler demosaic of packed RGGB planes (B, 4, h, w) (R, G1, G2, B) -> RGB (B, 3, 2h, 2w)."""
-    mosaic = F.pixel_shuffle(packed, 2)
-    kernels = MALVAR_KERNELS.to(device=packed.device, dtype=packed.dtype)
-    # Reflection keeps each border pixel's CFA colour, as rawio's phase unification does.
-    filtered = F.pixel_unshuffle(F.conv2d(F.pad(mosaic, (2, 2, 2, 2), mode="reflect"), kernels), 2)
-    # filtered[:, 4k + p]: kernel k evaluated at CFA position p (0 = R, 1 = G1, 2 = G2, 3 = B).
-    red, green1, green2, blue = packed.unbind(1)
-    at = lambda kernel, position: filtered[:, 4 * kernel + position]  # noqa: E731
-    planes_r = torch.stack([red, at(1, 1), at(2, 2), at(3, 3)], 1)
-    planes_g = torch.stack([at(0, 0), green1, green2, at(0, 3)], 1)
-    planes_b = torch.stack([at(3, 0), at(2, 1), at(1, 2), blue], 1)
-    return torch.cat([F.pixel_shuffle(planes, 2) for planes in (planes_r, planes_g, planes_b)], 1)
+    return F.pixel_shuffle(demosaic_packed(packed), 2)
 
 
 # Binomial [1, 2, 1]/4 in each direction: zero response at the 2-pixel period. The network's correction is
@@ -68,6 +123,30 @@ def band_limit(correction: torch.Tensor) -> torch.Tensor:
     channels = correction.shape[1]
     kernel = CORRECTION_KERNEL.to(device=correction.device, dtype=correction.dtype).expand(channels, 1, 3, 3)
     return F.conv2d(F.pad(correction, (1, 1, 1, 1), mode="replicate"), kernel, groups=channels)
+
+
+def _band_limit_weights() -> torch.Tensor:
+    """CORRECTION_KERNEL as a 3x3 convolution of one colour's 4 padded packed planes: (4, 4, 3, 3)."""
+    weights = torch.zeros(4, 4, 3, 3)
+    for position in range(4):
+        row_parity, col_parity = divmod(position, 2)
+        for dy in range(-1, 2):
+            for dx in range(-1, 2):
+                source_row, source_col = row_parity + dy, col_parity + dx
+                plane = 2 * (source_row % 2) + source_col % 2
+                weights[position, plane, 1 + source_row // 2, 1 + source_col // 2] += CORRECTION_KERNEL[0, 0, dy + 1, dx + 1]
+    return weights
+
+
+BAND_LIMIT_WEIGHTS = _band_limit_weights()
+
+
+def band_limit_packed(correction: torch.Tensor) -> torch.Tensor:
+    """band_limit of pixel_shuffle(correction, 2), kept packed: (B, 4·C, h, w) -> the same shape."""
+    colours = correction.shape[1] // 4
+    weights = BAND_LIMIT_WEIGHTS.to(device=correction.device, dtype=correction.dtype).repeat(colours, 1, 1, 1)
+    # Replicating 2 pixels is replicating 1 for a 3x3 kernel: the outer one has no weight.
+    return F.conv2d(packed_pad(correction, "replicate"), weights, groups=colours)
 
 
 @dataclass(frozen=True)
@@ -95,8 +174,17 @@ def camera_planes(planes: torch.Tensor, cam_to_srgb: torch.Tensor, white: torch.
     return torch.stack([camera[:, 0], green1 - shift, green2 - shift, camera[:, 2]], 1)
 
 
+def develop_packed(planes: torch.Tensor, cam_to_srgb: torch.Tensor, white: torch.Tensor) -> torch.Tensor:
+    """Encoder-space planes (B, 4, h, w) -> sRGB in [0, 1] kept packed (B, 12, h, w), as demosaic_packed lays it
+    out; cam_to_srgb (B, 3, 3), white (B,)."""
+    batch, _, height, width = planes.shape
+    camera_rgb = demosaic_packed(camera_planes(planes, cam_to_srgb, white)).clamp(0.0, 1.0)  # LibRaw clips at white after white balance
+    srgb = torch.einsum("bij,bjphw->biphw", cam_to_srgb, camera_rgb.view(batch, 3, 4, height, width)).clamp(0.0, 1.0)
+    linear = (srgb / white[:, None, None, None, None]).clamp(0.0, 1.0).view(batch, 12, height, width)
+    # linear_to_srgb on [0, 1], where it needs no sign.
+    return torch.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear.clamp(min=0.0031308) ** (1 / 2.4) - 0.055)
+
+
 def develop(planes: torch.Tensor, cam_to_srgb: torch.Tensor, white: torch.Tensor) -> torch.Tensor:
     """Encoder-space planes (B, 4, h, w) -> sRGB (B, 3, 2h, 2w) in [0, 1]; cam_to_srgb (B, 3, 3), white (B,)."""
-    camera_rgb = demosaic(camera_planes(planes, cam_to_srgb, white)).clamp(0.0, 1.0)  # LibRaw clips at white after white balance
-    srgb = torch.einsum("bij,bjhw->bihw", cam_to_srgb, camera_rgb).clamp(0.0, 1.0)
-    return linear_to_srgb((srgb / white[:, None, None, None]).clamp(0.0, 1.0))
+    return F.pixel_shuffle(develop_packed(planes, cam_to_srgb, white), 2)
