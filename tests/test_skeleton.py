@@ -185,3 +185,15 @@ def test_packed_demosaic_and_band_limit_equal_the_full_resolution_ones():
     # develop_packed is develop before its pixel shuffle.
     matrix, white = torch.tensor([[1.6, -0.4, -0.2], [-0.2, 1.5, -0.3], [0.0, -0.5, 1.5]])[None].repeat(2, 1, 1), torch.tensor([0.5, 1.3])
     assert torch.equal(F.pixel_shuffle(develop_packed(packed, matrix, white), 2), develop(packed, matrix, white))
+
+
+def test_develop_at_inference_is_the_training_curve():
+    # Inference encodes sRGB in place with another formula (develop_packed); dark values below the curve's
+    # linear segment included, it must give what training sees.
+    planes = torch.rand(1, 4, 16, 24, generator=torch.Generator().manual_seed(5)) ** 4  # many near black
+    matrix, white = torch.eye(3)[None], torch.tensor([1.0])
+    with torch.inference_mode():
+        fast = develop_packed(planes, matrix, white)
+    exact = develop_packed(planes.requires_grad_(), matrix, white).detach()
+    assert bool((exact < 0.0404).any())  # the linear segment is exercised
+    assert torch.allclose(fast, exact, atol=3e-6, rtol=0)

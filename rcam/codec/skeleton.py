@@ -181,8 +181,13 @@ def develop_packed(planes: torch.Tensor, cam_to_srgb: torch.Tensor, white: torch
     camera_rgb = demosaic_packed(camera_planes(planes, cam_to_srgb, white)).clamp(0.0, 1.0)  # LibRaw clips at white after white balance
     srgb = torch.einsum("bij,bjphw->biphw", cam_to_srgb, camera_rgb.view(batch, 3, 4, height, width)).clamp(0.0, 1.0)
     linear = (srgb / white[:, None, None, None, None]).clamp(0.0, 1.0).view(batch, 12, height, width)
-    # linear_to_srgb on [0, 1], where it needs no sign.
-    return torch.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear.clamp(min=0.0031308) ** (1 / 2.4) - 0.055)
+    threshold = 0.0031308
+    if torch.is_grad_enabled():  # linear_to_srgb on [0, 1], where it needs no sign
+        return torch.where(linear <= threshold, 12.92 * linear, 1.055 * linear.clamp(min=threshold) ** (1 / 2.4) - 0.055)
+    # At inference in place, in half the passes: the power branch at max(x, t), plus the linear branch's slope
+    # below t (the two meet at t to 2e-6).
+    below = linear.clamp(max=threshold).sub_(threshold).mul_(12.92)
+    return linear.clamp_(min=threshold).log_().mul_(1 / 2.4).exp_().mul_(1.055).sub_(0.055).add_(below)
 
 
 def develop(planes: torch.Tensor, cam_to_srgb: torch.Tensor, white: torch.Tensor) -> torch.Tensor:
