@@ -240,13 +240,17 @@ def read_raw(path: Path) -> RawImage:
     if not np.all(np.isfinite(cam_to_srgb)) or np.abs(cam_to_srgb).sum() == 0:
         cam_to_srgb = np.eye(3, dtype=np.float32)
     pad_top, pad_left = positions["R"]
-    # Black level per mosaic position, laid out like the mosaic's own 2x2 cell.
+    # Black level per mosaic position, laid out like the mosaic's own 2x2 cell; normalised in place, a cell
+    # position at a time (full-frame temporaries cost more than the arithmetic: 96 MB each at 24 MP).
     black_cell = black_per_colour[pattern]
-    black_map = np.tile(black_cell, (height // 2 + 1, width // 2 + 1))[:height, :width]
-    mosaic = (visible - black_map) / np.maximum(white - black_map, 1.0)
+    for row in range(2):
+        for col in range(2):
+            cell = visible[row::2, col::2]
+            np.subtract(cell, black_cell[row, col], out=cell)
+            np.divide(cell, np.maximum(white - black_cell[row, col], np.float32(1.0)), out=cell)
     pad_bottom = (pad_top + height) % 2
     pad_right = (pad_left + width) % 2
-    mosaic = np.pad(mosaic, ((pad_top, pad_bottom), (pad_left, pad_right)), mode="reflect")
+    mosaic = np.pad(visible, ((pad_top, pad_bottom), (pad_left, pad_right)), mode="reflect") if pad_top or pad_left or pad_bottom or pad_right else visible
     planes = np.stack([mosaic[0::2, 0::2], mosaic[0::2, 1::2], mosaic[1::2, 0::2], mosaic[1::2, 1::2]])
     return RawImage(
         planes=np.ascontiguousarray(planes),
