@@ -127,6 +127,8 @@ def run_files(
         resolve_weights(model_name)
         resolve_precision(precision, resolve_device(device))
         pool_setup = (model_name, device, worker_threads(jobs, threads), precision)
+        # This process codes files too while the workers start (run_batch): it has torch imported already.
+        codec = load_codec(model_name, _setup(device, pool_setup[2]), precision=precision)
     run_batch(plan, work, codec, quiet, Summary(verb, len(items), skipped=skipped), jobs, pool_setup, distribute)
 
 

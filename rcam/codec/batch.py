@@ -13,8 +13,10 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -299,8 +301,9 @@ def run_batch(
     terminal and the summary; report failures at the end (BatchFailed: exit 2, or 1 if internal).
 
     jobs 1 runs in this process with `codec`; more runs that many worker processes, each loading its own codec
-    from `pool_setup` (model name, device, threads per worker, precision). `distribute(todo, work, finish)` runs the files
-    elsewhere instead (rcam.codec.cluster)."""
+    from `pool_setup` (model name, device, threads per worker, precision), and this process codes files with
+    `codec` (when given) until the first worker's file comes back. `distribute(todo, work, finish)` runs the
+    files elsewhere instead (rcam.codec.cluster)."""
     start = time.perf_counter()
     failed: list[str] = []
     internal = False
@@ -344,7 +347,7 @@ def run_batch(
                     outcome = error
                 finish(source, outcome)
         else:
-            _run_pool(todo, work, jobs, pool_setup, finish)
+            _run_pool(todo, work, jobs, pool_setup, finish, codec)
     except KeyboardInterrupt:
         bar.close()
         if summary and many and not quiet:  # what is done stays done: say how far it got (--skip-existing resumes)
@@ -367,17 +370,55 @@ def run_batch(
         raise BatchFailed(1 if internal else 2)
 
 
-def _run_pool(todo: list[tuple[Path, Path]], work: Callable, jobs: int, pool_setup: tuple, finish: Callable) -> None:
+def _run_pool(
+    todo: list[tuple[Path, Path]], work: Callable, jobs: int, pool_setup: tuple, finish: Callable, codec: Codec | None = None
+) -> None:  # fmt: skip
     # forkserver: one fresh interpreter imports rcam (torch: seconds) once, and every worker is a fork of it;
     # spawn would import it again in each worker, and a plain fork would copy this process's threads.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["rcam.codec.batch"])
     pool = ProcessPoolExecutor(min(jobs, len(todo)) or 1, mp_context=context, initializer=_worker_start, initargs=pool_setup)
-    pending = {pool.submit(_worker_task, work, source, target): (source, target) for source, target in todo}
+    queue = deque(todo)
+    pending: dict = {}
+    # The workers are fed a few files ahead; the rest wait here, so that this process can take some itself.
+    # While the workers start (the forkserver imports torch and CompressAI: seconds), this process, which has
+    # them already, codes files with `codec`; once a worker's file comes back it only collects.
+    workers_up = codec is None
+
+    def feed() -> None:
+        while len(pending) < 2 * jobs:
+            try:
+                source, target = queue.popleft()  # atomic: this process may be taking files from the other end
+            except IndexError:
+                return
+            pending[pool.submit(_worker_task, work, source, target)] = (source, target)
+
+    def code_here() -> None:
+        try:
+            source, target = queue.pop()
+        except IndexError:
+            return
+        try:
+            outcome = attempt(work, codec, source, target)
+        except (RcamError, InternalFailure) as error:
+            outcome = error
+        finish(source, outcome)
+
     try:
+        # The first submit waits until the forkserver has imported rcam: let a thread wait for it.
+        starter = threading.Thread(target=feed, name="rcam-pool-start", daemon=True)
+        starter.start()
+        while starter.is_alive() and not workers_up and queue:
+            code_here()
+        starter.join()
         while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            if not workers_up and queue:
+                code_here()
+                finished, _ = wait(pending, timeout=0, return_when=FIRST_COMPLETED)
+            else:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
+                workers_up = True
                 source, _ = pending.pop(future)
                 try:
                     outcome = future.result()
@@ -388,6 +429,7 @@ def _run_pool(todo: list[tuple[Path, Path]], work: Callable, jobs: int, pool_set
                 except Exception as error:  # a worker died (killed, out of memory): this file failed, not the batch
                     outcome = InternalFailure(f"worker process failed: {error!r}")
                 finish(source, outcome)
+            feed()
     except KeyboardInterrupt:
         for future in pending:
             future.cancel()
