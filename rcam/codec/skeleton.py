@@ -71,6 +71,19 @@ def packed_pad(packed: torch.Tensor, mode: str) -> torch.Tensor:
     return grid.reshape(batch, channels, height + 2, width + 2)
 
 
+def _packed_taps(kernel: torch.Tensor, position: int) -> torch.Tensor:
+    """A full-resolution kernel (k, k), k <= 5, applied at CFA position `position` (0 = R, 1 = G1, 2 = G2, 3 = B)
+    -> the same sum as a 3x3 convolution of the 4 packed planes padded by one (packed_pad): (4, 3, 3)."""
+    taps = torch.zeros(4, 3, 3, dtype=torch.float64)
+    row_parity, col_parity = divmod(position, 2)
+    reach = kernel.shape[0] // 2
+    for dy in range(-reach, reach + 1):
+        for dx in range(-reach, reach + 1):
+            source_row, source_col = row_parity + dy, col_parity + dx  # full-resolution offsets in the cell
+            taps[2 * (source_row % 2) + source_col % 2, 1 + source_row // 2, 1 + source_col // 2] += float(kernel[dy + reach, dx + reach])
+    return taps
+
+
 # Malvar's kernels laid out as one 3x3 convolution of the padded packed planes: output 4·c + p is colour c
 # (R, G, B) at CFA position p (R, G1, G2, B), the pixel-shuffle order; the known samples pass through.
 def _demosaic_weights() -> torch.Tensor:
@@ -81,16 +94,10 @@ def _demosaic_weights() -> torch.Tensor:
     }  # fmt: skip
     weights = torch.zeros(12, 4, 3, 3, dtype=torch.float64)
     for (colour, position), kernel in kernel_at.items():
-        row_parity, col_parity = divmod(position, 2)
         if kernel is None:
             weights[4 * colour + position, position, 1, 1] = 1.0
-            continue
-        for dy in range(-2, 3):
-            for dx in range(-2, 3):
-                tap = float(MALVAR_KERNELS[kernel, 0, dy + 2, dx + 2])
-                source_row, source_col = row_parity + dy, col_parity + dx  # full-resolution offsets in the cell
-                plane = 2 * (source_row % 2) + source_col % 2
-                weights[4 * colour + position, plane, 1 + source_row // 2, 1 + source_col // 2] += tap
+        else:
+            weights[4 * colour + position] = _packed_taps(MALVAR_KERNELS[kernel, 0], position)
     return weights.float()
 
 
@@ -127,15 +134,7 @@ def band_limit(correction: torch.Tensor) -> torch.Tensor:
 
 def _band_limit_weights() -> torch.Tensor:
     """CORRECTION_KERNEL as a 3x3 convolution of one colour's 4 padded packed planes: (4, 4, 3, 3)."""
-    weights = torch.zeros(4, 4, 3, 3)
-    for position in range(4):
-        row_parity, col_parity = divmod(position, 2)
-        for dy in range(-1, 2):
-            for dx in range(-1, 2):
-                source_row, source_col = row_parity + dy, col_parity + dx
-                plane = 2 * (source_row % 2) + source_col % 2
-                weights[position, plane, 1 + source_row // 2, 1 + source_col // 2] += CORRECTION_KERNEL[0, 0, dy + 1, dx + 1]
-    return weights
+    return torch.stack([_packed_taps(CORRECTION_KERNEL[0, 0], position) for position in range(4)]).float()
 
 
 BAND_LIMIT_WEIGHTS = _band_limit_weights()
@@ -182,8 +181,8 @@ def develop_packed(planes: torch.Tensor, cam_to_srgb: torch.Tensor, white: torch
     srgb = torch.einsum("bij,bjphw->biphw", cam_to_srgb, camera_rgb.view(batch, 3, 4, height, width)).clamp(0.0, 1.0)
     linear = (srgb / white[:, None, None, None, None]).clamp(0.0, 1.0).view(batch, 12, height, width)
     threshold = 0.0031308
-    if torch.is_grad_enabled():  # linear_to_srgb on [0, 1], where it needs no sign
-        return torch.where(linear <= threshold, 12.92 * linear, 1.055 * linear.clamp(min=threshold) ** (1 / 2.4) - 0.055)
+    if torch.is_grad_enabled():
+        return linear_to_srgb(linear)
     # At inference in place, in half the passes: the power branch at max(x, t), plus the linear branch's slope
     # below t (the two meet at t to 2e-6).
     below = linear.clamp(max=threshold).sub_(threshold).mul_(12.92)
