@@ -383,10 +383,11 @@ def _run_pool(
     # The workers are fed a few files ahead; the rest wait here, so that this process can take some itself.
     # While the workers start (the forkserver imports torch and CompressAI: seconds), this process, which has
     # them already, codes files with `codec`; once a worker's file comes back it only collects.
-    workers_up = codec is None
+    coding_here = codec is not None
+    stopping = threading.Event()
 
     def feed() -> None:
-        while len(pending) < 2 * jobs:
+        while len(pending) < 2 * jobs and not stopping.is_set():
             try:
                 source, target = queue.popleft()  # atomic: this process may be taking files from the other end
             except IndexError:
@@ -404,21 +405,21 @@ def _run_pool(
             outcome = error
         finish(source, outcome)
 
+    # The first submit waits until the forkserver has imported rcam: let a thread wait for it.
+    starter = threading.Thread(target=feed, name="rcam-pool-start", daemon=True)
     try:
-        # The first submit waits until the forkserver has imported rcam: let a thread wait for it.
-        starter = threading.Thread(target=feed, name="rcam-pool-start", daemon=True)
         starter.start()
-        while starter.is_alive() and not workers_up and queue:
+        while starter.is_alive() and coding_here and queue:
             code_here()
         starter.join()
         while pending:
-            if not workers_up and queue:
+            if coding_here and queue:
                 code_here()
                 finished, _ = wait(pending, timeout=0, return_when=FIRST_COMPLETED)
             else:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
-                workers_up = True
+                coding_here = False  # the workers are up: this process only collects
                 source, _ = pending.pop(future)
                 try:
                     outcome = future.result()
@@ -431,6 +432,9 @@ def _run_pool(
                 finish(source, outcome)
             feed()
     except KeyboardInterrupt:
+        stopping.set()
+        if starter.is_alive():  # still in the first submit: let it finish before `pending` is read
+            starter.join()
         for future in pending:
             future.cancel()
         # The workers may not have seen the Ctrl-C (a SIGINT sent to this process alone): pass it on, so each
