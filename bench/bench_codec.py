@@ -3,9 +3,10 @@
 On a synthetic DNG of --megapixels it prints:
   - whole commands: `rcam encode` and `rcam decode` as separate processes (model loading included), wall time
     and peak memory;
-  - the stages, in this process, called in the order rcam.codec.engine.encode_file and decode_bytes call them (RAW
-    read, metadata, analysis, reference render, hyper path, entropy coding, the tone fit (its synthesis, blending and fit, a tile row at a time),
-    container write; container read, entropy decoding, synthesis, blending, tone, orientation, image write).
+  - the stages, in this process, called in the order rcam.codec.engine.encode_file and rcam.codec.batch.decode_one
+    call them (RAW read, metadata, analysis, reference render, hyper path, entropy coding, the tone fit (its
+    synthesis, blending and fit, a tile row at a time), container write; container read, entropy decoding,
+    synthesis, blending, tone, image write (quantise, PNG filter and zlib, a tile row at a time)).
     The staged bytes and pixels are checked against the commands' outputs, so the table cannot drift from
     what the codec does (exit status 1 if it has);
   - the cascade a user runs today: LibRaw's render + JPEG XL (effort 7) encode, and JPEG XL decode + the same
@@ -13,8 +14,9 @@ On a synthetic DNG of --megapixels it prints:
 
 Stages are split here that the codec overlaps: the hyper path runs on worker threads while the main thread
 entropy-codes finished tiles, the reference render runs on its own thread beside the analysis, and in
-decoding the main thread blends tiles while the workers synthesise. The stage totals are therefore more than the codec's own wall time, which is measured
-too (encode_file, and decode_bytes + the PNG write, in this process) and is what the ratios use.
+decoding the main thread blends and tones tiles while the workers synthesise and a third thread compresses the PNG.
+The stage totals are therefore more than the codec's own wall time, which is measured too (encode_file, and
+decode_one, in this process) and is what the ratios use. The cascade writes its PNG with libpng (imagecodecs).
 
     .venv/bin/python bench/bench_codec.py [--megapixels 24] [--lambda 0.01] [--threads 2] [--tile 512] [--precision auto]
 """
@@ -22,6 +24,7 @@ too (encode_file, and decode_bytes + the PNG write, in this process) and is what
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import sys
 import tempfile
@@ -42,20 +45,20 @@ from rcam.codec.engine import (
     analyse_image,
     check_lambda,
     check_model,
-    decode_bytes,
+    blended_rows,
     decode_latents,
     encode_file,
     entropy_code,
     fit_header_tone,
-    blend_tiles,
     hyper_path,
-    metadata_of,
+    read_checked,
     synthesise_tiles,
     tone_reference,
 )  # fmt: skip
-from rcam.codec.metadata import check_metadata, read_metadata, upright
-from rcam.codec.output import PNG_LEVEL, _png_with_icc, encode_image, srgb_icc_profile, write_atomic
-from rcam.codec.rawio import oriented_view, read_raw, reference_render
+from rcam.codec.batch import DecodeSettings, decode_one
+from rcam.codec.metadata import Metadata, check_metadata, png_chunks, read_metadata, upright
+from rcam.codec.output import PNG_LEVEL, PngStream, _iccp_chunk, _png_with_icc, quantize, srgb_icc_profile, write_atomic
+from rcam.codec.rawio import read_raw, reference_render
 from rcam.codec.tiling import DEFAULT_OVERLAP
 from rcam.codec.tone import apply_tone
 from rcam.codec.zoo import load_codec
@@ -103,30 +106,39 @@ def staged_encode(codec, dng: Path, lam: float, tile: int, overlap: int, look: s
 
 
 def staged_decode(codec, data: bytes, target: Path, stages: Stages) -> bytes:
-    """rcam.codec.engine.decode_bytes and the PNG write of `rcam decode`, one timed stage at a time; returns the PNG bytes."""
+    """rcam.codec.batch.decode_one (decoded_bands streamed into write_image), one timed stage at a time and with
+    nothing overlapped: every tile synthesised first, then each tile row blended, toned, quantised and added to
+    the PNG in turn; returns the PNG bytes."""
     with stages("container read"):
-        header, streams = container.read(data)
-        check_model(codec, header)
+        header, streams = read_checked(codec, data)
+        metadata = upright(Metadata(header.exif, header.xmp))
     with stages("entropy decoding"):
         latents = decode_latents(codec, header, streams)
-    with stages("synthesis"):  # rcam.codec.engine.synthesize, its network part
+    with stages("synthesis"):  # decoded_bands, its network part
         with closing(synthesise_tiles(codec, header, latents)) as results:
             tile_images = list(results)
-    with stages("blending"):  # rcam.codec.engine.synthesize, its canvas part
-        image, _ = blend_tiles(header, tile_images)
-        del tile_images
-    with stages("tone"):
-        toned = apply_tone(image.clamp_(0.0, 1.0).numpy(), header.tone)
-    with stages("orientation"):
-        oriented = oriented_view(toned, header.flip)
+    assert header.flip == 0, "the bench frame is upright, so rcam decode streams it"
+    buffer = io.BytesIO()
     with stages("image write (PNG)"):
-        png = encode_image(oriented, "png", 8, 95, upright(metadata_of(data)))
-        write_atomic(target, png)
-    return png
+        stream = PngStream(buffer, header.output_height, header.output_width, 8, _iccp_chunk(srgb_icc_profile()) + png_chunks(metadata))
+    bands = blended_rows(header, tile_images)
+    while True:
+        with stages("blending"):  # decoded_bands, its canvas part
+            top, rows, _ = next(bands, (None, None, None))
+        if rows is None:
+            break
+        with stages("tone"):
+            band = apply_tone(rows.clamp_(0.0, 1.0).numpy(), header.tone, top, header.sensor_height)
+        with stages("image write (PNG)"):  # write_image: quantise, filter, compress
+            stream.add(quantize(band, 8))
+    with stages("image write (PNG)"):
+        stream.close()
+        write_atomic(target, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def cascade(dng: Path, folder: Path, threads: int, encode_stages: Stages, decode_stages: Stages) -> bytes:
-    """LibRaw render + JPEG XL e7 encode (+ file write); JPEG XL decode + the same PNG write as rcam decode's."""
+    """LibRaw render + JPEG XL e7 encode (+ file write); JPEG XL decode + a PNG write (libpng, rcam's zlib level)."""
     with encode_stages("LibRaw render"):
         render = reference_render(dng)
     with encode_stages("JPEG XL e7 encode"):
@@ -134,7 +146,7 @@ def cascade(dng: Path, folder: Path, threads: int, encode_stages: Stages, decode
         write_atomic(folder / "c.jxl", jxl)
     with decode_stages("JPEG XL decode"):
         pixels = imagecodecs.jpegxl_decode((folder / "c.jxl").read_bytes(), numthreads=threads)
-    with decode_stages("image write (PNG)"):  # rcam.codec.output.encode_image's PNG path; the pixels are uint8 already
+    with decode_stages("image write (PNG)"):  # libpng, as the cascade's own tools write it
         write_atomic(folder / "c.png", _png_with_icc(imagecodecs.png_encode(pixels, level=PNG_LEVEL), srgb_icc_profile()))
     return jxl
 
@@ -187,10 +199,10 @@ def main() -> None:
         start = time.perf_counter()  # the codec as rcam encode / rcam decode run it, stages overlapped
         write_atomic(folder / "w.rcb", encode_file(codec, dng, args.lam, metadata=read_metadata, tile=args.tile, look=args.look).data)
         encode_wall = time.perf_counter() - start
-        start = time.perf_counter()
-        write_atomic(folder / "w.png", encode_image(decode_bytes(codec, data), "png", 8, 95, upright(metadata_of(data))))
-        decode_wall = time.perf_counter() - start
         same_bytes &= (folder / "w.rcb").read_bytes() == data
+        start = time.perf_counter()
+        decode_one(DecodeSettings(8, 95, False), codec, folder / "w.rcb", folder / "w.png")
+        decode_wall = time.perf_counter() - start
         same_pixels &= (folder / "w.png").read_bytes() == png
         cascade_encode, cascade_decode = Stages(), Stages()
         jxl = cascade(dng, folder, args.threads, cascade_encode, cascade_decode)

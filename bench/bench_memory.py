@@ -1,9 +1,10 @@
 """Benchmark: peak resident memory of encode and decode, per stage, at several frame sizes.
 
 Issue 19's goal: at most 2 GiB at 24 MP and flat from 24 to 100 MP. For each --megapixels it makes a
-synthetic DNG and runs, in a fresh process each, the stages of bench_codec.staged_encode and staged_decode
-(the same calls `rcam encode` and `rcam decode` make, checked there against the commands), recording the
-process's resident memory when each stage ends and its peak (VmHWM) so far. Then the growth per megapixel
+synthetic DNG and runs, each side in a fresh process of its own, the stages of bench_codec.staged_encode (the
+calls `rcam encode` makes, checked there against the command) and rcam.codec.batch.decode_one (`rcam decode`
+itself: entropy decoding, then synthesis, blending, tone and PNG write streamed a tile row at a time),
+recording the process's resident memory when each stage ends and its peak (VmHWM) so far. Then the growth per megapixel
 between the sizes tells which stage holds full-frame arrays.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/bench_memory.py [--megapixels 24 48] [--threads 1]
@@ -66,27 +67,34 @@ def synthetic_dng(megapixels: float, folder: Path) -> Path:
     return make_pair(folder / "scene.png", folder, np.random.default_rng(0), "bench").degraded
 
 
-def one_size(dng: Path, threads: int, model: str, tile: int) -> dict:
-    """The stages' memory for one DNG, in this process."""
+def one_side(side: str, dng: Path, rcb: Path, threads: int, model: str, tile: int) -> dict:
+    """One side's stages' memory, in this (fresh) process: encode `dng` into `rcb`, or decode `rcb` to a PNG."""
     import torch
 
     sys.path.insert(0, str(BENCH))
-    from bench_codec import staged_decode, staged_encode
+    from bench_codec import staged_encode
 
+    from rcam.codec.batch import DecodeSettings, decode_one
+    from rcam.codec.engine import decode_latents, read_checked
     from rcam.codec.rawio import read_raw
     from rcam.codec.tiling import DEFAULT_OVERLAP
     from rcam.codec.zoo import load_codec
 
     torch.set_num_threads(threads)
     codec = load_codec(model, "cpu")
-    encode, decode = MemoryStages(), MemoryStages()
+    stages = MemoryStages()
     start = _status_mib("VmRSS")
-    data = staged_encode(codec, dng, 0.01, tile, DEFAULT_OVERLAP, "clean", encode)
-    decode_start = _status_mib("VmRSS")
-    with tempfile.TemporaryDirectory() as folder:
-        staged_decode(codec, data, Path(folder) / "out.png", decode)
+    if side == "encode":
+        rcb.write_bytes(staged_encode(codec, dng, 0.01, tile, DEFAULT_OVERLAP, "clean", stages))
+    else:
+        # decode_one as `rcam decode` runs it (its latents decoded once more first, to show what they hold)
+        with stages("entropy decoding"):
+            latents = decode_latents(codec, *read_checked(codec, rcb.read_bytes()))
+        del latents
+        with tempfile.TemporaryDirectory() as folder, stages("decode to PNG (streamed)"):
+            decode_one(DecodeSettings(8, 95, False), codec, rcb, Path(folder) / "out.png")
     image = read_raw(dng)
-    return {"megapixels": image.width * image.height / 1e6, "start": start, "decode_start": decode_start, "encode": encode.memory, "decode": decode.memory}
+    return {"megapixels": image.width * image.height / 1e6, "start": start, side: stages.memory}
 
 
 def main() -> None:
@@ -95,29 +103,35 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--model", default="rcam-small")
-    parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # child: one DNG, JSON on stdout
+    parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # child: side, DNG, .rcb; JSON on stdout
     args = parser.parse_args()
     if args.one:
         from rcam.codec.allocator import tune_allocator
 
         tune_allocator()  # as the rcam command runs
-        print(json.dumps(one_size(args.one, args.threads, args.model, args.tile)))
+        side, dng, rcb = args.one
+        print(json.dumps(one_side(side, Path(dng), Path(rcb), args.threads, args.model, args.tile)))
         return
     results = []
     for megapixels in args.megapixels:
         print(f"{megapixels} MP ...", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory() as folder:
             dng = synthetic_dng(megapixels, Path(folder))
-            child = subprocess.run(
-                [sys.executable, __file__, "--one", str(dng), "--threads", str(args.threads), "--tile", str(args.tile), "--model", args.model],
-                check=True, capture_output=True, text=True,
-            )  # fmt: skip
-        results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+            result = {}
+            for side in ("encode", "decode"):
+                child = subprocess.run(
+                    [sys.executable, __file__, "--one", side, str(dng), str(Path(folder) / "bench.rcb"), "--threads", str(args.threads),
+                     "--tile", str(args.tile), "--model", args.model],
+                    check=True, capture_output=True, text=True,
+                )  # fmt: skip
+                reported = json.loads(child.stdout.strip().splitlines()[-1])
+                result.update(reported, **{f"{side}_start": reported["start"]})
+        results.append(result)
     sizes = "".join(f" {r['megapixels']:>6.1f}MP pk/after" for r in results)
     print(f"\nresident memory, MiB (peak during the stage / after it), threads {args.threads}, tile {args.tile}")
     for side in ("encode", "decode"):
         print(f"\n{side + ' stage':<26}{sizes}" + ("   MiB/MP of peak" if len(results) > 1 else ""))
-        start_key = "start" if side == "encode" else "decode_start"
+        start_key = f"{side}_start"
         print(f"  {'(before)':<24}" + "".join(f" {r[start_key]:>17.0f}" for r in results))
         for stage in results[0][side]:
             cells = "".join(f" {r[side][stage][0]:>8.0f}/{r[side][stage][1]:<8.0f}" for r in results)

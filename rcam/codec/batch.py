@@ -27,9 +27,9 @@ import torch
 from tqdm import tqdm
 
 from rcam.codec.allocator import tune_allocator
-from rcam.codec.engine import decode_bytes, encode_file, metadata_of
-from rcam.codec.metadata import EMPTY, read_metadata, upright
-from rcam.codec.output import check_output_path, encode_image, image_kind, write_atomic
+from rcam.codec.engine import decoded_bands, encode_file, read_checked
+from rcam.codec.metadata import EMPTY, Metadata, read_metadata, upright
+from rcam.codec.output import check_output_path, image_kind, write_atomic, write_image
 from rcam.codec.zoo import Codec, load_codec
 from rcam.errors import RcamError
 from rcam.training.train import resolve_device
@@ -153,19 +153,22 @@ def encode_one(settings: EncodeSettings, codec: Codec, source: Path, target: Pat
 
 
 def decode_one(settings: DecodeSettings, codec: Codec, source: Path, target: Path, progress=None) -> Done:
-    """Decode one .rcb file into the image `target`."""
+    """Decode one .rcb file into the image `target`, a tile row at a time (write_image says when it streams)."""
     kind = image_kind(target)
     data = read_input(source)
-    image = decode_bytes(codec, data, progress=progress)
-    metadata = EMPTY if settings.strip_metadata else metadata_of(data)
+    header, streams = read_checked(codec, data)
+    metadata = EMPTY if settings.strip_metadata else Metadata(header.exif, header.xmp)
     try:
         metadata = upright(metadata)
     except RcamError as error:  # the pixels are sound: write them, say what is missing
         warn(source, f"{error}: not written")
         metadata = EMPTY
-    written = encode_image(image, kind, settings.bits, settings.quality, metadata)
-    write_atomic(target, written)
-    return Done(f"{source} -> {target}: {image.shape[1]}x{image.shape[0]}", len(data), len(written), image.shape[0] * image.shape[1])
+    bands = (band for _, band in decoded_bands(codec, header, streams, progress))
+    written = write_image(
+        target, bands, header.sensor_height, header.sensor_width, kind, settings.bits, settings.quality, metadata, header.flip
+    )  # fmt: skip
+    width, height = header.output_width, header.output_height
+    return Done(f"{source} -> {target}: {width}x{height}", len(data), written, width * height)
 
 
 def attempt(work: Callable, codec: Codec | None, source: Path, target: Path | None, progress=None) -> Done:

@@ -503,18 +503,22 @@ def check_model(codec: Codec, header: container.Header) -> None:
     check_look(codec, header.look)
 
 
-def decode_latents(codec: Codec, header: container.Header, streams: list[bytes]) -> list[TileLatents]:
-    """Entropy-decode every tile's stream (no synthesis)."""
+def decode_latents(codec: Codec, header: container.Header, streams: list[bytes], symbols: bool = True) -> list[TileLatents]:
+    """Entropy-decode every tile's stream (no synthesis); symbols=False keeps only ŷ (half the memory)."""
     config = codec.model.config
     y_shape = (config.latent_channels, header.tile_height // 8, header.tile_width // 8)
     z_shape = (config.hyper_channels, header.tile_height // 32, header.tile_width // 32)
     latents = []
     for number, stream in enumerate(streams):
         try:
-            latents.append(codec.coder.decode(stream, y_shape, z_shape))
+            decoded = codec.coder.decode(stream, y_shape, z_shape)
         except (RcamError, ValueError, RuntimeError) as error:
             raise RcamError(f"stream {number} cannot be decoded: {error}") from None
+        latents.append(decoded if symbols else replace(decoded, y_symbols=_NO_SYMBOLS, z_symbols=_NO_SYMBOLS))
     return latents
+
+
+_NO_SYMBOLS = np.zeros(0, np.int32)
 
 
 def synthesis_conditions(codec: Codec, header: container.Header) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]:
@@ -634,17 +638,45 @@ def synthesize(
         return blend_tiles(header, tile_images, wanted, progress)
 
 
-def decode_bytes(codec: Codec, data: bytes, progress=None) -> np.ndarray:
-    """.rcb bytes -> (H, W, 3) float32 sRGB in [0, 1], oriented, the reference render's size, tone-corrected
-    (a strided view of the decoder's canvas: np.ascontiguousarray it before handing it to code that needs that)."""
+def read_checked(codec: Codec, data: bytes) -> tuple[container.Header, list[bytes]]:
+    """container.read, then check that the file was made by `codec`'s model and weights."""
     header, streams = container.read(data)
     check_model(codec, header)
+    return header, streams
+
+
+def decoded_bands(codec: Codec, header: container.Header, streams: list[bytes], progress=None) -> Iterator[tuple[int, np.ndarray]]:
+    """An .rcb file's tiles -> (first row, (h, W, 3) float32 sRGB band in [0, 1], tone-corrected) of the sensor-
+    oriented frame, top to bottom, a tile row at a time: the latents are all decoded first (small), then only
+    one tile row of pixels is held (blended_rows). `progress()` is called once per tile synthesised."""
     # All streams first: entropy-decoding them on this thread while map_tiles' workers synthesised made the
     # decode slower, not faster (24 MP, 2 threads: 9.9 s against 9.1; the GIL and the cores are shared).
-    latents = decode_latents(codec, header, streams)
-    image, _ = synthesize(codec, header, latents, progress=progress)
+    latents = decode_latents(codec, header, streams, symbols=False)  # 3 bytes a pixel at M = 96
+
+    def counted(images: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for image in images:
+            yield image
+            if progress:
+                progress()
+
+    with closing(synthesise_tiles(codec, header, latents)) as tile_images:
+        for top, rows, _ in blended_rows(header, counted(tile_images)):
+            band = rows.clamp_(0.0, 1.0).numpy()  # a view of the band's canvas; the rows after it are not touched
+            yield top, apply_tone(band, header.tone, top, header.sensor_height)
+
+
+def decode_bytes(codec: Codec, data: bytes, progress=None) -> np.ndarray:
+    """.rcb bytes -> (H, W, 3) float32 sRGB in [0, 1], oriented, the reference render's size, tone-corrected
+    (a strided view of the decoded frame: np.ascontiguousarray it before handing it to code that needs that).
+
+    The whole frame in memory; `rcam decode` streams decoded_bands into the image file instead.
+    """
+    header, streams = read_checked(codec, data)
+    frame = np.empty((header.sensor_height, header.sensor_width, 3), np.float32)
+    for top, band in decoded_bands(codec, header, streams, progress):
+        frame[top : top + len(band)] = band
     # A view: every caller quantises it next, and an oriented float copy was 288 MB at 24 MP.
-    return oriented_view(apply_tone(image.clamp_(0.0, 1.0).numpy(), header.tone), header.flip)
+    return oriented_view(frame, header.flip)
 
 
 def metadata_of(data: bytes) -> Metadata:

@@ -304,7 +304,8 @@ def upright(metadata: Metadata) -> Metadata:
     return Metadata(exif, xmp)
 
 
-def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC."""
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
@@ -312,10 +313,10 @@ def png_chunks(metadata: Metadata) -> bytes:
     """PNG chunks for upright metadata: eXIf (PNG 1.5 / PNG 3rd edition) and XMP as iTXt 'XML:com.adobe.xmp'."""
     chunks = b""
     if metadata.exif:
-        chunks += _png_chunk(b"eXIf", metadata.exif)
+        chunks += png_chunk(b"eXIf", metadata.exif)
     if metadata.xmp:
         # keyword, NUL, compression flag 0, method 0, empty language tag NUL, empty translated keyword NUL, text
-        chunks += _png_chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + metadata.xmp)
+        chunks += png_chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + metadata.xmp)
     return chunks
 
 

@@ -182,21 +182,23 @@ def check_tone(tone: tuple[float, ...]) -> None:
         raise RcamError(f"bad header: tone offsets from {min(offsets)} to {max(offsets)}, outside {OFFSET_RANGE}")
 
 
-def apply_tone(image: np.ndarray, tone: tuple[float, ...]) -> np.ndarray:
+def apply_tone(image: np.ndarray, tone: tuple[float, ...], top: int = 0, frame_height: int | None = None) -> np.ndarray:
     """(H, W, 3) float32 image in [0, 1], sensor orientation -> gain · image + offset fields, clamped to [0, 1].
 
-    Works in place on `image` (and returns it); an identity correction leaves it untouched.
+    `image` may be a band of rows of a taller frame: rows top .. top + H of a frame `frame_height` rows high
+    (default: the image is the frame). Works in place on `image` (and returns it); an identity correction leaves
+    it untouched.
     """
     knots = knots_of(tone)
     if tuple(tone) == identity(knots):
         return image
     height, width = image.shape[:2]
-    rows = knot_basis(height, knots).astype(np.float32)
+    rows = knot_basis(frame_height or height, knots)[top : top + height].astype(np.float32)
     cols = knot_basis(width, knots).astype(np.float32)
     fields = np.asarray(tone, dtype=np.float32).reshape(2, 3, knots, knots)
     # In bands of rows: full-frame gain and offset planes were 2 x 96 MB of float32 at 24 MP.
-    for top in range(0, height, APPLY_BAND_ROWS):
-        band = slice(top, top + APPLY_BAND_ROWS)
+    for first in range(0, height, APPLY_BAND_ROWS):
+        band = slice(first, first + APPLY_BAND_ROWS)
         for channel in range(3):
             plane = image[band, :, channel]
             np.multiply(plane, rows[band] @ fields[0, channel] @ cols.T, out=plane)
