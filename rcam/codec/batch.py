@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
 from collections import deque
@@ -303,11 +302,12 @@ def run_batch(
     """Run `work` (attempt's signature) on every planned input, printing each one's line, a bar over files on a
     terminal and the summary; report failures at the end (BatchFailed: exit 2, or 1 if internal).
 
-    jobs 1 runs in this process with `codec`; more runs that many worker processes, each loading its own codec
-    from `pool_setup` (model name, device, threads per worker, precision), and this process codes files with
-    `codec` (when given) until the first worker's file comes back. `distribute(todo, work, finish)` runs the
-    files elsewhere instead (rcam.codec.cluster)."""
+    jobs 1 runs in this process with `codec`; more runs that many worker processes (start_pool), each loading
+    its own codec from `pool_setup` (model name, device, threads per worker, precision), while this process
+    only hands out files and collects. `distribute(todo, work, finish)` runs the files elsewhere instead
+    (rcam.codec.cluster)."""
     start = time.perf_counter()
+    pool = start_pool(jobs, pool_setup) if jobs > 1 and not distribute else None  # first: before any thread starts
     failed: list[str] = []
     internal = False
     many = len(plan) + (summary.skipped if summary else 0) > 1
@@ -350,7 +350,7 @@ def run_batch(
                     outcome = error
                 finish(source, outcome)
         else:
-            _run_pool(todo, work, jobs, pool_setup, finish, codec)
+            _run_pool(todo, work, jobs, pool, finish)
     except KeyboardInterrupt:
         bar.close()
         if summary and many and not quiet:  # what is done stays done: say how far it got (--skip-existing resumes)
@@ -359,6 +359,8 @@ def run_batch(
         raise
     finally:
         bar.close()
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
     if summary:
         summary.failed = len(failed)
         summary.seconds = time.perf_counter() - start
@@ -373,56 +375,39 @@ def run_batch(
         raise BatchFailed(1 if internal else 2)
 
 
-def _run_pool(
-    todo: list[tuple[Path, Path]], work: Callable, jobs: int, pool_setup: tuple, finish: Callable, codec: Codec | None = None
-) -> None:  # fmt: skip
-    # forkserver: one fresh interpreter imports rcam (torch: seconds) once, and every worker is a fork of it;
-    # spawn would import it again in each worker, and a plain fork would copy this process's threads.
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["rcam.codec.batch"])
-    pool = ProcessPoolExecutor(min(jobs, len(todo)) or 1, mp_context=context, initializer=_worker_start, initargs=pool_setup)
+def start_pool(jobs: int, pool_setup: tuple) -> ProcessPoolExecutor:
+    """`jobs` worker processes, started now, each loading the codec of `pool_setup` (model name, device, threads
+    per worker, precision).
+
+    On the CPU the workers are forks of this process, made here, before it has run any torch work or started
+    a thread (tqdm's bar comes later): a fork is ready in milliseconds, where a fresh interpreter imports torch
+    for seconds. For a GPU they fork from a clean server process instead (forkserver): CUDA cannot be used in
+    a child forked after the parent touched it.
+    """
+    on_cpu = resolve_device(pool_setup[1]).type == "cpu"
+    context = multiprocessing.get_context("fork" if on_cpu else "forkserver")
+    if not on_cpu:
+        context.set_forkserver_preload(["rcam.codec.batch"])
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_start, initargs=pool_setup)
+    if on_cpu:
+        pool.submit(os.getpid).result()  # the first submit forks every worker (Python starts them all at once)
+    return pool
+
+
+def _run_pool(todo: list[tuple[Path, Path]], work: Callable, jobs: int, pool: ProcessPoolExecutor, finish: Callable) -> None:
     queue = deque(todo)
     pending: dict = {}
-    # The workers are fed a few files ahead; the rest wait here, so that this process can take some itself.
-    # While the workers start (the forkserver imports torch and CompressAI: seconds), this process, which has
-    # them already, codes files with `codec`; once a worker's file comes back it only collects.
-    coding_here = codec is not None
-    stopping = threading.Event()
 
-    def feed() -> None:
-        while len(pending) < 2 * jobs and not stopping.is_set():
-            try:
-                source, target = queue.popleft()  # atomic: this process may be taking files from the other end
-            except IndexError:
-                return
+    def feed() -> None:  # a few files ahead per worker; the rest wait here
+        while len(pending) < 2 * jobs and queue:
+            source, target = queue.popleft()
             pending[pool.submit(_worker_task, work, source, target)] = (source, target)
 
-    def code_here() -> None:
-        try:
-            source, target = queue.pop()
-        except IndexError:
-            return
-        try:
-            outcome = attempt(work, codec, source, target)
-        except (RcamError, InternalFailure) as error:
-            outcome = error
-        finish(source, outcome)
-
-    # The first submit waits until the forkserver has imported rcam: let a thread wait for it.
-    starter = threading.Thread(target=feed, name="rcam-pool-start", daemon=True)
     try:
-        starter.start()
-        while starter.is_alive() and coding_here and queue:
-            code_here()
-        starter.join()
+        feed()
         while pending:
-            if coding_here and queue:
-                code_here()
-                finished, _ = wait(pending, timeout=0, return_when=FIRST_COMPLETED)
-            else:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
-                coding_here = False  # the workers are up: this process only collects
                 source, _ = pending.pop(future)
                 try:
                     outcome = future.result()
@@ -435,9 +420,6 @@ def _run_pool(
                 finish(source, outcome)
             feed()
     except KeyboardInterrupt:
-        stopping.set()
-        if starter.is_alive():  # still in the first submit: let it finish before `pending` is read
-            starter.join()
         for future in pending:
             future.cancel()
         # The workers may not have seen the Ctrl-C (a SIGINT sent to this process alone): pass it on, so each
