@@ -4,14 +4,13 @@ Real DNGs are encoded in the faithful look where the model has it (their referen
 synthetic pairs in the clean look.
 
     .venv/bin/python bench/real_dngs.py [../shared/data/raw] [--lambdas 0.005,0.01,0.025] [--model rcam-small]
-        [--pairs cache/synth_val/index.jsonl] [--no-raw] [--no-tone-fit] [--threads N] [--refine N]
+        [--pairs cache/synth_val/index.jsonl] [--no-raw] [--no-tone-fit] [--threads N]
 
 --pairs adds synthetic pairs made by `rcam synth` (e.g. from the val photos): each degraded DNG is scored
 against the render of its clean twin (protocol S's reference). Means per λ and set close the table.
 --record writes the figures into the model's entry in weights/manifest.json (its "evaluation"; other figures
 stored there for the same weights, e.g. the protocol BD tables, are kept). --no-tone-fit encodes without the
-encoder's tone correction (rcam/codec/tone.py), to see what it brings. --refine N encodes the real DNGs (faithful
-look) with N steps of encoder-side latent refinement (`rcam encode --refine`); pairs stay unrefined.
+encoder's tone correction (rcam/codec/tone.py), to see what it brings.
 """
 
 from __future__ import annotations
@@ -58,7 +57,6 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="Store the figures in weights/manifest.json.")
     parser.add_argument("--no-tone-fit", action="store_true", help="Encode without the tone correction.")
     parser.add_argument("--threads", type=int, default=None, help="Torch threads (default: torch's choice).")
-    parser.add_argument("--refine", type=int, default=0, help="Latent refinement steps for the real DNGs (faithful look).")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,8 +73,7 @@ def main() -> None:
         render = None if args.no_tone_fit else tone_reference(codec, path, look=look)
         for lam in (float(v) for v in args.lambdas.split(",")):
             start = time.perf_counter()
-            refine = args.refine if look == "faithful" else 0
-            encoded = encode_file(codec, path, lam, tone_fit=not args.no_tone_fit, reference=render, look=look, refine=refine)
+            encoded = encode_file(codec, path, lam, tone_fit=not args.no_tone_fit, reference=render, look=look)
             middle = time.perf_counter()
             decoded = quantize(decode_bytes(codec, encoded.data), 8)
             end = time.perf_counter()

@@ -154,7 +154,6 @@ def cli() -> None:
 @click.option("--tile-batch", type=click.IntRange(1, 64), default=1, show_default=True, help="Tiles per network call on a GPU; the CPU runs each tile alone, so there the bytes do not depend on it.")
 @click.option("--tone-fit/--no-tone-fit", default=True, show_default=True, help="Fit a per-channel tone correction against LibRaw's render of the file (a 6x6 gain and offset field per channel, 432 header bytes; every other tile is synthesised once more).")
 @click.option("--look", type=click.Choice(container.LOOKS), default="clean", show_default=True, help="clean: sensor and lens defects (vignetting, dark shading, noise) removed; faithful: LibRaw's development of the file as it is (SPEC §3).")
-@click.option("--refine", type=click.IntRange(min=0), default=0, show_default=True, help="Steps of encoder-side latent refinement against the file's own render (--look faithful and --lambda only; 20 steps: about +0.5 dB at λ 0.1 on real photographs, 25 s a megapixel); the decoder is unchanged.")
 @device_option
 @precision_option
 @threads_option
@@ -166,7 +165,7 @@ def cli() -> None:
 @quiet_option
 def encode(
     inputs, output, out_dir, lam, bpp, size_text, strip_metadata, strip_gps, strict_metadata, model_name, tile, overlap,
-    tile_batch, tone_fit, look, refine, device, precision, threads, jobs, cluster, recursive, force, skip_existing, quiet,
+    tile_batch, tone_fit, look, device, precision, threads, jobs, cluster, recursive, force, skip_existing, quiet,
 ) -> None:  # fmt: skip
     """Encode RAW files (or folders of them) into .rcb bitstreams, with their capture metadata."""
     if sum(option is not None for option in (lam, bpp, size_text)) > 1:
@@ -175,14 +174,8 @@ def encode(
     lam = 0.01 if lam is None and bpp is None and target_bytes is None else lam
     if strip_metadata and (strip_gps or strict_metadata):
         raise RcamError("--strip-metadata stores no metadata: --strip-gps and --strict-metadata do not apply")
-    if refine and lam is None:
-        raise RcamError("--refine goes with --lambda, not --bpp or --size (it changes the size a λ gives)")
-    if refine and not tone_fit:
-        raise RcamError("--refine needs the reference render that --no-tone-fit skips")
-    if refine and look != "faithful":
-        raise RcamError("--refine pulls the image towards the file's own render: it goes with --look faithful")
     settings = EncodeSettings(
-        lam, target_bytes, bpp, strip_metadata, strip_gps, strict_metadata, tile, overlap, tile_batch, tone_fit, look, refine
+        lam, target_bytes, bpp, strip_metadata, strip_gps, strict_metadata, tile, overlap, tile_batch, tone_fit, look
     )  # fmt: skip
     run_files(
         expand_inputs(inputs, RAW_SUFFIXES, recursive), ".rcb", functools.partial(encode_one, settings), "encoded",

@@ -110,7 +110,6 @@ class EncodeSettings:
     tile_batch: int
     tone_fit: bool
     look: str
-    refine: int = 0
 
 
 @dataclass(frozen=True)
@@ -143,7 +142,7 @@ def encode_one(settings: EncodeSettings, codec: Codec, source: Path, target: Pat
     encoded = encode_file(
         codec, source, settings.lam, tone_fit=settings.tone_fit, metadata=reader, target_bytes=settings.target_bytes,
         target_bpp=settings.bpp, tile=settings.tile, overlap=settings.overlap, tile_batch=settings.tile_batch,
-        look=settings.look, progress=progress, refine=settings.refine,
+        look=settings.look, progress=progress,
     )  # fmt: skip
     write_atomic(target, encoded.data)
     pixels = encoded.header.output_height * encoded.header.output_width

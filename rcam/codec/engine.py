@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from rcam.codec import container
-from rcam.codec.entropy import Y_MAX, TileLatents
+from rcam.codec.entropy import TileLatents
 from rcam.codec.layers import log_gain_at
 from rcam.codec.metadata import EMPTY, Metadata, check_metadata
 from rcam.codec.models import LAMBDA_RANGE
@@ -32,7 +32,6 @@ ALL_TILES_UP_TO = 4  # the tone fit synthesises every tile of a frame this small
 # Larger frames: the tone fit synthesises a window of TONE_WINDOW x TONE_WINDOW latent pixels (16 output pixels
 # each) at the centre of every tile, and leaves TONE_MARGIN latent pixels at the window's edges out of the fit:
 # there the cut-off latents change the output (Canon DNG, λ 0.01: 0.13 levels RMS inside such a margin, 6 in it).
-REFINE_LEARNING_RATE = 0.3  # Adam's step on the latents, in quantisation steps (refine_latents)
 TONE_WINDOW = 32
 TONE_MARGIN = 2
 WINDOW_ALIGN = 4  # latent pixels: windows start where the tile's own attention windows do (32 packed pixels)
@@ -236,84 +235,6 @@ def _code(codec: Codec, analysis: Analysis, lam: float, progress=None) -> tuple[
     return entropy_code(codec, hyper_path(codec, analysis, lam), progress)
 
 
-def refine_latents(
-    codec: Codec, analysis: Analysis, lam: float, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], reference: np.ndarray,
-    iterations: int,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-    """Encoder-side refinement: each tile's gained y (1, M, h, w) moved, with its z kept, to lower the tile's
-    bits + λ · 255² · squared error against `reference` ((H, W, 3) uint8, oriented: the faithful look's target,
-    the file's reference render) as the decoder's synthesis reproduces it; -> (y, z) per tile, as hyper_path
-    gives them.
-
-    The analysis is one amortised guess of the latents; on real photographs, unlike its synthetic training
-    data, the synthesis can reproduce the render more closely from other latents (README: +0.45-0.5 dB at
-    λ 0.1 on the two real DNGs, nothing at λ 0.01). Adam on the offsets from the means, rounded straight-through
-    for the error, the Gaussian's bits for the rate; the best rounded offsets seen are kept, the analysis' own
-    among them. The decoder is unchanged. Each tile runs on one thread (map_tiles), so the bytes do not depend
-    on --threads.
-    """
-    model, device = codec.model, codec.device
-    header = _header(codec, analysis, lam, EMPTY)
-    inverse_gain, development, look = synthesis_conditions(codec, header)
-    target = undo_flip(reference, header.flip)  # sensor orientation, as the tiles
-    extent = (analysis.tiles[-1].top + analysis.tiles[-1].height, analysis.tiles[-1].left + analysis.tiles[-1].width)
-
-    def tile_target(tile: Tile) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reference over a tile's output area (1, 3, 2h, 2w) in [0, 1] and its loss weights (1, 1, 2h, 2w):
-        the tile's blend weights where the frame is visible, zero on the CFA padding and beyond the frame."""
-        top, left = 2 * tile.top - header.pad_top, 2 * tile.left - header.pad_left
-        rows = slice(max(top, 0), min(top + 2 * tile.height, target.shape[0]))
-        cols = slice(max(left, 0), min(left + 2 * tile.width, target.shape[1]))
-        inside = (slice(rows.start - top, rows.stop - top), slice(cols.start - left, cols.stop - left))
-        pixels = torch.zeros(1, 3, 2 * tile.height, 2 * tile.width)
-        pixels[0, :, inside[0], inside[1]] = torch.from_numpy(target[rows, cols]).permute(2, 0, 1).float() / 255.0
-        weights = torch.zeros(1, 1, 2 * tile.height, 2 * tile.width)
-        weights[0, 0, inside[0], inside[1]] = blend_weights(tile, extent, analysis.overlap, scale=2)[inside]
-        return pixels.to(device), weights.to(device)
-
-    def refine(item: tuple[tuple[torch.Tensor, torch.Tensor], Tile]) -> tuple[torch.Tensor, torch.Tensor]:
-        (y, z), tile = item
-        # map_tiles runs under inference mode: what autograd sees is made outside it, or cloned there.
-        with torch.inference_mode(False), torch.enable_grad():
-            means, stds = codec.coder.y_parameters(torch.round(z.detach().to("cpu", torch.float64)))
-            means = means.float().to(device)
-            stds = torch.from_numpy(stds.astype(np.float32)).reshape(means.shape).to(device)
-            pixels, weights = tile_target(tile)
-            gain, conditions = inverse_gain.clone(), tuple(c.clone() for c in development) if development else None
-            offset = (y.clone() - means).requires_grad_(True)
-            optimiser = torch.optim.Adam([offset], lr=REFINE_LEARNING_RATE)
-            normal = torch.distributions.Normal(torch.zeros_like(stds), stds)
-            scale = float(weights.sum().clamp_min(1.0))
-
-            def cost(values: torch.Tensor, rounded: torch.Tensor) -> tuple[torch.Tensor, float]:
-                """(the loss to descend, with the rate of the unrounded offsets; the tile's cost as coded:
-                the bits of the rounded ones)."""
-                with transform_precision(codec):
-                    image = model.synthesis((means + rounded) * gain, conditions, look.clone())
-                distortion = lam * 255.0**2 * (weights * (image.float().clamp(0.0, 1.0) - pixels) ** 2).sum() / 3.0
-                bits = lambda v: -torch.log2((normal.cdf(v + 0.5) - normal.cdf(v - 0.5)).clamp_min(1e-9)).sum()  # noqa: E731
-                return (bits(values) + distortion) / scale, float((bits(rounded.detach()) + distortion.detach()) / scale)
-
-            # The straight-through steps can make the coded cost worse (real files, λ 0.01): keep the best
-            # rounded offsets seen, the analysis' own among them.
-            best, best_cost = torch.round(offset.detach()), math.inf
-            for step in range(iterations + 1):
-                rounded = offset + (torch.round(offset) - offset).detach()
-                loss, coded = cost(offset, rounded)
-                if coded < best_cost:
-                    best, best_cost = torch.round(offset.detach()), coded
-                if step == iterations:
-                    break
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-        return (means + best).clamp(means - Y_MAX, means + Y_MAX), z
-
-    single = ((y[index : index + 1], z[index : index + 1]) for y, z in pairs for index in range(len(y)))
-    with closing(map_tiles(device, refine, zip(single, analysis.tiles))) as results:
-        yield from results
-
-
 def _header(codec: Codec, analysis: Analysis, lam: float, metadata: Metadata) -> container.Header:
     image, tiles = analysis.image, analysis.tiles
     rows = len({t.top for t in tiles})
@@ -329,17 +250,11 @@ def _header(codec: Codec, analysis: Analysis, lam: float, metadata: Metadata) ->
 
 def encode_analysed(
     codec: Codec, analysis: Analysis, lam: float, reference: np.ndarray | None = None, metadata: Metadata = EMPTY,
-    progress=None, refine: int = 0,
+    progress=None,
 ) -> Encoded:  # fmt: skip
-    """An analysed image -> Encoded at λ (tone fit against `reference` when given, as encode_image; `refine`
-    steps of refine_latents against it first)."""
+    """An analysed image -> Encoded at λ (tone fit against `reference` when given, as encode_image)."""
     lam = check_lambda(lam)
-    pairs = hyper_path(codec, analysis, lam)
-    if refine:
-        if reference is None:
-            raise RcamError("latent refinement needs the reference render: it cannot go with --no-tone-fit")
-        pairs = refine_latents(codec, analysis, lam, pairs, reference, refine)
-    streams, latents = entropy_code(codec, pairs, progress)
+    streams, latents = _code(codec, analysis, lam, progress)
     header = _header(codec, analysis, lam, check_metadata(metadata))
     if reference is not None:
         header = replace(header, tone=fit_header_tone(codec, header, latents, reference))
@@ -537,28 +452,17 @@ def encode_file(
     codec: Codec, path: Path, lam: float | None = None, tone_fit: bool = True, reference: np.ndarray | None = None,
     metadata: Callable[[Path], Metadata] | None = None, target_bytes: int | None = None, target_bpp: float | None = None,
     tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP, tile_batch: int = DEFAULT_TILE_BATCH, progress=None,
-    look: str = "clean", refine: int = 0,
+    look: str = "clean",
 ) -> Encoded:  # fmt: skip
     """Read a RAW file and encode it in `look` (SPEC §3) at λ, or at the λ whose file is closest to `target_bytes` or `target_bpp`
     (bits per output pixel) by lambda_for_size.
 
     `tone_fit` fits the tone against tone_reference(): pass it as `reference` when the caller already has it
     (e.g. one render for several λ), else it is rendered here. `metadata` reads the file's capture metadata
-    (e.g. rcam.codec.metadata.read_metadata); without it none is stored. `refine`: steps of refine_latents
-    (0: the analysis' latents as they are).
+    (e.g. rcam.codec.metadata.read_metadata); without it none is stored.
     """
     if sum(value is not None for value in (lam, target_bytes, target_bpp)) != 1:
         raise RcamError("give one of a λ, a target size and a target bpp")
-    if refine < 0:
-        raise RcamError(f"refinement steps must be 0 or more, not {refine}")
-    if refine and lam is None:
-        raise RcamError("latent refinement goes with a λ, not a target size (it changes the size a λ gives)")
-    if refine and not tone_fit:
-        raise RcamError("latent refinement needs the reference render: it cannot go with --no-tone-fit")
-    if refine and look != "faithful":
-        # The clean look's target is the scene without noise, shading or falloff, which no render of the file
-        # shows: pulled towards the render, its latents would bring those defects back.
-        raise RcamError("latent refinement pulls the decoded image towards the file's own render: use it with the faithful look")
     image = read_raw(path)  # first: its checks give the precise reason a file is refused
     captured = metadata(path) if metadata else EMPTY
     if target_bpp is not None:
@@ -576,7 +480,7 @@ def encode_file(
             lam, _ = lambda_for_size(codec, analysis, target_bytes, tone_fit, captured)
         if rendering is not None:
             reference = rendering.result()
-    return encode_analysed(codec, analysis, lam, reference if tone_fit else None, captured, progress, refine)
+    return encode_analysed(codec, analysis, lam, reference if tone_fit else None, captured, progress)
 
 
 def header_tiles(header: container.Header) -> list[Tile]:

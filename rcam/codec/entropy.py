@@ -138,9 +138,7 @@ class LatentCoder:
         self.z_models = [constriction.stream.model.Categorical(row.astype(np.float64), perfect=False) for row in z_table]
         self.y_model = constriction.stream.model.QuantizedGaussian(-Y_MAX, Y_MAX)
 
-    def y_parameters(self, z_symbols: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        """Rounded z (1, Cz, h/4, w/4) -> (means (1, M, h, w) float64, standard deviations, flat float64), exactly
-        as the decoder derives them."""
+    def _y_parameters(self, z_symbols: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         means_q, scale_index = self.hyper_synthesis(z_symbols)
         means = means_q.to(torch.float64) / 2**FIXED_POINT_BITS
         return means, _SCALE_TABLE[scale_index.numpy().ravel()]
@@ -148,7 +146,7 @@ class LatentCoder:
     def encode(self, y: torch.Tensor, z: torch.Tensor) -> tuple[bytes, TileLatents]:
         """y (1, M, h, w) and z (1, Cz, h/4, w/4) floats -> (stream bytes, the latents the decoder will see)."""
         z_symbols = torch.round(z.detach().to("cpu", torch.float64)).clamp(-Z_MAX, Z_MAX)
-        means, stds = self.y_parameters(z_symbols)
+        means, stds = self._y_parameters(z_symbols)
         y_symbols = torch.round(y.detach().to("cpu", torch.float64) - means).clamp(-Y_MAX, Y_MAX)
         coder = constriction.stream.stack.AnsCoder()
         # ANS is a stack: push y first so that the decoder pops z first.
@@ -170,7 +168,7 @@ class LatentCoder:
         z_channels = np.stack(
             [coder.decode(self.z_models[c], z_height * z_width).astype(np.int32) - Z_MAX for c in range(channels)]
         ).reshape(1, channels, z_height, z_width)
-        means, stds = self.y_parameters(torch.from_numpy(z_channels).to(torch.float64))
+        means, stds = self._y_parameters(torch.from_numpy(z_channels).to(torch.float64))
         y_flat = coder.decode(self.y_model, np.zeros_like(stds), stds).astype(np.int32)
         if not coder.is_empty():
             # Leftover words mean the stream does not belong to this geometry and model.
