@@ -679,12 +679,6 @@ def decode_bytes(codec: Codec, data: bytes, progress=None) -> np.ndarray:
     return oriented_view(frame, header.flip)
 
 
-def metadata_of(data: bytes) -> Metadata:
-    """The capture metadata an .rcb file holds (empty for files before version 4), checked as decode_bytes checks."""
-    header, _ = container.read(data)
-    return Metadata(header.exif, header.xmp)
-
-
 def decode_file(codec: Codec, path: Path, **options) -> np.ndarray:
     """Read and decode an .rcb file (options as for decode_bytes)."""
     path = Path(path)

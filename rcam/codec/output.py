@@ -186,10 +186,7 @@ def write_image(
     _check_options(kind, bits, quality)
     metadata = upright(metadata)
     pixels = None if kind == "png" and flip == 0 else np.empty((height, width, 3), np.uint8 if bits == 8 else np.uint16)
-    if pixels is None:
-        oriented_height, oriented_width = height, width
-    else:
-        oriented_height, oriented_width = (width, height) if flip & 4 else (height, width)
+    oriented_height, oriented_width = (width, height) if flip & 4 else (height, width)
     with atomic_file(path) as file:
         stream = None
         if kind == "png":
