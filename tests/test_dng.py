@@ -215,3 +215,21 @@ def test_normalise_planes_with_the_frames_white_is_network_input_on_any_crop(mak
     # A crop normalised with the whole frame's white is the crop of the whole frame's input (what training uses).
     crop = normalise_planes(image.planes[:, 5:21, 9:33], image.wb_gains, image.cam_to_srgb, white)
     np.testing.assert_allclose(crop, whole[:, 5:21, 9:33], atol=1e-6)
+
+
+def test_normalising_in_bands_and_in_place_gives_the_same_bits(make_dng, monkeypatch):
+    """The encoder normalises a band of rows at a time, and over the raw planes themselves (memory): bands of
+    any height, and writing over the input, give the values and auto-brightness level of one pass."""
+    from rcam.codec import rawio
+
+    image = rawio.read_raw(make_dng(height=150, width=94, cfa="GRBG"))
+    planes = image.planes.copy()
+    monkeypatch.setattr(rawio, "NORMALISE_BAND_ROWS", 10_000)
+    whole, white = rawio.network_input_and_white(image)
+    monkeypatch.setattr(rawio, "NORMALISE_BAND_ROWS", 7)
+    banded, banded_white = rawio.network_input_and_white(image)
+    assert banded_white == white and np.array_equal(banded, whole)
+    assert np.array_equal(image.planes, planes)  # not overwritten unless asked
+    in_place, in_place_white = rawio.network_input_and_white(image, overwrite=True)
+    assert in_place is image.planes and in_place_white == white and np.array_equal(in_place, whole)
+    assert white == rawio.auto_bright_white(planes, image.wb_gains, image.cam_to_srgb)

@@ -18,7 +18,7 @@ from rcam.codec import container
 from rcam.codec.engine import analyse_image, decode_bytes, decode_latents, encode_file, estimated_falloff, tone_reference
 from rcam.codec.layers import devignette, log_gain_at
 from rcam.codec.models import CONFIGS, build_model
-from rcam.codec.rawio import read_raw, reference_render
+from rcam.codec.rawio import CellFalloff, read_raw, reference_render
 from rcam.codec.tiling import Tile, coordinate_map
 from rcam.codec.zoo import codec_from_model, load_codec, save_checkpoint
 from rcam.errors import RcamError
@@ -177,6 +177,27 @@ def test_reference_render_adjusts_the_raw_values_in_bands_with_the_same_result(m
     assert not np.array_equal(whole, reference_render(path))
 
 
+@pytest.mark.parametrize("cfa", ["RGGB", "GBRG", "GRBG"])
+def test_a_falloff_per_cfa_cell_renders_as_its_per_pixel_map(make_dng, monkeypatch, cfa):
+    """The encoder hands LibRaw's render a CellFalloff (a quarter of a per-pixel map's memory), expanded a band
+    of rows at a time: the same pixels as the per-pixel map it stands for, bands of any height and CFA padding
+    on either side; a cell map that does not cover the mosaic is refused."""
+    path = make_dng(height=63, width=95, cfa=cfa)
+    image = read_raw(path)
+    packed_height, packed_width = image.planes.shape[1:]
+    cells = np.linspace(0.4, 1.0, packed_height * packed_width, dtype=np.float32).reshape(packed_height, packed_width)
+    falloff = CellFalloff(cells, image.pad_top, image.pad_left, image.height, image.width)
+    per_pixel = falloff.rows(slice(None))
+    padded = cells.repeat(2, axis=0).repeat(2, axis=1)
+    assert np.array_equal(per_pixel, padded[image.pad_top : image.pad_top + 63, image.pad_left : image.pad_left + 95])
+    whole = reference_render(path, falloff=per_pixel)
+    monkeypatch.setattr("rcam.codec.rawio.RENDER_BAND_ROWS", 5)  # odd bands: each starts mid-cell in turn
+    assert np.array_equal(reference_render(path, falloff=falloff), whole)
+    assert not np.array_equal(whole, reference_render(path))
+    with pytest.raises(RcamError, match="cells"):
+        reference_render(path, falloff=CellFalloff(cells[:-1], image.pad_top, image.pad_left, image.height, image.width))
+
+
 def test_training_pretrains_the_estimator_keeps_it_out_of_the_codec_loss_and_resumes(dataset, tmp_path, monkeypatch):
     weights = tmp_path / "start.safetensors"
     save_checkpoint(build_model(replace(CONFIGS["small"], **TINY)), weights)  # weights without an estimator
@@ -269,3 +290,19 @@ def test_tiny_model_with_the_estimator_round_trips(tmp_path, make_dng):
     decoded = decode_bytes(loaded, encoded.data)
     assert decoded.shape == reference_render(path).shape
     np.testing.assert_array_equal(decoded, decode_bytes(loaded, encoded.data))
+
+
+@pytest.mark.parametrize("cfa", ["GRBG", "GBRG"])
+def test_estimated_falloff_in_bands_is_the_one_pass_map(make_dng, monkeypatch, cfa):
+    """estimated_falloff makes the sensor-sized map a band of packed rows at a time (memory): with bands of one
+    row or of the whole frame, CFA padding on either side, the same gains to the last bit."""
+    from rcam.codec import engine
+
+    image = read_raw(make_dng(height=63, width=95, cfa=cfa))
+    codec = _codec_with_fixed_falloff(0.5)  # corners at half, the middle at 1
+    monkeypatch.setattr(engine, "FALLOFF_BAND_ROWS", 1)
+    banded = estimated_falloff(codec, image)
+    monkeypatch.setattr(engine, "FALLOFF_BAND_ROWS", 10_000)
+    whole = estimated_falloff(codec, image)
+    assert banded.shape == (63, 95) and np.array_equal(banded, whole)
+    assert np.ptp(whole) > 0.4

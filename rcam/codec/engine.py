@@ -18,7 +18,7 @@ from rcam.codec.entropy import TileLatents
 from rcam.codec.layers import log_gain_at
 from rcam.codec.metadata import EMPTY, Metadata, check_metadata
 from rcam.codec.models import LAMBDA_RANGE
-from rcam.codec.rawio import RawImage, network_input, network_input_and_white, oriented_view, read_raw, reference_render, undo_flip
+from rcam.codec.rawio import CellFalloff, RawImage, network_input, network_input_and_white, oriented_view, read_raw, reference_render, undo_flip
 from rcam.codec.skeleton import Development
 from rcam.codec.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, blend_weights, coordinate_map, crop_tile, plan_tiles, thumbnail
 from rcam.codec.tone import FIELD_KNOTS, IDENTITY, ToneStatistics, apply_tone, identity
@@ -166,9 +166,13 @@ class AnalysisInput:
     thumbnail: torch.Tensor  # (4, S, S) on the CPU
 
 
-def analysis_input(codec: Codec, image: RawImage) -> AnalysisInput:
-    """The frame normalised as the network reads it (rawio.network_input_and_white), and its thumbnail."""
-    normalised, white = network_input_and_white(image)
+def analysis_input(codec: Codec, image: RawImage, overwrite: bool = False) -> AnalysisInput:
+    """The frame normalised as the network reads it (rawio.network_input_and_white), and its thumbnail.
+
+    `overwrite`: normalise in image.planes' own memory (4 bytes a sensor pixel less), for a caller that reads
+    nothing from the raw values afterwards: encode_file, whose `image` then serves only its geometry and metadata.
+    """
+    normalised, white = network_input_and_white(image, overwrite)
     planes = torch.from_numpy(normalised)
     with one_thread():  # the thumbnail is made on the CPU whatever the device
         thumb = thumbnail(planes, codec.model.config.thumbnail)
@@ -405,6 +409,9 @@ def fit_header_tone(codec: Codec, header: container.Header, latents: list[TileLa
     return statistics.solve()
 
 
+FALLOFF_BAND_ROWS = 256  # packed rows of the falloff map made at a time (memory, not results)
+
+
 def estimated_falloff(codec: Codec, image: RawImage, thumb: torch.Tensor | None = None) -> np.ndarray | None:
     """The lens falloff the model divides out of `image`: (H, W) float32 gains in (0, 1] per visible sensor pixel.
 
@@ -412,6 +419,12 @@ def estimated_falloff(codec: Codec, image: RawImage, thumb: torch.Tensor | None 
     the encoder's input. `thumb`: the frame's (4, S, S) thumbnail when the caller has it (Analysis.thumbnail),
     which spares normalising the whole frame again (1.3 s at 24 MP).
     """
+    cells = estimated_cell_falloff(codec, image, thumb)
+    return None if cells is None else cells.rows(slice(None))
+
+
+def estimated_cell_falloff(codec: Codec, image: RawImage, thumb: torch.Tensor | None = None) -> CellFalloff | None:
+    """estimated_falloff per 2x2 CFA cell (a quarter of its memory), as the encoder's tone reference takes it."""
     model = codec.model
     if model.vignetting is None:
         return None
@@ -419,19 +432,23 @@ def estimated_falloff(codec: Codec, image: RawImage, thumb: torch.Tensor | None 
     if thumb is None:
         with one_thread():
             thumb = thumbnail(torch.from_numpy(network_input(image)), model.config.thumbnail)
-    whole = Tile(0, 0, packed_height, packed_width)
     with torch.inference_mode(), one_thread():
         grid = model.vignetting(thumb[None].to(codec.device))
-        log_gain = log_gain_at(grid, coordinate_map(whole, packed_height, packed_width)[None].to(codec.device))
-    gains = torch.exp(log_gain[0, 0]).float().cpu().numpy()
-    gains = gains.repeat(2, axis=0).repeat(2, axis=1)
-    return np.ascontiguousarray(gains[image.pad_top : image.pad_top + image.height, image.pad_left : image.pad_left + image.width])
+    # A band of packed rows at a time: the whole frame's coordinates are 2 bytes a sensor pixel. Each gain is
+    # computed alone, so the bands give the same bits as one pass.
+    cells = np.empty((packed_height, packed_width), np.float32)
+    for top in range(0, packed_height, FALLOFF_BAND_ROWS):
+        band = Tile(top, 0, min(FALLOFF_BAND_ROWS, packed_height - top), packed_width)
+        with torch.inference_mode(), one_thread():
+            log_gain = log_gain_at(grid, coordinate_map(band, packed_height, packed_width)[None].to(codec.device))
+        cells[top : top + band.height] = torch.exp(log_gain[0, 0]).float().cpu().numpy()
+    return CellFalloff(cells, image.pad_top, image.pad_left, image.height, image.width)
 
 
-def tone_falloff(codec: Codec, image: RawImage, look: str, thumb: torch.Tensor | None = None) -> np.ndarray | None:
+def tone_falloff(codec: Codec, image: RawImage, look: str, thumb: torch.Tensor | None = None) -> CellFalloff | None:
     """The falloff tone_reference divides out of the render for `look` (None: the plain render); `thumb` as for
     estimated_falloff."""
-    return None if check_look(codec, look) == "faithful" else estimated_falloff(codec, image, thumb)
+    return None if check_look(codec, look) == "faithful" else estimated_cell_falloff(codec, image, thumb)
 
 
 def tone_reference(
@@ -467,7 +484,7 @@ def encode_file(
     captured = metadata(path) if metadata else EMPTY
     if target_bpp is not None:
         target_bytes = max(1, round(target_bpp * image.output_size[0] * image.output_size[1] / 8))
-    prepared = analysis_input(codec, image)
+    prepared = analysis_input(codec, image, overwrite=True)  # nothing below reads the raw values
     with ThreadPoolExecutor(1, thread_name_prefix="rcam-render") as render_pool:
         # LibRaw renders the tone reference on its own thread, beside the analysis: it runs on one core without
         # the GIL (1.5 s at 24 MP), and the encoder's stages around the analysis leave a core idle.
@@ -475,7 +492,7 @@ def encode_file(
         if tone_fit and reference is None:
             rendering = render_pool.submit(reference_render, path, tone_falloff(codec, image, look, prepared.thumbnail))
         analysis = analyse_image(codec, image, tile, overlap, tile_batch, look, prepared)
-        del prepared  # its normalised planes (96 MB at 24 MP) are not needed after the analysis
+        del prepared
         if target_bytes is not None:
             lam, _ = lambda_for_size(codec, analysis, target_bytes, tone_fit, captured)
         if rendering is not None:

@@ -275,9 +275,10 @@ def network_input(image: RawImage, white: float | None = None) -> np.ndarray:
     return normalise_planes(image.planes, image.wb_gains, image.cam_to_srgb, white)
 
 
-def network_input_and_white(image: RawImage) -> tuple[np.ndarray, float]:
-    """network_input and the frame's auto-brightness level, from one colour conversion of the frame."""
-    return normalise_planes_and_white(image.planes, image.wb_gains, image.cam_to_srgb)
+def network_input_and_white(image: RawImage, overwrite: bool = False) -> tuple[np.ndarray, float]:
+    """network_input and the frame's auto-brightness level. `overwrite`: write the result over image.planes
+    (no second frame-sized array), for a caller that reads no raw values from `image` afterwards."""
+    return normalise_planes_and_white(image.planes, image.wb_gains, image.cam_to_srgb, out=image.planes if overwrite else None)
 
 
 def _camera_to_srgb(planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -300,14 +301,20 @@ def _camera_to_srgb(planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.nd
 
 def auto_bright_white(planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.ndarray) -> float:
     """LibRaw's auto-brightness level for raw planes (4, h, w): the linear sRGB level 1% of the brightest channel exceeds."""
-    return _auto_white(_camera_to_srgb(planes, wb_gains, cam_to_srgb)[0])
-
-
-def _auto_white(srgb: np.ndarray) -> float:
     # LibRaw's auto-brightness: the level that 1% of the pixels of the brightest channel exceed becomes white,
-    # counted on its clipped output.
-    clipped = np.clip(srgb.reshape(3, -1), 0.0, 1.0)
-    return max(float(np.quantile(clipped, 1.0 - AUTO_BRIGHT_FRACTION, axis=1).max()), 256.0 / 65535.0)
+    # counted on its clipped output. One channel at a time, converted a band of rows at a time: the whole
+    # frame's three channels and their sorted copy were 6 bytes a sensor pixel, now 2 (one channel and its copy).
+    rows = planes.shape[1]
+    levels = []
+    for channel in range(3):
+        values = np.empty(planes.shape[1:], np.float32)
+        for top in range(0, rows, NORMALISE_BAND_ROWS):
+            band = slice(top, top + NORMALISE_BAND_ROWS)
+            values[band] = _camera_to_srgb(planes[:, band], wb_gains, cam_to_srgb)[0][channel]
+        np.clip(values, 0.0, 1.0, out=values)
+        levels.append(float(np.quantile(values.reshape(-1), 1.0 - AUTO_BRIGHT_FRACTION)))
+        del values
+    return max(max(levels), 256.0 / 65535.0)
 
 
 def normalise_planes(
@@ -321,16 +328,31 @@ def normalise_planes(
     return normalise_planes_and_white(planes, wb_gains, cam_to_srgb, white)[0]
 
 
+NORMALISE_BAND_ROWS = 128  # packed rows converted at a time (memory, not results: every value is computed alone)
+
+
 def normalise_planes_and_white(
-    planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.ndarray, white: float | None = None
+    planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.ndarray, white: float | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:  # fmt: skip
-    """normalise_planes, also returning the auto-brightness level it used (measured from the same colour
-    conversion, not a second pass over the frame)."""
+    """normalise_planes, also returning the auto-brightness level it used.
+
+    A band of rows at a time, so the frame-sized temporaries of the colour conversion (about 10 bytes a sensor
+    pixel) are a band's. `out`: a (4, h, w) float32 array to write into; it may be `planes` itself, when the
+    caller no longer needs the raw values (rcam.codec.engine.encode_file: 4 bytes a sensor pixel less).
+    """
+    white = auto_bright_white(planes, wb_gains, cam_to_srgb) if white is None else white
+    out = np.empty(planes.shape, np.float32) if out is None else out
+    for top in range(0, planes.shape[1], NORMALISE_BAND_ROWS):
+        band = slice(top, top + NORMALISE_BAND_ROWS)
+        out[:, band] = _normalised_band(planes[:, band], wb_gains, cam_to_srgb, white)
+    return out, white
+
+
+def _normalised_band(planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.ndarray, white: float) -> np.ndarray:
+    """normalise_planes of a band of rows (4, b, w), given the frame's auto-brightness level."""
     srgb, greens = _camera_to_srgb(planes, wb_gains, cam_to_srgb)
-    white = _auto_white(srgb) if white is None else white
     green_shift = srgb[1] - 0.5 * (greens[0] + greens[1])
-    # In place, one float32 array and two temporaries (each full-frame temporary is 96 MB at 24 MP and a fresh
-    # one faults its pages in): the same operations in the same order as the plain formulas, so the same bits.
     out = np.stack([srgb[0], greens[0] + green_shift, greens[1] + green_shift, srgb[2]])
     del srgb, greens, green_shift
     np.divide(out, white, out=out)
@@ -346,7 +368,7 @@ def normalise_planes_and_white(
     np.subtract(out, 0.055, out=out)
     out[linear] = linear_values
     np.multiply(out, sign, out=out)
-    return out.astype(np.float32, copy=False), white
+    return out.astype(np.float32, copy=False)
 
 
 RENDER_BAND_ROWS = 256  # rows of raw values reference_render adjusts at a time (memory, not results)
@@ -367,12 +389,41 @@ def raw_values(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
         raw.close()
 
 
-def reference_render(path: Path, falloff: np.ndarray | None = None, raw_noise: np.ndarray | None = None) -> np.ndarray:
+@dataclass(frozen=True)
+class CellFalloff:
+    """A lens falloff given per 2x2 CFA cell, as the encoder's packed planes have it: `cells` (Hp, Wp) float32
+    gains in (0, 1] over the padded mosaic (rows and columns reflected in by `pad_top`, `pad_left`), of a visible
+    area of `height` x `width`. reference_render expands it a band of rows at a time: a map per sensor pixel is
+    4 bytes a pixel (380 MB at 100 MP), this a quarter of that."""
+
+    cells: np.ndarray
+    pad_top: int
+    pad_left: int
+    height: int
+    width: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W) of the visible area, as a per-pixel map's shape."""
+        return self.height, self.width
+
+    def rows(self, band: slice) -> np.ndarray:
+        """The gains of the visible rows `band`, per sensor pixel: (rows, W) float32."""
+        start, stop, _ = band.indices(self.height)
+        first = start + self.pad_top  # in the padded mosaic's rows
+        cells = self.cells[first // 2 : (stop + self.pad_top + 1) // 2]
+        expanded = cells.repeat(2, axis=0)[first % 2 : first % 2 + (stop - start)]
+        return expanded.repeat(2, axis=1)[:, self.pad_left : self.pad_left + self.width]
+
+
+def reference_render(
+    path: Path, falloff: np.ndarray | CellFalloff | None = None, raw_noise: np.ndarray | None = None
+) -> np.ndarray:  # fmt: skip
     """LibRaw's standard render of a RAW file (SPEC §3): (H, W, 3) uint8 sRGB, orientation applied.
 
-    falloff: (H, W) lens gains in (0, 1] over the visible sensor area; the raw values above black are divided
-    by it (and clipped at white) before LibRaw renders: the reference render of the file without that falloff,
-    auto-brightness included. raw_noise: (H, W) raw DN added to the visible values (after the falloff) before
+    falloff: (H, W) lens gains in (0, 1] over the visible sensor area, or a CellFalloff; the raw values above
+    black are divided by it (and clipped at white) before LibRaw renders: the reference render of the file
+    without that falloff, auto-brightness included. raw_noise: (H, W) raw DN added to the visible values (after the falloff) before
     LibRaw renders, e.g. a second draw of the sensor's noise (bench/error_breakdown.py).
     """
     path = Path(path)
@@ -382,7 +433,10 @@ def reference_render(path: Path, falloff: np.ndarray | None = None, raw_noise: n
         for name, given in (("falloff map", falloff), ("raw noise map", raw_noise)):
             if given is not None and given.shape != visible.shape:
                 raise RcamError(f"{path}: a {name} must be {visible.shape[1]}x{visible.shape[0]}, not {given.shape[1::-1]}")
-        if falloff is not None and not np.all((falloff > 0) & (falloff <= 1)):
+        gains = falloff.cells if isinstance(falloff, CellFalloff) else falloff
+        if isinstance(falloff, CellFalloff) and gains.shape != ((falloff.pad_top + falloff.height + 1) // 2, (falloff.pad_left + falloff.width + 1) // 2):
+            raise RcamError(f"{path}: a falloff of {gains.shape[1]}x{gains.shape[0]} cells does not cover the padded mosaic")
+        if gains is not None and not np.all((gains > 0) & (gains <= 1)):
             raise RcamError(f"{path}: a falloff map must hold gains in (0, 1]")
         if falloff is not None or raw_noise is not None:
             # In bands of rows, the black levels too: float64 copies of the whole frame were several hundred MB
@@ -392,7 +446,7 @@ def reference_render(path: Path, falloff: np.ndarray | None = None, raw_noise: n
                 values = visible[band].astype(np.float64)
                 if falloff is not None:
                     black = _black_per_pixel(raw, band)
-                    values = black + (values - black) / falloff[band]
+                    values = black + (values - black) / (falloff.rows(band) if isinstance(falloff, CellFalloff) else falloff[band])
                 if raw_noise is not None:
                     values += raw_noise[band]
                 visible[band] = np.clip(np.rint(values), 0, raw.white_level).astype(visible.dtype)
