@@ -40,6 +40,7 @@ from PIL import Image
 
 from rcam.codec import container
 from rcam.codec.allocator import tune_allocator
+from rcam.codec.blas import single_threaded_blas
 from rcam.codec.engine import (
     _header,
     analyse_image,
@@ -170,6 +171,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", help="the transforms' precision (rcam --precision)")
     args = parser.parse_args()
     tune_allocator()  # the codec and the cascade in process run under the malloc settings the rcam command uses
+    single_threaded_blas()  # and its BLAS threads
     torch.set_num_threads(args.threads)
 
     rcam = str(Path(sys.executable).parent / "rcam")

@@ -107,8 +107,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         from rcam.codec.allocator import tune_allocator
+        from rcam.codec.blas import single_threaded_blas
 
         tune_allocator()  # as the rcam command runs
+        single_threaded_blas()
         side, dng, rcb = args.one
         print(json.dumps(one_side(side, Path(dng), Path(rcb), args.threads, args.model, args.tile)))
         return

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from rcam.codec.allocator import tune_allocator
+from rcam.codec.blas import single_threaded_blas
 from rcam.codec import engine as rcam_codec
 from rcam.codec.tiling import DEFAULT_OVERLAP, blend_weights, crop_tile, plan_tiles
 from rcam.codec.zoo import load_codec
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--model", default="rcam-small")
     args = parser.parse_args()
     tune_allocator()  # rcam and the peer alike, under the malloc settings the rcam command uses
+    single_threaded_blas()  # and its BLAS threads
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as folder:

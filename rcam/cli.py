@@ -18,6 +18,7 @@ import torch
 
 from rcam.codec import container
 from rcam.codec.allocator import tune_allocator
+from rcam.codec.blas import single_threaded_blas
 from rcam.codec.batch import (
     BatchFailed,
     DecodeSettings,
@@ -435,7 +436,8 @@ def export_comparator(checkpoint, name, half, weights_dir) -> None:
 
 def main() -> None:
     """Console entry point: map errors to exit statuses."""
-    tune_allocator()  # a process-wide setting: here, not in the library (rcam.codec.allocator)
+    tune_allocator()  # process-wide settings: here, not in the library (rcam.codec.allocator, rcam.codec.blas)
+    single_threaded_blas()
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Exit as done:

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from rcam.codec.allocator import tune_allocator
+from rcam.codec.blas import single_threaded_blas
 from rcam.codec.engine import decoded_bands, encode_file, read_checked
 from rcam.codec.metadata import EMPTY, Metadata, read_metadata, upright
 from rcam.codec.output import check_output_path, image_kind, write_atomic, write_image
@@ -201,6 +202,7 @@ def _worker_start(model_name: str, device: str, threads: int, precision: str = "
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     tune_allocator()  # a process of rcam's own, like the CLI's
+    single_threaded_blas()
     torch.set_num_threads(threads)
     try:
         _worker_codec = load_codec(model_name, resolve_device(device), precision=precision)
