@@ -129,6 +129,11 @@ def map_tiles(device: torch.device, function: Callable, items: Iterable) -> Iter
         with torch.inference_mode():  # thread-local: each worker enters it itself
             return function(item)
 
+    if threads == 1:  # one tile at a time on one thread: this one (a pool's thread start took 3 ms a call, the
+        # --jobs workers make four such calls for each small file)
+        for item in items:
+            yield run(item)
+        return
     pool = ThreadPoolExecutor(threads, thread_name_prefix="rcam-tile", initializer=torch.set_num_threads, initargs=(1,))
     pending: deque = deque()
     try:
