@@ -32,3 +32,24 @@ def test_compressai_is_whole_when_asked_for_more():
     )
     version, name = printed.split()
     assert version.count(".") >= 1 and name == "bmshj2018_hyperprior"
+
+
+def test_scipy_stats_loads_only_when_used():
+    """compressai.entropy_models imports scipy.stats for GaussianConditional.update, which rcam never calls:
+    a stand-in takes its place until something uses it, and then it is the real module, for compressai and
+    for any other importer."""
+    printed = _run(
+        "import sys, rcam.cli\n"
+        "from rcam.codec.zoo import load_codec\n"
+        "load_codec('rcam-small', 'cpu')\n"
+        "print(type(sys.modules['scipy.stats']).__name__, 'scipy.stats._distn_infrastructure' in sys.modules)\n"
+        "from compressai.entropy_models import GaussianConditional\n"
+        "conditional = GaussianConditional([0.11, 0.5, 2.0])\n"
+        "conditional.update()  # the one call that needs scipy.stats.norm\n"
+        "import scipy.stats\n"
+        "from scipy.stats import norm\n"
+        "print(type(sys.modules['scipy.stats']).__name__, scipy.stats is sys.modules['scipy.stats'], round(norm.ppf(0.975), 3))"
+    )
+    before, after = printed.splitlines()
+    assert before == "_Deferred False"
+    assert after == "module True 1.96"
