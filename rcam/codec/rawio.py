@@ -302,18 +302,14 @@ def _camera_to_srgb(planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.nd
 def auto_bright_white(planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.ndarray) -> float:
     """LibRaw's auto-brightness level for raw planes (4, h, w): the linear sRGB level 1% of the brightest channel exceeds."""
     # LibRaw's auto-brightness: the level that 1% of the pixels of the brightest channel exceed becomes white,
-    # counted on its clipped output. One channel at a time, converted a band of rows at a time: the whole
-    # frame's three channels and their sorted copy were 6 bytes a sensor pixel, now 2 (one channel and its copy).
-    rows = planes.shape[1]
-    levels = []
-    for channel in range(3):
-        values = np.empty(planes.shape[1:], np.float32)
-        for top in range(0, rows, NORMALISE_BAND_ROWS):
-            band = slice(top, top + NORMALISE_BAND_ROWS)
-            values[band] = _camera_to_srgb(planes[:, band], wb_gains, cam_to_srgb)[0][channel]
-        np.clip(values, 0.0, 1.0, out=values)
-        levels.append(float(np.quantile(values.reshape(-1), 1.0 - AUTO_BRIGHT_FRACTION)))
-        del values
+    # counted on its clipped output. Converted a band of rows at a time (the conversion's temporaries are a
+    # band's), each channel's quantile taken alone (its sorted copy is one channel's).
+    srgb = np.empty((3, *planes.shape[1:]), np.float32)
+    for top in range(0, planes.shape[1], NORMALISE_BAND_ROWS):
+        band = slice(top, top + NORMALISE_BAND_ROWS)
+        srgb[:, band] = _camera_to_srgb(planes[:, band], wb_gains, cam_to_srgb)[0]
+    np.clip(srgb, 0.0, 1.0, out=srgb)
+    levels = [float(np.quantile(channel.reshape(-1), 1.0 - AUTO_BRIGHT_FRACTION)) for channel in srgb]
     return max(max(levels), 256.0 / 65535.0)
 
 
