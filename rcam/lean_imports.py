@@ -78,7 +78,10 @@ def _defer(name: str) -> None:
     if name in sys.modules:
         return
     parent_name, _, child = name.rpartition(".")
-    spec = importlib.util.find_spec(name)
+    try:
+        spec = importlib.util.find_spec(name)
+    except ModuleNotFoundError:  # its parent package is not installed: the importers will say so
+        return
     if spec is None:
         return
     stand_in = _Deferred(name)

@@ -497,7 +497,6 @@ def encode_file(
         if tone_fit and reference is None:
             rendering = render_pool.submit(reference_render, path, tone_falloff(codec, image, look, prepared.thumbnail))
         analysis = analyse_image(codec, image, tile, overlap, tile_batch, look, prepared)
-        del prepared
         if target_bytes is not None:
             lam, _ = lambda_for_size(codec, analysis, target_bytes, tone_fit, captured)
         if rendering is not None:
