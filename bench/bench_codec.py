@@ -44,6 +44,7 @@ from rcam.codec.blas import single_threaded_blas
 from rcam.codec.engine import (
     _header,
     analyse_image,
+    analysis_input,
     check_lambda,
     check_model,
     blended_rows,
@@ -90,8 +91,8 @@ def staged_encode(codec, dng: Path, lam: float, tile: int, overlap: int, look: s
         image = read_raw(dng)
     with stages("metadata read"):
         captured = read_metadata(dng)
-    with stages("analysis"):
-        analysis = analyse_image(codec, image, tile, overlap, 1, look)
+    with stages("analysis"):  # the normalisation written over the raw planes, as encode_file does
+        analysis = analyse_image(codec, image, tile, overlap, 1, look, analysis_input(codec, image, overwrite=True))
     with stages("reference render"):
         reference = tone_reference(codec, dng, image, look, analysis.thumbnail)
     lam = check_lambda(lam)
