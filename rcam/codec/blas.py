@@ -7,8 +7,9 @@ threads wait for one: on our 2-core machine, one core busy, a 72 x 72 solve took
 one thread, and the three solves were a third of the encode time of a 384 x 256 file (a profile of 39 files).
 torch's own threads are not BLAS threads here (torch.set_num_threads sets those).
 
-A process-wide setting, so only entry points call single_threaded_blas (the CLI, the --jobs workers, the
-benchmarks that time them), never library code, as for rcam.codec.allocator. Where the user set a BLAS thread
+A process-wide setting, so only entry points call single_threaded_blas (the CLI, the --jobs workers, the Dask
+workers' plugin, which sets torch's thread count there too, the benchmarks that time them), never library code,
+as for rcam.codec.allocator. Where the user set a BLAS thread
 count in the environment, theirs stands.
 """
 

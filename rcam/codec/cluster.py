@@ -22,6 +22,7 @@ import torch
 from distributed import Client, WorkerPlugin, as_completed, get_worker
 
 from rcam.codec.batch import Done, InternalFailure, attempt, worker_threads
+from rcam.codec.blas import single_threaded_blas
 from rcam.codec.zoo import Codec, file_digest, load_codec, resolve_weights
 from rcam.errors import RcamError
 from rcam.training.train import resolve_device
@@ -46,6 +47,7 @@ class CodecOnWorker(WorkerPlugin):
         # A worker running several tasks at once shares its CPUs among them, as --jobs shares this machine's.
         self.threads = worker_threads(worker.state.nthreads, self.threads)
         torch.set_num_threads(self.threads)
+        single_threaded_blas()  # as rcam's own processes run (rcam.codec.blas): its threads wait on busy cores
         try:
             codec = load_codec(self.model_name, resolve_device(self.device), precision=self.precision)
             if codec.digest != self.digest:  # a different model would write (or decode to) different pixels
