@@ -288,29 +288,41 @@ def _camera_to_srgb(planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.nd
     skeleton (rcam.codec.skeleton); clipping the noise of dark cells here would lift their mean, and no decoder could
     undo that (the skeleton inverts this step exactly).
     """
-    red, green1, green2, blue = np.maximum(planes, 0.0)  # LibRaw clips below black too
+    red, _, _, blue = np.maximum(planes, 0.0)  # LibRaw clips below black too
     red = np.minimum(red * wb_gains[0], 1.0)
-    green1 = np.minimum(green1 * wb_gains[1], 1.0)
-    green2 = np.minimum(green2 * wb_gains[1], 1.0)
+    green1, green2 = greens = _white_balanced_greens(planes, wb_gains)
     blue = np.minimum(blue * wb_gains[2], 1.0)
     green = 0.5 * (green1 + green2)
     camera_rgb = np.stack([red, green, blue]).reshape(3, -1)
     srgb = (cam_to_srgb @ camera_rgb).reshape(3, *red.shape)
-    return srgb, np.stack([green1, green2])
+    return srgb, greens
 
 
-def auto_bright_white(planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.ndarray) -> float:
-    """LibRaw's auto-brightness level for raw planes (4, h, w): the linear sRGB level 1% of the brightest channel exceeds."""
-    # LibRaw's auto-brightness: the level that 1% of the pixels of the brightest channel exceed becomes white,
-    # counted on its clipped output. Converted a band of rows at a time (the conversion's temporaries are a
-    # band's), each channel's quantile taken alone (its sorted copy is one channel's).
+def _white_balanced_greens(planes: np.ndarray, wb_gains: np.ndarray) -> np.ndarray:
+    """The two green planes of raw planes (4, h, w), clipped at black, white-balanced and clipped at white: (2, h, w)."""
+    return np.minimum(np.maximum(planes[1:3], 0.0) * wb_gains[1], 1.0)
+
+
+def _srgb_frame(planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.ndarray) -> np.ndarray:
+    """_camera_to_srgb's linear sRGB of raw planes (4, h, w), a band of rows at a time (the conversion's
+    temporaries are a band's): (3, h, w) float32."""
     srgb = np.empty((3, *planes.shape[1:]), np.float32)
     for top in range(0, planes.shape[1], NORMALISE_BAND_ROWS):
         band = slice(top, top + NORMALISE_BAND_ROWS)
         srgb[:, band] = _camera_to_srgb(planes[:, band], wb_gains, cam_to_srgb)[0]
-    np.clip(srgb, 0.0, 1.0, out=srgb)
-    levels = [float(np.quantile(channel.reshape(-1), 1.0 - AUTO_BRIGHT_FRACTION)) for channel in srgb]
+    return srgb
+
+
+def _auto_white(srgb: np.ndarray) -> float:
+    # LibRaw's auto-brightness: the level that 1% of the pixels of the brightest channel exceed becomes white,
+    # counted on its clipped output; a channel at a time, so the clipped copy is one channel's.
+    levels = [float(np.quantile(np.clip(channel, 0.0, 1.0).reshape(-1), 1.0 - AUTO_BRIGHT_FRACTION)) for channel in srgb]
     return max(max(levels), 256.0 / 65535.0)
+
+
+def auto_bright_white(planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.ndarray) -> float:
+    """LibRaw's auto-brightness level for raw planes (4, h, w): the linear sRGB level 1% of the brightest channel exceeds."""
+    return _auto_white(_srgb_frame(planes, wb_gains, cam_to_srgb))
 
 
 def normalise_planes(
@@ -337,17 +349,26 @@ def normalise_planes_and_white(
     pixel) are a band's. `out`: a (4, h, w) float32 array to write into; it may be `planes` itself, when the
     caller no longer needs the raw values (rcam.codec.engine.encode_file: 4 bytes a sensor pixel less).
     """
-    white = auto_bright_white(planes, wb_gains, cam_to_srgb) if white is None else white
+    # Measuring the level needs the whole frame's colour conversion first; keep it (3 bytes a sensor pixel) for
+    # the normalisation rather than convert every band twice.
+    srgb = _srgb_frame(planes, wb_gains, cam_to_srgb) if white is None else None
+    white = _auto_white(srgb) if white is None else white
     out = np.empty(planes.shape, np.float32) if out is None else out
     for top in range(0, planes.shape[1], NORMALISE_BAND_ROWS):
         band = slice(top, top + NORMALISE_BAND_ROWS)
-        out[:, band] = _normalised_band(planes[:, band], wb_gains, cam_to_srgb, white)
+        out[:, band] = _normalised_band(planes[:, band], wb_gains, cam_to_srgb, white, None if srgb is None else srgb[:, band])
     return out, white
 
 
-def _normalised_band(planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.ndarray, white: float) -> np.ndarray:
-    """normalise_planes of a band of rows (4, b, w), given the frame's auto-brightness level."""
-    srgb, greens = _camera_to_srgb(planes, wb_gains, cam_to_srgb)
+def _normalised_band(
+    planes: np.ndarray, wb_gains: np.ndarray, cam_to_srgb: np.ndarray, white: float, srgb: np.ndarray | None = None
+) -> np.ndarray:  # fmt: skip
+    """normalise_planes of a band of rows (4, b, w), given the frame's auto-brightness level and, when the caller
+    has it, the band's linear sRGB (3, b, w) from _camera_to_srgb."""
+    if srgb is None:
+        srgb, greens = _camera_to_srgb(planes, wb_gains, cam_to_srgb)
+    else:
+        greens = _white_balanced_greens(planes, wb_gains)
     green_shift = srgb[1] - 0.5 * (greens[0] + greens[1])
     out = np.stack([srgb[0], greens[0] + green_shift, greens[1] + green_shift, srgb[2]])
     del srgb, greens, green_shift
