@@ -78,6 +78,6 @@ def test_encoder_fits_the_tone_to_tone_reference(shipped_codec, crop, sweep):
     fitted = codec.encode_file(shipped_codec, crop, 0.01)
     assert fitted.data == sweep[0.01][0].data
     if shipped_codec.model.vignetting is not None:
-        falloff = codec.estimated_falloff(shipped_codec, codec.read_raw(crop))
+        falloff = codec.estimated_falloff(shipped_codec, codec.read_raw(crop)).rows(slice(None))
         assert falloff.shape == (384, 512) and np.all((falloff > 0) & (falloff <= 1))
         np.testing.assert_array_equal(codec.tone_reference(shipped_codec, crop), reference_render(crop, falloff=falloff))

@@ -119,7 +119,7 @@ def _codec_with_fixed_falloff(corner_gain: float):
 def test_estimated_falloff_maps_the_estimate_onto_the_sensor(make_dng):
     path = make_dng(height=64, width=96)
     image = read_raw(path)
-    gains = estimated_falloff(_codec_with_fixed_falloff(0.5), image)
+    gains = estimated_falloff(_codec_with_fixed_falloff(0.5), image).rows(slice(None))
     assert gains.shape == (64, 96) and gains.dtype == np.float32
     # Cell centres sit at (k + 1/2)/8 of each side: sensor pixels (4, 6) and (60, 90) are corner cells, (32, 48) the middle.
     assert gains[4, 6] == pytest.approx(0.5, abs=1e-3) and gains[60, 90] == pytest.approx(0.5, abs=1e-3)
@@ -140,8 +140,8 @@ def test_the_analysis_thumbnail_gives_the_same_falloff(cfa, tmp_path):
     path = write_bayer_dng(tmp_path / "frame.dng", np.rint(mosaic).astype(np.uint16)[:301], cfa=cfa, black_level=BLACK_LEVEL,
                            white_level=WHITE_LEVEL, as_shot_neutral=(0.5, 1.0, 0.7))  # fmt: skip
     image = read_raw(path)
-    again = estimated_falloff(codec, image)
-    shared = estimated_falloff(codec, image, analyse_image(codec, image).thumbnail)
+    again = estimated_falloff(codec, image).rows(slice(None))
+    shared = estimated_falloff(codec, image, analyse_image(codec, image).thumbnail).rows(slice(None))
     assert again.shape == (301, 400) and np.array_equal(again, shared)
     assert np.ptp(again) > 0.01  # the estimate depends on the frame: a constant would prove nothing
 
@@ -294,15 +294,15 @@ def test_tiny_model_with_the_estimator_round_trips(tmp_path, make_dng):
 
 @pytest.mark.parametrize("cfa", ["GRBG", "GBRG"])
 def test_estimated_falloff_in_bands_is_the_one_pass_map(make_dng, monkeypatch, cfa):
-    """estimated_falloff makes the sensor-sized map a band of packed rows at a time (memory): with bands of one
+    """estimated_falloff makes its map a band of packed rows at a time (memory): with bands of one
     row or of the whole frame, CFA padding on either side, the same gains to the last bit."""
     from rcam.codec import engine
 
     image = read_raw(make_dng(height=63, width=95, cfa=cfa))
     codec = _codec_with_fixed_falloff(0.5)  # corners at half, the middle at 1
     monkeypatch.setattr(engine, "FALLOFF_BAND_ROWS", 1)
-    banded = estimated_falloff(codec, image)
+    banded = estimated_falloff(codec, image).rows(slice(None))
     monkeypatch.setattr(engine, "FALLOFF_BAND_ROWS", 10_000)
-    whole = estimated_falloff(codec, image)
+    whole = estimated_falloff(codec, image).rows(slice(None))
     assert banded.shape == (63, 95) and np.array_equal(banded, whole)
     assert np.ptp(whole) > 0.4

@@ -417,19 +417,13 @@ def fit_header_tone(codec: Codec, header: container.Header, latents: list[TileLa
 FALLOFF_BAND_ROWS = 256  # packed rows of the falloff map made at a time (memory, not results)
 
 
-def estimated_falloff(codec: Codec, image: RawImage, thumb: torch.Tensor | None = None) -> np.ndarray | None:
-    """The lens falloff the model divides out of `image`: (H, W) float32 gains in (0, 1] per visible sensor pixel.
+def estimated_falloff(codec: Codec, image: RawImage, thumb: torch.Tensor | None = None) -> CellFalloff | None:
+    """The lens falloff the model divides out of `image`: gains in (0, 1] per 2x2 CFA cell, as in the encoder's
+    packed input (CellFalloff.rows gives them per visible sensor pixel, 4 times the memory).
 
-    None for a model without a vignetting estimator. Each 2x2 CFA cell gets its packed pixel's gain, as in
-    the encoder's input. `thumb`: the frame's (4, S, S) thumbnail when the caller has it (Analysis.thumbnail),
-    which spares normalising the whole frame again (1.3 s at 24 MP).
+    None for a model without a vignetting estimator. `thumb`: the frame's (4, S, S) thumbnail when the caller
+    has it (Analysis.thumbnail), which spares normalising the whole frame again (1.3 s at 24 MP).
     """
-    cells = estimated_cell_falloff(codec, image, thumb)
-    return None if cells is None else cells.rows(slice(None))
-
-
-def estimated_cell_falloff(codec: Codec, image: RawImage, thumb: torch.Tensor | None = None) -> CellFalloff | None:
-    """estimated_falloff per 2x2 CFA cell (a quarter of its memory), as the encoder's tone reference takes it."""
     model = codec.model
     if model.vignetting is None:
         return None
@@ -453,7 +447,7 @@ def estimated_cell_falloff(codec: Codec, image: RawImage, thumb: torch.Tensor | 
 def tone_falloff(codec: Codec, image: RawImage, look: str, thumb: torch.Tensor | None = None) -> CellFalloff | None:
     """The falloff tone_reference divides out of the render for `look` (None: the plain render); `thumb` as for
     estimated_falloff."""
-    return None if check_look(codec, look) == "faithful" else estimated_cell_falloff(codec, image, thumb)
+    return None if check_look(codec, look) == "faithful" else estimated_falloff(codec, image, thumb)
 
 
 def tone_reference(
