@@ -7,53 +7,29 @@ Malvar demosaic) on the encoder's own, uncompressed planes, and LibRaw itself (A
 into a DNG of white-balanced camera values. Per λ: the shipped decoder, and LibRaw on the planes the decoder
 reconstructs (blended over the tiles like the image), with the encoder's tone fit. The first pair is the ceiling
 of each rendering; the second says what the reconstructed planes allow. The decoder does not render through
-LibRaw: this measures what doing so would buy.
+LibRaw: this measures what doing so would buy. Last, the same planes coded by JPEG XL instead of rcam's learned
+codec (rcam.comparators.planes_jxl, `rcam eval --baselines rawjxl`), rendered by the skeleton with the tone fit
+and by LibRaw: what a classical codec makes of the network's own input.
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import numpy as np
-import rawpy
 import torch
-import torch.nn.functional as F
 
 from rcam.codec import container
 from rcam.codec.engine import decode_bytes, decode_latents, encode_file, header_tiles, synthesis_conditions
 from rcam.codec.output import quantize
 from rcam.codec.rawio import apply_flip, network_input_and_white, read_raw, reference_render, undo_flip
-from rcam.codec.skeleton import camera_planes, develop
+from rcam.codec.skeleton import develop
 from rcam.codec.tiling import blend_weights
 from rcam.codec.tone import apply_tone, fit_tone
 from rcam.codec.zoo import load_codec
+from rcam.comparators.planes_jxl import DISTANCES, SIDE_INFO_BYTES, decode_planes, encode_planes, libraw_render
 from rcam.measure.metrics import dark_offset, psnr
-from rcam.training.dng import write_bayer_dng
-
-# LibRaw's linear sRGB (D65) -> XYZ: its camera matrix is derived from an XYZ -> camera matrix through it.
-XYZ_FROM_SRGB = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]])
-
-
-def libraw_render(planes: np.ndarray, cam_to_srgb: np.ndarray, white: float, crop: tuple[slice, slice]) -> np.ndarray:
-    """Encoder-space planes (4, h, w) -> LibRaw's standard render: uint8 (H, W, 3), sensor orientation, cropped.
-
-    `cam_to_srgb` and `white` are the frame's colour matrix and auto-brightness level (rawio.normalise_planes).
-    The planes go back to white-balanced camera values (white = 65535) in an RGGB DNG whose ColorMatrix1 makes
-    LibRaw derive exactly `cam_to_srgb` and whose neutral makes its white balance 1.
-    """
-    matrix = torch.tensor(cam_to_srgb, dtype=torch.float32)[None]
-    camera = camera_planes(torch.from_numpy(planes)[None], matrix, torch.tensor([white], dtype=torch.float32))
-    mosaic = F.pixel_shuffle(camera, 2)[0, 0].numpy()
-    # LibRaw normalises each row of camera <- sRGB to sum 1, so any row scale of this matrix is fine.
-    xyz_to_camera = np.linalg.inv(cam_to_srgb.astype(np.float64)) @ np.linalg.inv(XYZ_FROM_SRGB)
-    with tempfile.TemporaryDirectory() as folder:
-        path = write_bayer_dng(Path(folder) / "planes.dng", np.clip(np.rint(mosaic * 65535), 0, 65535).astype(np.uint16), xyz_to_camera=xyz_to_camera)
-        with rawpy.imread(str(path)) as raw:
-            image = raw.postprocess(use_camera_wb=True, output_color=rawpy.ColorSpace.sRGB, output_bps=8, gamma=(2.4, 12.92))
-    return image[crop]
-
 
 def decoded_planes(codec, data: bytes) -> tuple[container.Header, np.ndarray]:
     """The planes (4, h, w) the decoder reconstructs from an .rcb file, blended over tiles as the image is."""
@@ -91,6 +67,19 @@ def main() -> None:
         skeleton = quantize(skeleton[0].permute(1, 2, 0).numpy(), 8)[crop]
         libraw = libraw_render(planes, image.cam_to_srgb, white, crop)
         print(f"{path.name}: uncompressed planes -> skeleton {psnr(sensor_reference, skeleton):.2f} dB, LibRaw {psnr(sensor_reference, libraw):.2f} dB")
+        pixels = reference.shape[0] * reference.shape[1]
+        for distance in DISTANCES:
+            streams = encode_planes(planes, distance)
+            coded = decode_planes(*streams)
+            developed = develop(torch.from_numpy(coded)[None], torch.from_numpy(image.cam_to_srgb)[None], torch.tensor([white]))
+            developed = developed[0].permute(1, 2, 0).numpy()[crop]
+            toned = quantize(apply_tone(developed, fit_tone(developed, sensor_reference)), 8)
+            libraw_coded = libraw_render(coded, image.cam_to_srgb, white, crop)
+            bpp = 8 * (SIDE_INFO_BYTES + sum(len(stream) for stream in streams)) / pixels
+            print(
+                f"  JPEG XL on the planes, distance {distance:g}: {bpp:.3f} bpp, skeleton + tone fit {psnr(sensor_reference, toned):.2f} dB "
+                f"(darkest {dark_offset(sensor_reference, toned):+.2f}), LibRaw {psnr(sensor_reference, libraw_coded):.2f} dB (darkest {dark_offset(sensor_reference, libraw_coded):+.2f})"
+            )
         for lam in (float(value) for value in args.lambdas.split(",")):
             encoded = encode_file(codec, path, lam, look="faithful", reference=reference)
             shipped = quantize(decode_bytes(codec, encoded.data), 8)

@@ -329,8 +329,9 @@ def export(checkpoint, name, half, weights_dir) -> None:
 @click.option(
     "--baselines", default="jpeg,webp,jpegxl,avif", show_default=True,
     help=f"Comma-separated comparators: the cascades {', '.join(baseline_names())} (jxl = jpegxl; reference render, or "
-    f"for ISP+CODEC that learned ISP, then that codec) and the end-to-end learned codecs {', '.join(END_TO_END)} "
-    f"(learned ISPs and end-to-end codecs: trained weights in weights/, made with rcam train-comparator; clean look, protocol S).",
+    f"for ISP+CODEC that learned ISP, then that codec) and the end-to-end codecs {', '.join(END_TO_END)} "
+    f"(learned ISPs and rawtobit: trained weights in weights/, made with rcam train-comparator, clean look, protocol S; "
+    f"rawjxl: rcam's own normalised planes through JPEG XL, then LibRaw's render, either protocol).",
 )  # fmt: skip
 @click.option("--out-dir", type=click.Path(file_okay=False), default="out/eval", show_default=True, help="Where results.json, CSVs and rd.png go.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N images.")
@@ -389,9 +390,9 @@ def evaluate(inputs, protocol, lambdas, baselines, out_dir, limit, speed, held_o
 
 def _end_to_end_comparator(name: str, device: torch.device, look: str):
     """The end-to-end comparator `name` (one of rcam.comparators.END_TO_END), loaded for rcam.evaluate."""
-    from rcam.comparators import rawtobit
+    from rcam.comparators import planes_jxl, rawtobit
 
-    return {"rawtobit": rawtobit.evaluation_comparator}[name](device, look)
+    return {"rawtobit": rawtobit.evaluation_comparator, "rawjxl": planes_jxl.evaluation_comparator}[name](device, look)
 
 
 @cli.command("train-comparator")

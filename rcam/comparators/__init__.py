@@ -2,5 +2,5 @@
 the product path and sharing its RAW input, entropy coding, container, metrics and evaluation."""
 
 # End-to-end codecs `rcam eval --baselines` accepts besides the cascades (rcam.comparators.baselines.BASELINES): RAW in,
-# a real file out, measured at each λ as rcam is.
-END_TO_END = ("rawtobit",)
+# a real file out, measured as rcam is (RAWtoBit at each λ; rawjxl, JPEG XL on rcam's own planes, at its distances).
+END_TO_END = ("rawtobit", "rawjxl")

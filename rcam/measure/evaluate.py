@@ -79,13 +79,16 @@ NOTES = (
 
 @dataclass(frozen=True)
 class EndToEndCodec:
-    """A learned RAW-to-bitstream comparator (e.g. RAWtoBit) measured as rcam is: codec(raw_path, λ) at each λ on the
-    same RAW file, its bpp from its whole file. `note` goes into the run's notes."""
+    """A RAW-to-bitstream comparator (e.g. RAWtoBit) measured as rcam is: codec(raw_path, param) on the same RAW
+    file, its bpp from its whole file; param at each of rcam's λ, or at each of `params` (named `param_name` in
+    tables) for a codec with its own sweep. `note` goes into the run's notes."""
 
     name: str
     label: str
     codec: Codec
     note: str = ""
+    params: tuple[float, ...] | None = None
+    param_name: str = "λ"
 
 
 @dataclass
@@ -602,7 +605,8 @@ def format_table(results: dict) -> str:
     ]
     for codec, curve in results["curves"].items():
         for point in curve:
-            param = f"λ={point['param']:g}" if codec == "rcam" or codec in setup.get("end_to_end", {}) else f"q={point['param']:g}"
+            param_name = "λ" if codec == "rcam" else setup.get("end_to_end_params", {}).get(codec, "λ" if codec in setup.get("end_to_end", {}) else "q")
+            param = f"{param_name}={point['param']:g}"
             lines.append(
                 f"{codec:<{width}} {param:>9} {_fmt(point['bpp'], '.3f')} {_fmt(point['psnr'])} "
                 f"{_fmt(point['ms_ssim_db'])} {_fmt(point['ciede2000'], '.3f')}"
@@ -737,7 +741,7 @@ def run_eval(
     images: list[dict] = []
     speed_rows: list[dict] = []
     cache_hits = 0
-    steps_per_image = len(lambdas) * (1 + len(end_to_end)) + len(baseline_names) + (1 if speed else 0)
+    steps_per_image = len(lambdas) + sum(len(comparator.params or lambdas) for comparator in end_to_end) + len(baseline_names) + (1 if speed else 0)
     with tqdm(total=len(files) * steps_per_image, desc="rcam eval", unit="step", disable=not progress) as bar:
         items = _prepare_items(files, names, protocol, render, make_pair, out_dir, seed)
         for item in items:
@@ -748,7 +752,7 @@ def run_eval(
                            "width": width, "height": height, "input_sha256": input_digest})
             points += _measure_rcam(item, lambdas, codec, bar)
             for comparator in end_to_end:
-                points += _measure_rcam(item, lambdas, comparator.codec, bar, comparator.name)
+                points += _measure_rcam(item, comparator.params or lambdas, comparator.codec, bar, comparator.name)
             isp_images: dict[str, np.ndarray] = {}
             for name in baseline_names:
                 image = _cascade_image(item, name, isp_renders, isp_images)
@@ -766,6 +770,7 @@ def run_eval(
             "protocol": protocol, "inputs": str(inputs), "images": len(images), "lambdas": lambdas,
             "baselines": baseline_names + [comparator.name for comparator in end_to_end], "qualities": sweeps,
             "end_to_end": {comparator.name: comparator.label for comparator in end_to_end},
+            "end_to_end_params": {comparator.name: comparator.param_name for comparator in end_to_end},
             "baseline_settings": {name: baselines_module.get_baseline(name).settings for name in baseline_names},
             "libraries": baselines_module.library_versions(), "seed": seed, "metrics": list(METRICS),
             "bd_method": "pchip", "baseline_cache_hits": cache_hits, **(setup or {}),
