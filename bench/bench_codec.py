@@ -14,7 +14,8 @@ On a synthetic DNG of --megapixels it prints:
 
 Stages are split here that the codec overlaps: the hyper path runs on worker threads while the main thread
 entropy-codes finished tiles, the reference render runs on its own thread beside the analysis, and in
-decoding the main thread blends and tones tiles while the workers synthesise and a third thread compresses the PNG.
+decoding each worker entropy-decodes the tile it then synthesises, while the main thread blends and tones tiles
+and a third thread compresses the PNG.
 The stage totals are therefore more than the codec's own wall time, which is measured too (encode_file, and
 decode_one, in this process) and is what the ratios use. The cascade writes its PNG with libpng (imagecodecs).
 

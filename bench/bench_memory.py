@@ -3,7 +3,8 @@
 Issue 19's goal: at most 2 GiB at 24 MP and flat from 24 to 100 MP. For each --megapixels it makes a
 synthetic DNG and runs, each side in a fresh process of its own, the stages of bench_codec.staged_encode (the
 calls `rcam encode` makes, checked there against the command) and rcam.codec.batch.decode_one (`rcam decode`
-itself: entropy decoding, then synthesis, blending, tone and PNG write streamed a tile row at a time),
+itself: each tile entropy-decoded and synthesised on a worker, then blending, tone and PNG write streamed a tile
+row at a time),
 recording the process's resident memory when each stage ends and its peak (VmHWM) so far. Then the growth per megapixel
 between the sizes tells which stage holds full-frame arrays.
 
@@ -75,7 +76,7 @@ def one_side(side: str, dng: Path, rcb: Path, threads: int, model: str, tile: in
     from bench_codec import staged_encode
 
     from rcam.codec.batch import DecodeSettings, decode_one
-    from rcam.codec.engine import decode_latents, read_checked
+    from rcam.codec.engine import read_checked
     from rcam.codec.rawio import read_raw
     from rcam.codec.tiling import DEFAULT_OVERLAP
     from rcam.codec.zoo import load_codec
@@ -87,10 +88,9 @@ def one_side(side: str, dng: Path, rcb: Path, threads: int, model: str, tile: in
     if side == "encode":
         rcb.write_bytes(staged_encode(codec, dng, 0.01, tile, DEFAULT_OVERLAP, "clean", stages))
     else:
-        # decode_one as `rcam decode` runs it (its latents decoded once more first, to show what they hold)
-        with stages("entropy decoding"):
-            latents = decode_latents(codec, *read_checked(codec, rcb.read_bytes()))
-        del latents
+        # decode_one as `rcam decode` runs it: each tile entropy-decoded by the worker that synthesises it
+        with stages("container read"):
+            read_checked(codec, rcb.read_bytes())
         with tempfile.TemporaryDirectory() as folder, stages("decode to PNG (streamed)"):
             decode_one(DecodeSettings(8, 95, False), codec, rcb, Path(folder) / "out.png")
     image = read_raw(dng)

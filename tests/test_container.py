@@ -15,7 +15,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import BLACK_LEVEL, WHITE_LEVEL, smooth_mosaic
+from conftest import BLACK_LEVEL, WHITE_LEVEL, check_one_error_line, smooth_mosaic
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -296,6 +296,21 @@ def test_garbage_streams_with_valid_checksums_fail_cleanly(tiny_codec, valid, da
     else:
         assert image.shape == (header.output_height, header.output_width, 3)
         assert np.all(np.isfinite(image))
+
+
+def test_a_damaged_last_stream_behind_a_valid_checksum_leaves_no_image(run, tiny_model_path, valid, tmp_path):
+    """The decoder entropy-decodes each tile as it synthesises it: a bad stream found after earlier bands were
+    written still ends in one error line naming the stream, exit status 2 and no output file."""
+    _, header, streams = valid
+    last = len(streams) - 1
+    forged = container.write(dataclasses.replace(header, stream_lengths=(), stream_crcs=()), streams[:last] + [streams[last][:-4]])
+    source = tmp_path / "forged.rcb"
+    source.write_bytes(forged)
+    target = tmp_path / "forged.png"
+    status, _, err = run("decode", source, "-o", target, "--model", tiny_model_path)
+    assert status == 2
+    assert f"stream {last} cannot be decoded" in check_one_error_line(err, source)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["forged.rcb"]
 
 
 # ---------------------------------------------------------------------------------------------------------

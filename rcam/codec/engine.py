@@ -518,19 +518,21 @@ def check_model(codec: Codec, header: container.Header) -> None:
     check_look(codec, header.look)
 
 
-def decode_latents(codec: Codec, header: container.Header, streams: list[bytes], symbols: bool = True) -> list[TileLatents]:
-    """Entropy-decode every tile's stream (no synthesis); symbols=False keeps only ŷ (half the memory)."""
+def decode_stream(codec: Codec, header: container.Header, number: int, stream: bytes, symbols: bool = True) -> TileLatents:
+    """Entropy-decode tile `number`'s stream (no synthesis); symbols=False keeps only ŷ (half the memory)."""
     config = codec.model.config
     y_shape = (config.latent_channels, header.tile_height // 8, header.tile_width // 8)
     z_shape = (config.hyper_channels, header.tile_height // 32, header.tile_width // 32)
-    latents = []
-    for number, stream in enumerate(streams):
-        try:
-            decoded = codec.coder.decode(stream, y_shape, z_shape)
-        except (RcamError, ValueError, RuntimeError) as error:
-            raise RcamError(f"stream {number} cannot be decoded: {error}") from None
-        latents.append(decoded if symbols else replace(decoded, y_symbols=_NO_SYMBOLS, z_symbols=_NO_SYMBOLS))
-    return latents
+    try:
+        decoded = codec.coder.decode(stream, y_shape, z_shape)
+    except (RcamError, ValueError, RuntimeError) as error:
+        raise RcamError(f"stream {number} cannot be decoded: {error}") from None
+    return decoded if symbols else replace(decoded, y_symbols=_NO_SYMBOLS, z_symbols=_NO_SYMBOLS)
+
+
+def decode_latents(codec: Codec, header: container.Header, streams: list[bytes], symbols: bool = True) -> list[TileLatents]:
+    """Entropy-decode every tile's stream (no synthesis), as decode_stream."""
+    return [decode_stream(codec, header, number, stream, symbols) for number, stream in enumerate(streams)]
 
 
 _NO_SYMBOLS = np.zeros(0, np.int32)
@@ -545,13 +547,8 @@ def synthesis_conditions(codec: Codec, header: container.Header) -> tuple[torch.
         return inverse_gain, header_development(codec, header, 1), look_tensor(header.look, 1, device)
 
 
-def synthesise_tiles(codec: Codec, header: container.Header, latents: Iterable[TileLatents]) -> Iterator[torch.Tensor]:
-    """Tiles' latents -> each tile's (3, 2h, 2w) float32 RGB on the CPU, in order, a few tiles in hand at once.
-
-    Each tile goes through the synthesis alone, on one thread (map_tiles): batched convolutions and the thread
-    count change the rounding, and a file must decode to the same pixels however it is run. Close the iterator
-    (contextlib.closing) when leaving it early.
-    """
+def _tile_synthesis(codec: Codec, header: container.Header) -> Callable[[TileLatents], torch.Tensor]:
+    """One tile's latents -> its (3, 2h, 2w) float32 RGB on the CPU: the synthesis every decode path runs."""
     model, device = codec.model, codec.device
     inverse_gain, development, look = synthesis_conditions(codec, header)
 
@@ -560,7 +557,29 @@ def synthesise_tiles(codec: Codec, header: container.Header, latents: Iterable[T
         with transform_precision(codec):
             return model.synthesis(y_hat, development, look)[0].float().cpu().contiguous()
 
-    return map_tiles(device, synthesise, latents)
+    return synthesise
+
+
+def synthesise_tiles(codec: Codec, header: container.Header, latents: Iterable[TileLatents]) -> Iterator[torch.Tensor]:
+    """Tiles' latents -> each tile's (3, 2h, 2w) float32 RGB on the CPU, in order, a few tiles in hand at once.
+
+    Each tile goes through the synthesis alone, on one thread (map_tiles): batched convolutions and the thread
+    count change the rounding, and a file must decode to the same pixels however it is run. Close the iterator
+    (contextlib.closing) when leaving it early.
+    """
+    return map_tiles(codec.device, _tile_synthesis(codec, header), latents)
+
+
+def synthesise_streams(codec: Codec, header: container.Header, streams: list[bytes]) -> Iterator[torch.Tensor]:
+    """Tiles' streams -> their images as synthesise_tiles gives them, each tile entropy-decoded by the worker that
+    synthesises it: only the tiles in hand hold latents (the whole frame's took 6 bytes a sensor pixel of
+    resident memory at M = 96), and the decoding runs beside the other workers' synthesis."""
+    synthesise = _tile_synthesis(codec, header)
+
+    def decode_and_synthesise(numbered: tuple[int, bytes]) -> torch.Tensor:
+        return synthesise(decode_stream(codec, header, *numbered, symbols=False))
+
+    return map_tiles(codec.device, decode_and_synthesise, enumerate(streams))
 
 
 def _tile_area(tile: Tile, band_start: int = 0) -> tuple[slice, slice]:
@@ -662,19 +681,16 @@ def read_checked(codec: Codec, data: bytes) -> tuple[container.Header, list[byte
 
 def decoded_bands(codec: Codec, header: container.Header, streams: list[bytes], progress=None) -> Iterator[tuple[int, np.ndarray]]:
     """An .rcb file's tiles -> (first row, (h, W, 3) float32 sRGB band in [0, 1], tone-corrected) of the sensor-
-    oriented frame, top to bottom, a tile row at a time: the latents are all decoded first (small), then only
-    one tile row of pixels is held (blended_rows). `progress()` is called once per tile synthesised."""
-    # All streams first: entropy-decoding them on this thread while map_tiles' workers synthesised made the
-    # decode slower, not faster (24 MP, 2 threads: 9.9 s against 9.1; the GIL and the cores are shared).
-    latents = decode_latents(codec, header, streams, symbols=False)  # 3 bytes a pixel at M = 96
-
+    oriented frame, top to bottom, a tile row at a time: each tile is entropy-decoded and synthesised on a
+    worker (synthesise_streams), and only one tile row of pixels is held (blended_rows). `progress()` is called
+    once per tile synthesised."""
     def counted(images: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
         for image in images:
             yield image
             if progress:
                 progress()
 
-    with closing(synthesise_tiles(codec, header, latents)) as tile_images:
+    with closing(synthesise_streams(codec, header, streams)) as tile_images:
         for top, rows, _ in blended_rows(header, counted(tile_images)):
             band = rows.clamp_(0.0, 1.0).numpy()  # a view of the band's canvas; the rows after it are not touched
             yield top, apply_tone(band, header.tone, top, header.sensor_height)
