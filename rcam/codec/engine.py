@@ -240,8 +240,27 @@ def entropy_code(codec: Codec, batches, progress=None) -> tuple[list[bytes], lis
 
 
 def _code(codec: Codec, analysis: Analysis, lam: float, progress=None) -> tuple[list[bytes], list[TileLatents]]:
-    """Scale the analysed latents for λ, run the hyper-analysis and entropy-code every tile."""
-    return entropy_code(codec, hyper_path(codec, analysis, lam), progress)
+    """Scale the analysed latents for λ, run the hyper-analysis and entropy-code every tile: hyper_path and
+    entropy_code in one, each tile batch on a worker (map_tiles), so tiles are range-coded side by side instead
+    of on the main thread while the workers wait."""
+    model, device = codec.model, codec.device
+    with torch.inference_mode():
+        gain, _ = model.gains(torch.tensor([lam], device=device))
+
+    def hyper_and_code(unscaled: torch.Tensor) -> list[tuple[bytes, TileLatents]]:
+        y = unscaled * gain
+        z = model.hyper_analysis(y)
+        return [codec.coder.encode(y[index : index + 1], z[index : index + 1]) for index in range(len(y))]
+
+    streams, latents = [], []
+    with closing(map_tiles(device, hyper_and_code, analysis.batches)) as results:
+        for coded in results:
+            for stream, tile_latents in coded:
+                streams.append(stream)
+                latents.append(tile_latents)
+                if progress:
+                    progress()
+    return streams, latents
 
 
 def _header(codec: Codec, analysis: Analysis, lam: float, metadata: Metadata) -> container.Header:
