@@ -12,8 +12,8 @@ On a synthetic DNG of --megapixels it prints:
   - the cascade a user runs today: LibRaw's render + JPEG XL (effort 7) encode, and JPEG XL decode + the same
     PNG write; and the ratios rcam / cascade for encode, decode and the round trip.
 
-Stages are split here that the codec overlaps: the hyper path runs on worker threads while the main thread
-entropy-codes finished tiles, the reference render runs on its own thread beside the analysis, and in
+Stages are split here that the codec overlaps: each worker thread runs the hyper path and range-codes the tiles
+it ran, side by side, the reference render runs on its own thread beside the analysis, and in
 decoding each worker entropy-decodes the tile it then synthesises, while the main thread blends and tones tiles
 and a third thread compresses the PNG.
 The stage totals are therefore more than the codec's own wall time, which is measured too (encode_file, and
