@@ -22,11 +22,13 @@ from rcam.training.dng import write_bayer_dng
 TILE, OVERLAP = 64, 32  # packed pixels: a tile lattice every 2 * (TILE - OVERLAP) = 64 output pixels
 # The decoded spectrum at the artifact frequencies may exceed the reference's by this factor. The reference
 # of a noisy flat frame has white noise there; a decoder that removes noise and adds no pattern has less. The
-# shipped stage-9 model has 2.0x (clean) and 1.9x (faithful) at the 2-pixel period, stage 8 2.1x (what is left
-# comes from demosaicing reconstructed planes, not from the correction, which rcam.codec.skeleton.band_limit keeps
-# off that period); stage 7 had 7.4x, stage 8's correction without the band limit 13.5x. The margin catches
-# those, not yet the last 2x.
-SPECTRAL_MARGIN = 2.5
+# shipped stage-11 model has 3.0x (clean and faithful) at the 2-pixel period and 1.5x at the tile lattice's;
+# stage 9 had 1.9-2.0x and 0.9x, stage 8 2.1x (what is left comes from demosaicing reconstructed planes, not
+# from the correction, which rcam.codec.skeleton.band_limit keeps off that period); stage 7 had 7.4x, stage 8's
+# correction without the band limit 13.5x. The margin catches those. It was 2.5 until stage 11, which halves the
+# real DNGs' bytes and leaves the Blackmagic file's shadows less blotchy but spends twice stage 9's bytes on this
+# grey card and puts more of them at 2 px (README, Limits): a trade-off taken knowingly, not a fixed artifact.
+SPECTRAL_MARGIN = 3.5
 
 
 @pytest.fixture(scope="module")
