@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -212,26 +213,34 @@ def analyse_image(
     return Analysis(image, tiles, overlap, batches, look, development, prepared.thumbnail)
 
 
+def _lambda_gain(codec: Codec, lam: float) -> torch.Tensor:
+    """The analysis' gain for λ, (1, M, 1, 1) on the codec's device."""
+    with torch.inference_mode():
+        return codec.model.gains(torch.tensor([lam], device=codec.device))[0]
+
+
+def _hyper(codec: Codec, gain: torch.Tensor, unscaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tile batch's analysed latents -> (y scaled for λ, z its hyper-analysis)."""
+    y = unscaled * gain
+    return y, codec.model.hyper_analysis(y)
+
+
+def _code_batch(codec: Codec, y: torch.Tensor, z: torch.Tensor) -> list[tuple[bytes, TileLatents]]:
+    """Range-code each tile of a batch: (stream, latents) per tile, in order."""
+    return [codec.coder.encode(y[index : index + 1], z[index : index + 1]) for index in range(len(y))]
+
+
 def hyper_path(codec: Codec, analysis: Analysis, lam: float) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Scale the analysed latents for λ and run the hyper-analysis: (y, z) per tile batch, in order."""
-    model, device = codec.model, codec.device
-    with torch.inference_mode():
-        gain, _ = model.gains(torch.tensor([lam], device=device))
-
-    def hyper(unscaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y = unscaled * gain
-        return y, model.hyper_analysis(y)
-
-    with closing(map_tiles(device, hyper, analysis.batches)) as results:
+    gain = _lambda_gain(codec, lam)
+    with closing(map_tiles(codec.device, functools.partial(_hyper, codec, gain), analysis.batches)) as results:
         yield from results
 
 
-def entropy_code(codec: Codec, batches, progress=None) -> tuple[list[bytes], list[TileLatents]]:
-    """(y, z) per tile batch -> every tile's stream and latents."""
+def _collect(coded_batches: Iterable[list[tuple[bytes, TileLatents]]], progress=None) -> tuple[list[bytes], list[TileLatents]]:
     streams, latents = [], []
-    for y, z in batches:
-        for index in range(len(y)):
-            stream, tile_latents = codec.coder.encode(y[index : index + 1], z[index : index + 1])
+    for coded in coded_batches:
+        for stream, tile_latents in coded:
             streams.append(stream)
             latents.append(tile_latents)
             if progress:
@@ -239,28 +248,22 @@ def entropy_code(codec: Codec, batches, progress=None) -> tuple[list[bytes], lis
     return streams, latents
 
 
+def entropy_code(codec: Codec, batches, progress=None) -> tuple[list[bytes], list[TileLatents]]:
+    """(y, z) per tile batch -> every tile's stream and latents, coded on this thread."""
+    return _collect((_code_batch(codec, y, z) for y, z in batches), progress)
+
+
 def _code(codec: Codec, analysis: Analysis, lam: float, progress=None) -> tuple[list[bytes], list[TileLatents]]:
     """Scale the analysed latents for λ, run the hyper-analysis and entropy-code every tile: hyper_path and
     entropy_code in one, each tile batch on a worker (map_tiles), so tiles are range-coded side by side instead
     of on the main thread while the workers wait."""
-    model, device = codec.model, codec.device
-    with torch.inference_mode():
-        gain, _ = model.gains(torch.tensor([lam], device=device))
+    gain = _lambda_gain(codec, lam)
 
     def hyper_and_code(unscaled: torch.Tensor) -> list[tuple[bytes, TileLatents]]:
-        y = unscaled * gain
-        z = model.hyper_analysis(y)
-        return [codec.coder.encode(y[index : index + 1], z[index : index + 1]) for index in range(len(y))]
+        return _code_batch(codec, *_hyper(codec, gain, unscaled))
 
-    streams, latents = [], []
-    with closing(map_tiles(device, hyper_and_code, analysis.batches)) as results:
-        for coded in results:
-            for stream, tile_latents in coded:
-                streams.append(stream)
-                latents.append(tile_latents)
-                if progress:
-                    progress()
-    return streams, latents
+    with closing(map_tiles(codec.device, hyper_and_code, analysis.batches)) as results:
+        return _collect(results, progress)
 
 
 def _header(codec: Codec, analysis: Analysis, lam: float, metadata: Metadata) -> container.Header:
