@@ -449,3 +449,14 @@ def test_flat_fraction_takes_patches_where_the_target_is_flattest(dataset):
 
     # The flattest of 8 places varies less than a random place, on average over many patches.
     assert mean_spread(1.0) < 0.7 * mean_spread(0.0)
+
+
+def test_patches_come_only_from_frames_that_hold_a_whole_one(dataset):
+    images = load_dataset(dataset, TINY["thumbnail"])
+    small = replace(images[0], target=images[0].target[:, :32, :32], planes=images[0].planes[:, :16, :16])
+    # A patch of 24 packed pixels: the 16 x 16 frame cannot give one, so every patch comes whole from the others.
+    batch = sample_batch([small] + images, 16, 24, True, np.random.default_rng(0))
+    assert batch["x"].shape == (16, 4, 24, 24) and batch["target"].shape == (16, 3, 48, 48)
+    # With only frames too small, each gives what it has (a tiny set of one size still trains).
+    alone = sample_batch([small], 2, 24, True, np.random.default_rng(0))
+    assert alone["x"].shape == (2, 4, 16, 16)

@@ -296,9 +296,13 @@ def sample_batch(
     the clean look; faithful patches with defects read the degraded DNG and target its own render. A
     flat_fraction share of patches sits where the target is flattest (flattest_place).
     """
+    # Frames smaller than a patch cannot give a whole one (the smallest training frames are 159 packed pixels
+    # high), and a batch stacks equal crops: patches come from the frames that hold one. When none does (tiny
+    # test sets), every frame gives what it has, as large as it is.
+    eligible = [image for image in images if min(image.target.shape[1:]) // 2 >= patch] or images  # target: (3, 2Hp, 2Wp)
     inputs, targets, coords, thumbs, looks, matrices, whites, clean_inputs = [], [], [], [], [], [], [], []
     for _ in range(batch_size):
-        image = images[rng.integers(len(images))]
+        image = eligible[rng.integers(len(eligible))]
         clean = clean_fraction > 0 and rng.random() < clean_fraction
         faithful = faithful_fraction > 0 and rng.random() < faithful_fraction
         frame = image.clean_frame if not (faithful and not clean) else None
