@@ -28,7 +28,7 @@ from rcam.codec.skeleton import develop
 from rcam.codec.tiling import blend_weights
 from rcam.codec.tone import apply_tone, fit_tone
 from rcam.codec.zoo import load_codec
-from rcam.comparators.planes_jxl import DISTANCES, SIDE_INFO_BYTES, decode_planes, encode_planes, libraw_render
+from rcam.comparators.planes_jxl import DISTANCES, decode_planes, encode_planes, file_size, libraw_render
 from rcam.measure.metrics import dark_offset, psnr
 
 def decoded_planes(codec, data: bytes) -> tuple[container.Header, np.ndarray]:
@@ -75,7 +75,7 @@ def main() -> None:
             developed = developed[0].permute(1, 2, 0).numpy()[crop]
             toned = quantize(apply_tone(developed, fit_tone(developed, sensor_reference)), 8)
             libraw_coded = libraw_render(coded, image.cam_to_srgb, white, crop)
-            bpp = 8 * (SIDE_INFO_BYTES + sum(len(stream) for stream in streams)) / pixels
+            bpp = 8 * file_size(streams) / pixels
             print(
                 f"  JPEG XL on the planes, distance {distance:g}: {bpp:.3f} bpp, skeleton + tone fit {psnr(sensor_reference, toned):.2f} dB "
                 f"(darkest {dark_offset(sensor_reference, toned):+.2f}), LibRaw {psnr(sensor_reference, libraw_coded):.2f} dB (darkest {dark_offset(sensor_reference, libraw_coded):+.2f})"

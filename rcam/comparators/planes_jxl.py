@@ -73,6 +73,11 @@ def decode_planes(colour_stream: bytes, difference_stream: bytes) -> np.ndarray:
     return np.stack([colour[..., 0], green + 0.5 * difference, green - 0.5 * difference, colour[..., 2]])
 
 
+def file_size(streams: tuple[bytes, bytes]) -> int:
+    """The bytes a file of encode_planes' streams takes, side information included."""
+    return SIDE_INFO_BYTES + sum(len(stream) for stream in streams)
+
+
 def libraw_render(planes: np.ndarray, cam_to_srgb: np.ndarray, white: float, crop: tuple[slice, slice]) -> np.ndarray:
     """Encoder-space planes (4, h, w) -> LibRaw's standard render: uint8 (H, W, 3), sensor orientation, cropped.
 
@@ -100,7 +105,7 @@ def round_trip(raw_path: Path, distance: float) -> tuple[int, np.ndarray]:
     streams = encode_planes(planes, distance)
     crop = (slice(image.pad_top, image.pad_top + image.height), slice(image.pad_left, image.pad_left + image.width))
     rendered = libraw_render(decode_planes(*streams), image.cam_to_srgb, white, crop)
-    return SIDE_INFO_BYTES + sum(len(stream) for stream in streams), apply_flip(rendered, image.flip)
+    return file_size(streams), apply_flip(rendered, image.flip)
 
 
 def evaluation_comparator(device=None, look: str = "faithful"):
