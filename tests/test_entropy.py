@@ -109,3 +109,75 @@ def test_latents_outside_the_coded_range_are_clamped_alike_on_both_sides(tiny_co
     # Values inside the range survive: ŷ is within half a step of y wherever y was not clamped.
     inside = torch.from_numpy(np.abs(symbols) < Y_MAX)[None]
     assert ((sent.y_hat - y).abs()[inside] <= 0.5 + 1e-6).all()
+
+
+def context_codec(slices: int, seed: int = 0, trained: bool = True):
+    """A tiny model with a channel-wise context model; `trained`: its zero-started last layers given values."""
+    import dataclasses
+
+    from conftest import TINY_CONFIG
+
+    from rcam.codec.models import RealCamNet
+    from rcam.codec.zoo import codec_from_model
+
+    torch.manual_seed(seed)
+    model = RealCamNet(dataclasses.replace(TINY_CONFIG, context_slices=slices, context_width=8)).eval()
+    if trained:
+        with torch.no_grad():
+            for net in model.channel_context.nets:
+                net[-1].weight.normal_(0, 0.3)
+                net[-1].bias.normal_(0, 0.3)
+    return codec_from_model(model)
+
+
+def test_context_coded_latents_round_trip_exactly_and_differ_from_the_hyperprior_alone():
+    coded = context_codec(4)
+    config = coded.model.config
+    y_shape, z_shape = (config.latent_channels, 8, 8), (config.hyper_channels, 2, 2)
+    generator = torch.Generator().manual_seed(5)
+    y = torch.randn(1, *y_shape, generator=generator) * 4
+    z = torch.randn(1, *z_shape, generator=generator) * 2
+    stream, sent = coded.coder.encode(y, z)
+    received = coded.coder.decode(stream, y_shape, z_shape)
+    np.testing.assert_array_equal(received.y_symbols, sent.y_symbols)
+    assert torch.equal(received.y_hat, sent.y_hat)
+    assert ((sent.y_hat - y).abs() <= 0.5 + 1e-6).all()
+    # The same latents without the context model: other means, so other symbols and other bytes.
+    hyper_only = context_codec(4, trained=False)
+    hyper_only.coder.context = None
+    hyper_stream, hyper_sent = hyper_only.coder.encode(y, z)
+    assert hyper_stream != stream and not np.array_equal(hyper_sent.y_symbols, sent.y_symbols)
+    with pytest.raises(RcamError, match="left over"):  # a context-coded stream is no hyperprior-only stream
+        hyper_only.coder.decode(stream, y_shape, z_shape)
+
+
+def test_a_zero_started_context_model_codes_the_same_bytes_as_the_hyperprior_alone():
+    """Its last layers start at zero (models.ChannelContext): a model gaining one codes as it did before."""
+    coded = context_codec(2, trained=False)
+    config = coded.model.config
+    generator = torch.Generator().manual_seed(6)
+    y = torch.randn(1, config.latent_channels, 8, 8, generator=generator) * 4
+    z = torch.randn(1, config.hyper_channels, 2, 2, generator=generator) * 2
+    with_context, _ = coded.coder.encode(y, z)
+    coded.coder.context = None
+    assert coded.coder.encode(y, z)[0] == with_context
+
+
+def test_fixed_point_context_means_follow_the_float_context():
+    """The float context model training sees and its fixed-point copy agree to the rounding of weights and
+    activations (a few 2^-10 units through three layers), given the same decoded slices."""
+    coded = context_codec(4, seed=2)
+    model, coder = coded.model, coded.coder
+    generator = torch.Generator().manual_seed(7)
+    y = torch.randn(1, model.config.latent_channels, 8, 8, generator=generator) * 4
+    z = torch.round(torch.randn(1, model.config.hyper_channels, 2, 2, generator=generator) * 2)
+    _, sent = coder.encode(y, z)
+    means_q, scales_q = coder.hyper_synthesis.raw(z.double())
+    size = coder.context.slice_size
+    decoded_q = [sent.y_hat[:, i * size : (i + 1) * size].double() * 2**FIXED_POINT_BITS for i in range(3)]
+    fixed_means, _ = coder.context.slice_parameters(3, means_q, scales_q, decoded_q)
+    with torch.no_grad():
+        net = model.channel_context.nets[3]
+        inputs = torch.cat([means_q[:, 3 * size :], scales_q[:, 3 * size :], *decoded_q], dim=1).float() / 2**FIXED_POINT_BITS
+        float_means = means_q[:, 3 * size :].float() / 2**FIXED_POINT_BITS + net(inputs).chunk(2, dim=1)[0]
+    assert (float_means.double() - fixed_means / 2**FIXED_POINT_BITS).abs().max() < 0.02

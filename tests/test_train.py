@@ -460,3 +460,37 @@ def test_patches_come_only_from_frames_that_hold_a_whole_one(dataset):
     # With only frames too small, each gives what it has (a tiny set of one size still trains).
     alone = sample_batch([small], 2, 24, True, np.random.default_rng(0))
     assert alone["x"].shape == (2, 4, 16, 16)
+
+
+def test_a_context_model_new_to_the_starting_weights_is_pretrained_for_rate_and_codes_files(dataset, tmp_path):
+    from conftest import save_tiny_model
+
+    from rcam.training.train import context_rate, sample_lambdas
+
+    start = save_tiny_model(tmp_path / "start.safetensors")  # boosted gains: real symbols to code
+    overrides = TINY | {"context_slices": 4, "context_width": 8}
+    config = TrainConfig(
+        dataset=str(dataset), run_dir=str(tmp_path / "run"), model_overrides=overrides, steps=1, batch_size=2, patch=32,
+        threads=1, val_every=0, init_from=str(start), context_pretrain_steps=60, context_batch=4, context_learning_rate=3e-3, log_every=10,
+    )  # fmt: skip
+    images = load_dataset(dataset, TINY["thumbnail"])
+    fresh = build_model(replace(CONFIGS["small"], **overrides))
+    steps, lacking = load_starting_weights(fresh, start)
+    assert lacking and all(key.startswith("channel_context.") for key in lacking)
+    checkpoint = train(config, images)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["context_pretrain_step"] for r in records if "context_pretrain_step" in r] == [10, 20, 30, 40, 50, 60]
+    trained = build_model(replace(CONFIGS["small"], **overrides))
+    trained.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+    # On patches it never saw (another seed), the pre-trained context codes the starting encoder's latents in fewer bits.
+    batch = sample_batch(images, 16, 32, True, np.random.default_rng(99), 0.0, TINY["thumbnail"])
+    lam = sample_lambdas(16, 0.0025, 0.1, np.random.default_rng(99))
+    fresh.eval(), trained.eval()
+    with torch.no_grad():
+        assert float(context_rate(trained, batch, lam)) < 0.97 * float(context_rate(fresh, batch, lam))
+    codec = load_codec(export_checkpoint(checkpoint, "tiny-context", tmp_path / "weights"))
+    assert codec.coder.context is not None and len(codec.coder.context.nets) == 4
+    raw = dataset.parent / json.loads(dataset.read_text().splitlines()[0])["degraded"]
+    encoded = encode_file(codec, raw, 0.01)
+    decoded = decode_bytes(codec, encoded.data)
+    assert decoded.shape[2] == 3 and np.isfinite(decoded).all()

@@ -55,8 +55,8 @@ class _IntegerLayer:
     relu: bool
 
 
-class IntegerHyperSynthesis:
-    """Fixed-point copy of the hyper-synthesis (conv / deconv / ReLU only): ẑ (ints) -> (mean_q, scale_index)."""
+class IntegerConvNet:
+    """Fixed-point copy of a conv / deconv / ReLU network: activations in 2^-10 units in, and out, exactly."""
 
     def __init__(self, network: nn.Sequential):
         modules = list(network)
@@ -85,12 +85,12 @@ class IntegerHyperSynthesis:
             # Worst case of one output: every input at the limit times the sum of |weights| feeding it.
             fan_in_sum = layer.weight.abs().sum(dim=(0, 2, 3) if layer.transposed else (1, 2, 3)).max()
             if float(fan_in_sum) >= limit:
-                raise RcamError("hyper-synthesis weights too large for exact fixed-point evaluation")
+                raise RcamError("entropy-model weights too large for exact fixed-point evaluation")
 
-    def __call__(self, z_symbols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z (B, Cz, h, w) integers -> means in 2^-10 units and scale-table indices, each (B, M, 4h, 4w) int64."""
-        activation = z_symbols.to("cpu", torch.float64) * 2**FIXED_POINT_BITS
-        # No intra-op threads: the result is exact anyway, and this keeps it cheap next to the main network.
+    def run(self, activation: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) float64 integers in 2^-10 units -> the network's output, the same kind of numbers."""
+        # Clamped on the way in as after every layer, so the worst case above holds for any input.
+        activation = activation.clamp(-ACTIVATION_LIMIT, ACTIVATION_LIMIT)
         for layer in self.layers:
             if layer.transposed:
                 out = F.conv_transpose2d(
@@ -104,10 +104,46 @@ class IntegerHyperSynthesis:
             if layer.relu:
                 activation = activation.clamp_min(0)
             activation = activation.clamp(-ACTIVATION_LIMIT, ACTIVATION_LIMIT)
-        means, scales = activation.chunk(2, dim=1)
-        # Smallest table entry >= the predicted scale (as compressai's build_indexes), compared as integers.
-        index = torch.searchsorted(_SCALE_TABLE_Q10, scales.contiguous()).clamp_max(len(SCALE_TABLE_Q10) - 1)
-        return means.to(torch.int64), index
+        return activation
+
+
+def scale_indices(scales_q: torch.Tensor) -> torch.Tensor:
+    """Scales in 2^-10 units (float64 integers) -> indices into SCALE_TABLE_Q10 (int64, same shape)."""
+    # Smallest table entry >= the predicted scale (as compressai's build_indexes), compared as integers.
+    return torch.searchsorted(_SCALE_TABLE_Q10, scales_q.contiguous()).clamp_max(len(SCALE_TABLE_Q10) - 1)
+
+
+class IntegerHyperSynthesis(IntegerConvNet):
+    """Fixed-point copy of the hyper-synthesis: ẑ (ints) -> (mean_q, scale_index)."""
+
+    def raw(self, z_symbols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (B, Cz, h, w) integers -> means and scales in 2^-10 units, each (B, M, 4h, 4w) float64 integers."""
+        # No intra-op threads: the result is exact anyway, and this keeps it cheap next to the main network.
+        return self.run(z_symbols.to("cpu", torch.float64) * 2**FIXED_POINT_BITS).chunk(2, dim=1)
+
+    def __call__(self, z_symbols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (B, Cz, h, w) integers -> means in 2^-10 units and scale-table indices, each (B, M, 4h, 4w) int64."""
+        means, scales = self.raw(z_symbols)
+        return means.to(torch.int64), scale_indices(scales)
+
+
+class IntegerChannelContext:
+    """Fixed-point copy of models.ChannelContext: one slice's means and scales from the hyperprior's and the
+    slices decoded before it (ŷ in 2^-10 units, exact on both sides, so the refinement is exact too)."""
+
+    def __init__(self, context: nn.Module):
+        self.slice_size = context.slice_size
+        self.nets = [IntegerConvNet(net) for net in context.nets]
+
+    def slice_parameters(
+        self, index: int, means_q: torch.Tensor, scales_q: torch.Tensor, decoded_q: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Slice `index`: the hyperprior's means and scales (B, M, h, w) and the earlier slices' ŷ, each (B, S, h,
+        w), all float64 in 2^-10 units -> the slice's means in 2^-10 units and scale indices, each (B, S, h, w)."""
+        part = slice(index * self.slice_size, (index + 1) * self.slice_size)
+        own_means, own_scales = means_q[:, part], scales_q[:, part]
+        delta_means, delta_scales = self.nets[index].run(torch.cat([own_means, own_scales, *decoded_q], dim=1)).chunk(2, dim=1)
+        return own_means + delta_means, scale_indices(own_scales + delta_scales)
 
 
 def z_tables(entropy_bottleneck: EntropyBottleneck) -> np.ndarray:
@@ -131,33 +167,56 @@ class TileLatents:
 
 
 class LatentCoder:
-    """Range-codes (z, y) of one tile into one constriction ANS stream and back."""
+    """Range-codes (z, y) of one tile into one constriction ANS stream and back.
 
-    def __init__(self, hyper_synthesis: IntegerHyperSynthesis, z_table: np.ndarray):
+    With a channel-wise context model, y's slices are coded in order, each with parameters that depend on the
+    slices before it; without one, y is one slice with the hyperprior's parameters (the same bytes as ever)."""
+
+    def __init__(self, hyper_synthesis: IntegerHyperSynthesis, z_table: np.ndarray, context: IntegerChannelContext | None = None):
         self.hyper_synthesis = hyper_synthesis
+        self.context = context
         self.z_models = [constriction.stream.model.Categorical(row.astype(np.float64), perfect=False) for row in z_table]
         self.y_model = constriction.stream.model.QuantizedGaussian(-Y_MAX, Y_MAX)
 
-    def _y_parameters(self, z_symbols: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        means_q, scale_index = self.hyper_synthesis(z_symbols)
-        means = means_q.to(torch.float64) / 2**FIXED_POINT_BITS
-        return means, _SCALE_TABLE[scale_index.numpy().ravel()]
+    def _slices(self, channels: int) -> int:
+        return 1 if self.context is None else channels // self.context.slice_size
+
+    def _slice_parameters(
+        self, index: int, hyper: tuple[torch.Tensor, torch.Tensor], decoded_q: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, np.ndarray]:  # fmt: skip
+        """One slice's means (float64, units of 1) and standard deviations (flat float64 array)."""
+        means_q, scales_q = hyper
+        if self.context is None:
+            slice_means_q, index_q = means_q, scale_indices(scales_q)
+        else:
+            slice_means_q, index_q = self.context.slice_parameters(index, means_q, scales_q, decoded_q)
+        return slice_means_q / 2**FIXED_POINT_BITS, _SCALE_TABLE[index_q.numpy().ravel()]
 
     def encode(self, y: torch.Tensor, z: torch.Tensor) -> tuple[bytes, TileLatents]:
         """y (1, M, h, w) and z (1, Cz, h/4, w/4) floats -> (stream bytes, the latents the decoder will see)."""
         z_symbols = torch.round(z.detach().to("cpu", torch.float64)).clamp(-Z_MAX, Z_MAX)
-        means, stds = self._y_parameters(z_symbols)
-        y_symbols = torch.round(y.detach().to("cpu", torch.float64) - means).clamp(-Y_MAX, Y_MAX)
+        hyper = self.hyper_synthesis.raw(z_symbols)
+        y = y.detach().to("cpu", torch.float64)
+        slices = self._slices(y.shape[1])
+        symbols, stds, y_hat, decoded_q = [], [], [], []
+        for index, y_slice in enumerate(y.chunk(slices, dim=1)):
+            means, slice_stds = self._slice_parameters(index, hyper, decoded_q)
+            slice_symbols = torch.round(y_slice - means).clamp(-Y_MAX, Y_MAX)
+            symbols.append(slice_symbols)
+            stds.append(slice_stds)
+            y_hat.append(slice_symbols + means)
+            decoded_q.append(slice_symbols * 2**FIXED_POINT_BITS + means * 2**FIXED_POINT_BITS)
         coder = constriction.stream.stack.AnsCoder()
-        # ANS is a stack: push y first so that the decoder pops z first.
-        y_flat = y_symbols.numpy().astype(np.int32).ravel()
-        coder.encode_reverse(y_flat, self.y_model, np.zeros_like(stds), stds)
+        # ANS is a stack: push y first so that the decoder pops z first. The slices are contiguous channel ranges,
+        # so y in one C-order push is every slice in order.
+        y_flat = torch.cat(symbols, dim=1).numpy().astype(np.int32).ravel()
+        all_stds = np.concatenate(stds)
+        coder.encode_reverse(y_flat, self.y_model, np.zeros_like(all_stds), all_stds)
         z_channels = z_symbols.numpy().astype(np.int32)[0]
         for channel in range(len(self.z_models) - 1, -1, -1):
             coder.encode_reverse(z_channels[channel].ravel() + Z_MAX, self.z_models[channel])
         stream = coder.get_compressed().tobytes()
-        y_hat = (y_symbols + means).float()
-        return stream, TileLatents(y_hat=y_hat, y_symbols=y_flat, z_symbols=z_channels.ravel())
+        return stream, TileLatents(y_hat=torch.cat(y_hat, dim=1).float(), y_symbols=y_flat, z_symbols=z_channels.ravel())
 
     def decode(self, stream: bytes, y_shape: tuple[int, int, int], z_shape: tuple[int, int, int]) -> TileLatents:
         """Stream bytes -> latents, for a tile whose y is (M, h, w) and z (Cz, h/4, w/4)."""
@@ -168,10 +227,24 @@ class LatentCoder:
         z_channels = np.stack(
             [coder.decode(self.z_models[c], z_height * z_width).astype(np.int32) - Z_MAX for c in range(channels)]
         ).reshape(1, channels, z_height, z_width)
-        means, stds = self._y_parameters(torch.from_numpy(z_channels).to(torch.float64))
-        y_flat = coder.decode(self.y_model, np.zeros_like(stds), stds).astype(np.int32)
+        hyper = self.hyper_synthesis.raw(torch.from_numpy(z_channels).to(torch.float64))
+        slices = self._slices(y_shape[0])
+        slice_shape = (1, y_shape[0] // slices, *y_shape[1:])
+        symbols, y_hat, decoded_q = [], [], []
+        for index in range(slices):
+            means, stds = self._slice_parameters(index, hyper, decoded_q)
+            slice_symbols = coder.decode(self.y_model, np.zeros_like(stds), stds).astype(np.int32)
+            symbols.append(slice_symbols)
+            slice_hat = torch.from_numpy(slice_symbols.reshape(slice_shape)).to(torch.float64) + means
+            y_hat.append(slice_hat)
+            decoded_q.append(slice_hat * 2**FIXED_POINT_BITS)
         if not coder.is_empty():
             # Leftover words mean the stream does not belong to this geometry and model.
             raise RcamError("stream has data left over after decoding (corrupt or wrong model)")
-        y_hat = (torch.from_numpy(y_flat.reshape(1, *y_shape)).to(torch.float64) + means).float()
-        return TileLatents(y_hat=y_hat, y_symbols=y_flat, z_symbols=z_channels.ravel())
+        return TileLatents(y_hat=torch.cat(y_hat, dim=1).float(), y_symbols=np.concatenate(symbols), z_symbols=z_channels.ravel())
+
+
+def latent_coder(model: nn.Module, z_table: np.ndarray) -> LatentCoder:
+    """The exact coder of a model with a hyperprior (hyper_synthesis) and perhaps a channel_context."""
+    context = getattr(model, "channel_context", None)
+    return LatentCoder(IntegerHyperSynthesis(model.hyper_synthesis), z_table, None if context is None else IntegerChannelContext(context))

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from rcam.codec.entropy import IntegerHyperSynthesis, LatentCoder, z_tables
+from rcam.codec.entropy import LatentCoder, latent_coder, z_tables
 from rcam.codec.models import LAMBDA_RANGE, ModelConfig, RealCamNet
 from rcam.errors import RcamError
 
@@ -126,7 +126,7 @@ def resolve_weights(name_or_path: str | None, weights_dir: Path = WEIGHTS_DIR, s
 
 def codec_from_model(model: RealCamNet, name: str = "in-training", device: str | torch.device = "cpu") -> Codec:
     """Wrap a model in memory (e.g. during training) as a Codec; its digest is zero (not a shipped file)."""
-    coder = LatentCoder(IntegerHyperSynthesis(model.hyper_synthesis), z_tables(model.entropy_bottleneck))
+    coder = latent_coder(model, z_tables(model.entropy_bottleneck))
     return Codec(name=name, digest=bytes(16), model=model, coder=coder, device=torch.device(device))
 
 
@@ -193,7 +193,7 @@ def load_codec(
     model.eval()
     if z_table is None:
         z_table = torch.from_numpy(z_tables(model.entropy_bottleneck))
-    coder = LatentCoder(IntegerHyperSynthesis(model.hyper_synthesis), z_table.numpy())
+    coder = latent_coder(model, z_table.numpy())
     device = torch.device(device)
     precision = resolve_precision(precision, device)
     model = model.to(device)

@@ -51,7 +51,7 @@ from torch import nn
 from tqdm import tqdm
 
 from rcam.codec import engine, zoo
-from rcam.codec.entropy import IntegerHyperSynthesis, LatentCoder
+from rcam.codec.entropy import latent_coder
 from rcam.errors import RcamError
 from rcam.measure.evaluate import EndToEndCodec
 from rcam.codec.layers import conv, deconv
@@ -589,7 +589,7 @@ def load_rawtobit(name_or_path: str = DEFAULT_WEIGHTS, device: str | torch.devic
     if z_table is None:
         raise RcamError(f"{path}: no z probability tables (export it with `rcam export-comparator`)")
     model.eval()
-    coder = LatentCoder(IntegerHyperSynthesis(model.hyper_synthesis), z_table.numpy())
+    coder = latent_coder(model, z_table.numpy())
     device = torch.device(device)
     return Codec(name=name, digest=file_digest(path)[:16], model=model.to(device), coder=coder, device=device)
 
