@@ -465,13 +465,14 @@ def test_patches_come_only_from_frames_that_hold_a_whole_one(dataset):
 def test_a_context_model_new_to_the_starting_weights_is_pretrained_for_rate_and_codes_files(dataset, tmp_path):
     from conftest import save_tiny_model
 
-    from rcam.training.train import context_rate, sample_lambdas
+    from rcam.training.train import context_rate, frozen_latents, sample_lambdas
 
     start = save_tiny_model(tmp_path / "start.safetensors")  # boosted gains: real symbols to code
     overrides = TINY | {"context_slices": 4, "context_width": 8}
     config = TrainConfig(
-        dataset=str(dataset), run_dir=str(tmp_path / "run"), model_overrides=overrides, steps=1, batch_size=2, patch=32,
-        threads=1, val_every=0, init_from=str(start), context_pretrain_steps=60, context_batch=4, context_learning_rate=3e-3, log_every=10,
+        dataset=str(dataset), run_dir=str(tmp_path / "run"), model_overrides=overrides, steps=0, batch_size=2, patch=32,
+        threads=1, val_every=0, init_from=str(start), context_pretrain_steps=60, context_batch=4, context_examples=32,
+        context_learning_rate=3e-3, log_every=10,
     )  # fmt: skip
     images = load_dataset(dataset, TINY["thumbnail"])
     fresh = build_model(replace(CONFIGS["small"], **overrides))
@@ -485,9 +486,15 @@ def test_a_context_model_new_to_the_starting_weights_is_pretrained_for_rate_and_
     # On patches it never saw (another seed), the pre-trained context codes the starting encoder's latents in fewer bits.
     batch = sample_batch(images, 16, 32, True, np.random.default_rng(99), 0.0, TINY["thumbnail"])
     lam = sample_lambdas(16, 0.0025, 0.1, np.random.default_rng(99))
-    fresh.eval(), trained.eval()
-    with torch.no_grad():
-        assert float(context_rate(trained, batch, lam)) < 0.97 * float(context_rate(fresh, batch, lam))
+    y = frozen_latents(fresh, batch)
+    assert torch.equal(y, frozen_latents(trained, batch))  # pre-training left the encoder alone
+
+    def rate(model) -> float:
+        torch.manual_seed(0)  # the same additive noise for both
+        with torch.no_grad():
+            return float(context_rate(model, y, lam))
+
+    assert rate(trained) < 0.97 * rate(fresh)
     codec = load_codec(export_checkpoint(checkpoint, "tiny-context", tmp_path / "weights"))
     assert codec.coder.context is not None and len(codec.coder.context.nets) == 4
     raw = dataset.parent / json.loads(dataset.read_text().splitlines()[0])["degraded"]

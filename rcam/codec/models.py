@@ -73,7 +73,7 @@ class ModelConfig:
 
 CONFIGS = {
     "small": ModelConfig(name="small", cadr_prior=True),
-    # Paper scale: about 49 M parameters (RealCamNet reports 49.01 M); this one has 50.6 M.
+    # Paper scale: about 49 M parameters (RealCamNet reports 49.01 M); this one has 51.3 M.
     "paper": ModelConfig(
         name="paper",
         channels=384,
@@ -87,6 +87,8 @@ CONFIGS = {
         thumbnail=256,
         cadr_prior=True,
         skeleton=True,
+        context_slices=5,  # the paper's code: 5 slices of a channel-wise context model
+        context_width=48,
     ),
 }
 

@@ -106,10 +106,11 @@ class TrainConfig:
     # validation set made with `rcam synth --held-out`, which then measures generalisation to unseen defects.
     held_out_families: list = field(default_factory=lambda: list(HELD_OUT_FAMILIES))
     # A channel-wise context model new to the starting weights (models.ModelConfig.context_slices) is first
-    # trained alone for its rate, on the starting encoder's latents of fresh batches (context_batch patches,
-    # cosine from context_learning_rate to a tenth), then with the whole codec. From frozen latents it learns in
-    # minutes what the joint loss, one small batch a step, takes hours to teach it.
+    # trained alone for its rate, on the starting encoder's latents of context_examples patches analysed once
+    # (batches of context_batch, cosine from context_learning_rate to a tenth), then with the whole codec. From
+    # frozen latents it learns in minutes what the joint loss, one small batch a step, takes hours to teach it.
     context_pretrain_steps: int = 3000
+    context_examples: int = 2000
     context_learning_rate: float = 1e-3
     context_batch: int = 8
 
@@ -647,34 +648,48 @@ def pretrain_vignetting(
                 total = 0.0
 
 
-def context_rate(model: RealCamNet, batch: dict[str, torch.Tensor], lam: torch.Tensor) -> torch.Tensor:
-    """Bits per latent element of y under the model's entropy model, with the analysis frozen (no gradient to it)."""
+def frozen_latents(model: RealCamNet, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A batch through the analysis as at inference (no gradient, the estimator without dropout): unscaled y (B,M,h,w)."""
+    was_training = model.training
+    model.eval()
     with torch.no_grad():
-        gain, _ = model.gains(lam)
-        y = model.analysis(batch["x"], batch["coords"], batch["thumbnail"], batch["look"]) * gain
-    _, likelihoods = quantise_latent(model, y)
+        y = model.analysis(batch["x"], batch["coords"], batch["thumbnail"], batch["look"])
+    model.train(was_training)
+    return y
+
+
+def context_rate(model: RealCamNet, y: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Bits per element of unscaled latents y (B,M,h,w) at λ (B,) under the model's entropy model, by additive
+    noise as in training (rounding, as at inference, would give the means no gradient at all)."""
+    was_training = model.training
+    model.train()
+    gain, _ = model.gains(lam)
+    _, likelihoods = quantise_latent(model, y * gain)
+    model.train(was_training)
     return -torch.log2(likelihoods["y"]).mean()
 
 
 def pretrain_context(model: RealCamNet, images: list[TrainingImage], config: TrainConfig, rng: np.random.Generator, device: torch.device, log_path: Path) -> None:
-    """Steps of the channel-wise context model alone for its rate (TrainConfig.context_pretrain_steps)."""
-    context = model.channel_context
-    optimizer = torch.optim.Adam(context.parameters(), lr=config.context_learning_rate)
-    steps, total = config.context_pretrain_steps, 0.0
+    """The channel-wise context model alone, for its rate (TrainConfig.context_pretrain_steps), on the latents of
+    context_examples patches analysed once by the starting encoder."""
     absolute = model.config.coordinates == "absolute"
-    model.eval()  # the analysis as at inference; the context's own rate term uses additive noise below
-    context.train()
+    latents = []
+    for _ in tqdm(range(math.ceil(config.context_examples / config.context_batch)), desc="context examples", unit="batch"):
+        batch = sample_batch(
+            images, config.context_batch, config.patch, absolute, rng, config.clean_fraction, model.config.thumbnail, config.faithful_fraction,
+            held_out=tuple(config.held_out_families),
+        )  # fmt: skip
+        latents.append(frozen_latents(model, {k: v.to(device) for k, v in batch.items()}))
+    latents = torch.cat(latents)
+    optimizer = torch.optim.Adam(model.channel_context.parameters(), lr=config.context_learning_rate)
+    steps, total = config.context_pretrain_steps, 0.0
     with log_path.open("a") as log:
         for step in tqdm(range(1, steps + 1), desc="context model", unit="step"):
             for group in optimizer.param_groups:
                 group["lr"] = config.context_learning_rate * (0.55 + 0.45 * math.cos(math.pi * step / steps))
-            batch = sample_batch(
-                images, config.context_batch, config.patch, absolute, rng, config.clean_fraction, model.config.thumbnail, config.faithful_fraction,
-                held_out=tuple(config.held_out_families),
-            )  # fmt: skip
-            batch = {k: v.to(device) for k, v in batch.items()}
+            chosen = torch.from_numpy(rng.integers(0, len(latents), config.context_batch)).to(device)
             lam = sample_lambdas(config.context_batch, config.lambda_min, config.lambda_max, rng).to(device)
-            bits = context_rate(model, batch, lam)
+            bits = context_rate(model, latents[chosen], lam)
             optimizer.zero_grad(set_to_none=True)
             bits.backward()
             optimizer.step()
