@@ -495,6 +495,13 @@ def test_a_context_model_new_to_the_starting_weights_is_pretrained_for_rate_and_
             return float(context_rate(model, y, lam))
 
     assert rate(trained) < 0.97 * rate(fresh)
+    hyper = ("hyper_analysis.", "hyper_synthesis.", "entropy_bottleneck.")
+    same = lambda a, b: all(torch.equal(value, b.state_dict()[name]) for name, value in a.state_dict().items() if name.startswith(hyper))  # noqa: E731
+    assert same(trained, fresh)  # by default only the context model moves
+    with_hyper = train(replace(config, run_dir=str(tmp_path / "hyper"), context_pretrain_steps=10, context_pretrain_hyper=True), images)
+    moved = build_model(replace(CONFIGS["small"], **overrides))
+    moved.load_state_dict(torch.load(with_hyper, weights_only=True)["model"])
+    assert not same(moved, fresh)
     codec = load_codec(export_checkpoint(checkpoint, "tiny-context", tmp_path / "weights"))
     assert codec.coder.context is not None and len(codec.coder.context.nets) == 4
     raw = dataset.parent / json.loads(dataset.read_text().splitlines()[0])["degraded"]

@@ -111,6 +111,9 @@ class TrainConfig:
     # frozen latents it learns in minutes what the joint loss, one small batch a step, takes hours to teach it.
     context_pretrain_steps: int = 3000
     context_examples: int = 2000
+    # Also the hyperprior (its transforms and z's entropy bottleneck) in that pre-training, for y's and z's bits:
+    # the encoder and decoder still untouched, the hyperprior may leave to the context what it now predicts.
+    context_pretrain_hyper: bool = False
     context_learning_rate: float = 1e-3
     context_batch: int = 8
 
@@ -658,15 +661,17 @@ def frozen_latents(model: RealCamNet, batch: dict[str, torch.Tensor]) -> torch.T
     return y
 
 
-def context_rate(model: RealCamNet, y: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+def context_rate(model: RealCamNet, y: torch.Tensor, lam: torch.Tensor, with_z: bool = False) -> torch.Tensor:
     """Bits per element of unscaled latents y (B,M,h,w) at λ (B,) under the model's entropy model, by additive
-    noise as in training (rounding, as at inference, would give the means no gradient at all)."""
+    noise as in training (rounding, as at inference, would give the means no gradient at all); `with_z`: z's
+    bits counted too (still per element of y)."""
     was_training = model.training
     model.train()
     gain, _ = model.gains(lam)
     _, likelihoods = quantise_latent(model, y * gain)
     model.train(was_training)
-    return -torch.log2(likelihoods["y"]).mean()
+    bits = -torch.log2(likelihoods["y"]).sum() + (-torch.log2(likelihoods["z"]).sum() if with_z else 0.0)
+    return bits / likelihoods["y"].numel()
 
 
 def pretrain_context(model: RealCamNet, images: list[TrainingImage], config: TrainConfig, rng: np.random.Generator, device: torch.device, log_path: Path) -> None:
@@ -681,7 +686,10 @@ def pretrain_context(model: RealCamNet, images: list[TrainingImage], config: Tra
         )  # fmt: skip
         latents.append(frozen_latents(model, {k: v.to(device) for k, v in batch.items()}))
     latents = torch.cat(latents)
-    optimizer = torch.optim.Adam(model.channel_context.parameters(), lr=config.context_learning_rate)
+    trained = [model.channel_context]
+    if config.context_pretrain_hyper:
+        trained += [model.hyper_analysis, model.hyper_synthesis, model.entropy_bottleneck]
+    optimizer = torch.optim.Adam([p for module in trained for p in module.parameters()], lr=config.context_learning_rate)
     steps, total = config.context_pretrain_steps, 0.0
     with log_path.open("a") as log:
         for step in tqdm(range(1, steps + 1), desc="context model", unit="step"):
@@ -689,7 +697,7 @@ def pretrain_context(model: RealCamNet, images: list[TrainingImage], config: Tra
                 group["lr"] = config.context_learning_rate * (0.55 + 0.45 * math.cos(math.pi * step / steps))
             chosen = torch.from_numpy(rng.integers(0, len(latents), config.context_batch)).to(device)
             lam = sample_lambdas(config.context_batch, config.lambda_min, config.lambda_max, rng).to(device)
-            bits = context_rate(model, latents[chosen], lam)
+            bits = context_rate(model, latents[chosen], lam, with_z=config.context_pretrain_hyper)
             optimizer.zero_grad(set_to_none=True)
             bits.backward()
             optimizer.step()
