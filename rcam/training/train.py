@@ -703,7 +703,8 @@ def pretrain_context(model: RealCamNet, images: list[TrainingImage], config: Tra
             optimizer.step()
             total += float(bits.detach())
             if step % config.log_every == 0 or step == steps:
-                log.write(json.dumps({"context_pretrain_step": step, "y_bits_per_element": total / (step % config.log_every or config.log_every)}) + "\n")
+                figure = "bits_per_y_element" if config.context_pretrain_hyper else "y_bits_per_element"  # with z's bits or without
+                log.write(json.dumps({"context_pretrain_step": step, figure: total / (step % config.log_every or config.log_every)}) + "\n")
                 log.flush()
                 total = 0.0
 
