@@ -7,7 +7,9 @@ decodes garbage from then on. So everything the coder's models depend on is inte
   activations, evaluated in float64 on the CPU where every partial sum is an integer below 2^53, hence exact
   in any summation order, on any machine and thread count;
 - the scale of each y element is an index into a fixed table of integer standard deviations, and its mean is
-  an integer in 1/1024 units, so ŷ = symbol + mean is the same number on both sides.
+  an integer in 1/1024 units, so ŷ = symbol + mean is the same number on both sides;
+- a channel-wise context model's networks are re-run the same way, fed the earlier slices' ŷ in 1/1024 units,
+  integers that both sides hold alike.
 The float hyper-synthesis is what training sees. The fixed-point copy differs from it by the rounding of weights
 (to 2^-12) and activations (to 2^-10) compounded through the layers, not by less than 2^-10 as this once said:
 for rcam-small's means about 0.01 at |z| <= 2 and 0.3 at |z| = 64 (tests/test_entropy.py bounds it layer by

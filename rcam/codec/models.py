@@ -172,7 +172,8 @@ class ChannelContext(nn.Module):
 
 def quantise_latent(model: nn.Module, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Training path of the hyperprior of `model` (hyper_analysis, entropy_bottleneck, hyper_synthesis,
-    gaussian_conditional): gained y (B,M,h,w) -> (ŷ, rounded around its mean, straight-through; likelihoods of y and z).
+    gaussian_conditional, and channel_context where it has one): gained y (B,M,h,w) -> (ŷ, rounded around its mean,
+    straight-through; likelihoods of y and z).
 
     Rate terms use additive noise while training; the decoder sees rounded ŷ, as at inference."""
     z = model.hyper_analysis(y)
