@@ -120,7 +120,6 @@ class IntegerHyperSynthesis(IntegerConvNet):
 
     def raw(self, z_symbols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z (B, Cz, h, w) integers -> means and scales in 2^-10 units, each (B, M, 4h, 4w) float64 integers."""
-        # No intra-op threads: the result is exact anyway, and this keeps it cheap next to the main network.
         return self.run(z_symbols.to("cpu", torch.float64) * 2**FIXED_POINT_BITS).chunk(2, dim=1)
 
     def __call__(self, z_symbols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
