@@ -111,8 +111,9 @@ def test_latents_outside_the_coded_range_are_clamped_alike_on_both_sides(tiny_co
     assert ((sent.y_hat - y).abs()[inside] <= 0.5 + 1e-6).all()
 
 
-def context_codec(slices: int, seed: int = 0, trained: bool = True):
-    """A tiny model with a channel-wise context model; `trained`: its zero-started last layers given values."""
+def context_codec(slices: int, seed: int = 0, trained: bool = True, spatial: int = 0):
+    """A tiny model with a channel-wise context model (and a checkerboard one of width `spatial`); `trained`: its
+    zero-started last layers given values."""
     import dataclasses
 
     from conftest import TINY_CONFIG
@@ -121,10 +122,10 @@ def context_codec(slices: int, seed: int = 0, trained: bool = True):
     from rcam.codec.zoo import codec_from_model
 
     torch.manual_seed(seed)
-    model = RealCamNet(dataclasses.replace(TINY_CONFIG, context_slices=slices, context_width=8)).eval()
+    model = RealCamNet(dataclasses.replace(TINY_CONFIG, context_slices=slices, context_width=8, context_spatial=spatial)).eval()
     if trained:
         with torch.no_grad():
-            for net in model.channel_context.nets:
+            for net in [*model.channel_context.nets, *model.channel_context.spatial_nets]:
                 net[-1].weight.normal_(0, 0.3)
                 net[-1].bias.normal_(0, 0.3)
     return codec_from_model(model)
@@ -181,3 +182,61 @@ def test_fixed_point_context_means_follow_the_float_context():
         inputs = torch.cat([means_q[:, 3 * size :], scales_q[:, 3 * size :], *decoded_q], dim=1).float() / 2**FIXED_POINT_BITS
         float_means = means_q[:, 3 * size :].float() / 2**FIXED_POINT_BITS + net(inputs).chunk(2, dim=1)[0]
     assert (float_means.double() - fixed_means / 2**FIXED_POINT_BITS).abs().max() < 0.02
+
+
+def test_checkerboard_coded_latents_round_trip_exactly():
+    """A spatial context (anchors first, then the rest from the anchors around them) decodes to the very
+    symbols and ŷ sent, and moves the non-anchors' means only."""
+    from rcam.codec.models import checkerboard
+
+    coded = context_codec(2, seed=3, spatial=8)
+    config = coded.model.config
+    y_shape, z_shape = (config.latent_channels, 8, 8), (config.hyper_channels, 2, 2)
+    generator = torch.Generator().manual_seed(8)
+    y = torch.randn(1, *y_shape, generator=generator) * 4
+    z = torch.randn(1, *z_shape, generator=generator) * 2
+    stream, sent = coded.coder.encode(y, z)
+    received = coded.coder.decode(stream, y_shape, z_shape)
+    np.testing.assert_array_equal(received.y_symbols, sent.y_symbols)
+    assert torch.equal(received.y_hat, sent.y_hat)
+    assert ((sent.y_hat - y).abs() <= 0.5 + 1e-6).all()
+    import copy
+
+    from rcam.codec.zoo import codec_from_model
+
+    channel_model = copy.deepcopy(coded.model)  # the same networks, the spatial ones back at their zero start
+    for net in channel_model.channel_context.spatial_nets:
+        torch.nn.init.zeros_(net[-1].weight)
+        torch.nn.init.zeros_(net[-1].bias)
+    _, channel_sent = codec_from_model(channel_model).coder.encode(y, z)
+    size = coded.coder.context.slice_size  # the first slice: later ones read the first's ŷ everywhere
+    moved = (channel_sent.y_hat[:, :size] != sent.y_hat[:, :size]).any(dim=1)[0]
+    assert moved.any() and not (moved & checkerboard(8, 8)).any()
+
+
+def test_fixed_point_spatial_context_follows_the_float_one():
+    """IntegerChannelContext.spatial_parameters (the first layer gathered to the four anchor neighbours, in
+    fixed point) gives the float ChannelContext's means and scales at the non-anchors, to the rounding."""
+    from rcam.codec.models import checkerboard
+
+    coded = context_codec(2, seed=4, spatial=8)
+    model, coder = coded.model, coded.coder
+    generator = torch.Generator().manual_seed(9)
+    y = torch.randn(1, model.config.latent_channels, 8, 12, generator=generator) * 4
+    z = torch.round(torch.randn(1, model.config.hyper_channels, 2, 3, generator=generator) * 2)
+    means_q, scales_q = coder.hyper_synthesis.raw(z.double())
+    anchors = checkerboard(8, 12)
+    size = coder.context.slice_size
+    slice_means_q, slice_scales_q = coder.context.slice_parameters(0, means_q, scales_q, [])
+    symbols = torch.round(y[:, :size].double() - slice_means_q / 2**FIXED_POINT_BITS)
+    fixed_means, fixed_scales = coder.context.spatial_parameters(0, symbols, slice_means_q, slice_scales_q, anchors)
+    with torch.no_grad():
+        float_means, float_scales = model.channel_context(y, means_q.float() / 2**FIXED_POINT_BITS, scales_q.float() / 2**FIXED_POINT_BITS)
+    assert fixed_means.shape == (1, size, int((~anchors).sum()))
+    # The spatial networks moved the non-anchors (the test would pass trivially without them)...
+    assert (fixed_means - slice_means_q[..., ~anchors]).abs().max() > 0.1 * 2**FIXED_POINT_BITS
+    # ...as the float model does.
+    assert (float_means[:, :size][..., ~anchors].double() - fixed_means / 2**FIXED_POINT_BITS).abs().max() < 0.03
+    assert (float_scales[:, :size][..., ~anchors].double() - fixed_scales / 2**FIXED_POINT_BITS).abs().max() < 0.03
+    # Anchors keep the channel-wise parameters.
+    assert (float_means[:, :size][..., anchors].double() - slice_means_q[..., anchors] / 2**FIXED_POINT_BITS).abs().max() < 0.03

@@ -9,7 +9,7 @@ decodes garbage from then on. So everything the coder's models depend on is inte
 - the scale of each y element is an index into a fixed table of integer standard deviations, and its mean is
   an integer in 1/1024 units, so ŷ = symbol + mean is the same number on both sides;
 - a channel-wise context model's networks are re-run the same way, fed the earlier slices' ŷ in 1/1024 units,
-  integers that both sides hold alike.
+  integers that both sides hold alike; so are the checkerboard's spatial networks, fed the anchors' symbols.
 The float hyper-synthesis is what training sees. The fixed-point copy differs from it by the rounding of weights
 (to 2^-12) and activations (to 2^-10) compounded through the layers, not by less than 2^-10 as this once said:
 for rcam-small's means about 0.01 at |z| <= 2 and 0.3 at |z| = 64 (tests/test_entropy.py bounds it layer by
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from compressai.entropy_models import EntropyBottleneck
 from torch import nn
 
+from rcam.codec.models import checkerboard
 from rcam.errors import RcamError
 
 FIXED_POINT_BITS = 10  # activations, means and scales are integers in units of 2^-10
@@ -130,21 +131,59 @@ class IntegerHyperSynthesis(IntegerConvNet):
 
 class IntegerChannelContext:
     """Fixed-point copy of models.ChannelContext: one slice's means and scales from the hyperprior's and the
-    slices decoded before it (ŷ in 2^-10 units, exact on both sides, so the refinement is exact too)."""
+    slices decoded before it (ŷ in 2^-10 units, exact on both sides, so the refinement is exact too); with a
+    spatial context, the non-anchors' refinement from the anchor symbols around them."""
 
     def __init__(self, context: nn.Module):
         self.slice_size = context.slice_size
         self.nets = [IntegerConvNet(net) for net in context.nets]
+        self.spatial_nets = [IntegerConvNet(_gathered(net)) for net in context.spatial_nets]
+        self.spatial_kernel = context.spatial_nets[0][0].kernel_size[0] if context.spatial_nets else 0
+
+    @property
+    def spatial(self) -> bool:
+        return bool(self.spatial_nets)
 
     def slice_parameters(
         self, index: int, means_q: torch.Tensor, scales_q: torch.Tensor, decoded_q: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Slice `index`: the hyperprior's means and scales (B, M, h, w) and the earlier slices' ŷ, each (B, S, h,
-        w), all float64 in 2^-10 units -> the slice's means in 2^-10 units and scale indices, each (B, S, h, w)."""
+        w), all float64 in 2^-10 units -> the slice's means and scales in 2^-10 units, each (B, S, h, w)."""
         part = slice(index * self.slice_size, (index + 1) * self.slice_size)
         own_means, own_scales = means_q[:, part], scales_q[:, part]
         delta_means, delta_scales = self.nets[index].run(torch.cat([own_means, own_scales, *decoded_q], dim=1)).chunk(2, dim=1)
-        return own_means + delta_means, scale_indices(own_scales + delta_scales)
+        return own_means + delta_means, own_scales + delta_scales
+
+    def spatial_parameters(
+        self, index: int, symbols: torch.Tensor, means_q: torch.Tensor, scales_q: torch.Tensor, anchors: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Slice `index`'s anchor symbols (1, S, h, w; integers, whatever the non-anchors hold) and its channel-wise
+        means and scales (2^-10 units) -> the means and scales at the non-anchors, each (1, S, L), L of them."""
+        inputs = torch.cat([symbols * 2**FIXED_POINT_BITS, scales_q], dim=1) * anchors  # zeros at the non-anchors
+        radius = self.spatial_kernel // 2
+        height, width = inputs.shape[-2:]
+        padded = F.pad(inputs, (radius, radius, radius, radius))
+        # Every non-anchor's anchor neighbours as channels of one column: the first layer is then a 1x1 conv.
+        gathered = torch.cat([padded[..., a : a + height, b : b + width] for a, b in _odd_taps(self.spatial_kernel)], dim=1)[..., ~anchors]
+        delta_means, delta_scales = self.spatial_nets[index].run(gathered[..., None]).squeeze(-1).chunk(2, dim=1)
+        return means_q[..., ~anchors] + delta_means, scales_q[..., ~anchors] + delta_scales
+
+
+def _odd_taps(kernel: int) -> list[tuple[int, int]]:
+    """The taps of a kernel x kernel correlation that land on anchors when centred on a non-anchor."""
+    return [(a, b) for a in range(kernel) for b in range(kernel) if (a + b - 2 * (kernel // 2)) % 2]
+
+
+def _gathered(net: nn.Sequential) -> nn.Sequential:
+    """A spatial network whose first k x k convolution becomes a 1x1 over its odd taps (IntegerChannelContext.
+    spatial_parameters gathers those neighbours as channels): the same sums, without the taps that meet zeros."""
+    first = net[0]
+    taps = _odd_taps(first.kernel_size[0])
+    gathered = nn.Conv2d(first.in_channels * len(taps), first.out_channels, 1)
+    with torch.no_grad():
+        gathered.weight.copy_(torch.cat([first.weight[:, :, a, b] for a, b in taps], dim=1)[..., None, None])
+        gathered.bias.copy_(first.bias)
+    return nn.Sequential(gathered, *list(net)[1:])
 
 
 def z_tables(entropy_bottleneck: EntropyBottleneck) -> np.ndarray:
@@ -184,40 +223,54 @@ class LatentCoder:
 
     def _slice_parameters(
         self, index: int, hyper: tuple[torch.Tensor, torch.Tensor], decoded_q: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, np.ndarray]:  # fmt: skip
-        """One slice's means (float64, units of 1) and standard deviations (flat float64 array)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """One slice's channel-wise means and scales, each (1, S, h, w) float64 in 2^-10 units."""
         means_q, scales_q = hyper
         if self.context is None:
-            slice_means_q, index_q = means_q, scale_indices(scales_q)
-        else:
-            slice_means_q, index_q = self.context.slice_parameters(index, means_q, scales_q, decoded_q)
-        return slice_means_q / 2**FIXED_POINT_BITS, _SCALE_TABLE[index_q.numpy().ravel()]
+            return means_q, scales_q
+        return self.context.slice_parameters(index, means_q, scales_q, decoded_q)
+
+    def _anchors(self, height: int, width: int) -> torch.Tensor | None:
+        """The checkerboard's anchors (h, w) bool, or None without a spatial context (every position at once)."""
+        return checkerboard(height, width) if self.context is not None and self.context.spatial else None
 
     def encode(self, y: torch.Tensor, z: torch.Tensor) -> tuple[bytes, TileLatents]:
         """y (1, M, h, w) and z (1, Cz, h/4, w/4) floats -> (stream bytes, the latents the decoder will see)."""
         z_symbols = torch.round(z.detach().to("cpu", torch.float64)).clamp(-Z_MAX, Z_MAX)
         hyper = self.hyper_synthesis.raw(z_symbols)
         y = y.detach().to("cpu", torch.float64)
-        slices = self._slices(y.shape[1])
+        anchors = self._anchors(*y.shape[-2:])
         symbols, stds, y_hat, decoded_q = [], [], [], []
-        for index, y_slice in enumerate(y.chunk(slices, dim=1)):
-            means, slice_stds = self._slice_parameters(index, hyper, decoded_q)
-            slice_symbols = torch.round(y_slice - means).clamp(-Y_MAX, Y_MAX)
-            symbols.append(slice_symbols)
-            stds.append(slice_stds)
-            y_hat.append(slice_symbols + means)
-            decoded_q.append(slice_symbols * 2**FIXED_POINT_BITS + means * 2**FIXED_POINT_BITS)
+        for index, y_slice in enumerate(y.chunk(self._slices(y.shape[1]), dim=1)):
+            means_q, scales_q = self._slice_parameters(index, hyper, decoded_q)
+            slice_symbols = torch.round(y_slice - means_q / 2**FIXED_POINT_BITS).clamp(-Y_MAX, Y_MAX)
+            if anchors is None:
+                symbols.append(slice_symbols.ravel())
+                stds.append(scales_q.ravel())
+            else:
+                # Anchors first, then the other positions with parameters that read the anchors' symbols.
+                means_q[..., ~anchors], scales_q[..., ~anchors] = self.context.spatial_parameters(index, slice_symbols, means_q, scales_q, anchors)
+                slice_symbols[..., ~anchors] = torch.round(y_slice[..., ~anchors] - means_q[..., ~anchors] / 2**FIXED_POINT_BITS).clamp(-Y_MAX, Y_MAX)
+                symbols += [slice_symbols[..., anchors].ravel(), slice_symbols[..., ~anchors].ravel()]
+                stds += [scales_q[..., anchors].ravel(), scales_q[..., ~anchors].ravel()]
+            decoded_q.append(slice_symbols * 2**FIXED_POINT_BITS + means_q)
+            y_hat.append(decoded_q[-1] / 2**FIXED_POINT_BITS)
         coder = constriction.stream.stack.AnsCoder()
-        # ANS is a stack: push y first so that the decoder pops z first. The slices are contiguous channel ranges,
-        # so y in one C-order push is every slice in order.
-        y_flat = torch.cat(symbols, dim=1).numpy().astype(np.int32).ravel()
-        all_stds = np.concatenate(stds)
+        # ANS is a stack: push y first so that the decoder pops z first. y in one push, in the order the decoder
+        # pops it: slice by slice, each in C order (with a spatial context: its anchors, then the others).
+        y_flat = torch.cat(symbols).numpy().astype(np.int32)
+        all_stds = _SCALE_TABLE[scale_indices(torch.cat(stds)).numpy()]
         coder.encode_reverse(y_flat, self.y_model, np.zeros_like(all_stds), all_stds)
         z_channels = z_symbols.numpy().astype(np.int32)[0]
         for channel in range(len(self.z_models) - 1, -1, -1):
             coder.encode_reverse(z_channels[channel].ravel() + Z_MAX, self.z_models[channel])
         stream = coder.get_compressed().tobytes()
         return stream, TileLatents(y_hat=torch.cat(y_hat, dim=1).float(), y_symbols=y_flat, z_symbols=z_channels.ravel())
+
+    def _pop(self, coder: constriction.stream.stack.AnsCoder, scales_q: torch.Tensor) -> torch.Tensor:
+        """Decode as many y symbols as `scales_q` (2^-10 units) has elements: float64, flat."""
+        stds = _SCALE_TABLE[scale_indices(scales_q.ravel()).numpy()]
+        return torch.from_numpy(coder.decode(self.y_model, np.zeros_like(stds), stds).astype(np.float64))
 
     def decode(self, stream: bytes, y_shape: tuple[int, int, int], z_shape: tuple[int, int, int]) -> TileLatents:
         """Stream bytes -> latents, for a tile whose y is (M, h, w) and z (Cz, h/4, w/4)."""
@@ -231,18 +284,26 @@ class LatentCoder:
         hyper = self.hyper_synthesis.raw(torch.from_numpy(z_channels).to(torch.float64))
         slices = self._slices(y_shape[0])
         slice_shape = (1, y_shape[0] // slices, *y_shape[1:])
+        anchors = self._anchors(*y_shape[1:])
         symbols, y_hat, decoded_q = [], [], []
         for index in range(slices):
-            means, stds = self._slice_parameters(index, hyper, decoded_q)
-            slice_symbols = coder.decode(self.y_model, np.zeros_like(stds), stds).astype(np.int32)
-            symbols.append(slice_symbols)
-            slice_hat = torch.from_numpy(slice_symbols.reshape(slice_shape)).to(torch.float64) + means
-            y_hat.append(slice_hat)
-            decoded_q.append(slice_hat * 2**FIXED_POINT_BITS)
+            means_q, scales_q = self._slice_parameters(index, hyper, decoded_q)
+            if anchors is None:
+                slice_symbols = self._pop(coder, scales_q).reshape(slice_shape)
+                symbols.append(slice_symbols.ravel())
+            else:
+                slice_symbols = torch.zeros(slice_shape, dtype=torch.float64)
+                slice_symbols[..., anchors] = self._pop(coder, scales_q[..., anchors]).reshape(slice_shape[0], slice_shape[1], -1)
+                means_q[..., ~anchors], scales_q[..., ~anchors] = self.context.spatial_parameters(index, slice_symbols, means_q, scales_q, anchors)
+                slice_symbols[..., ~anchors] = self._pop(coder, scales_q[..., ~anchors]).reshape(slice_shape[0], slice_shape[1], -1)
+                symbols += [slice_symbols[..., anchors].ravel(), slice_symbols[..., ~anchors].ravel()]
+            decoded_q.append(slice_symbols * 2**FIXED_POINT_BITS + means_q)
+            y_hat.append(decoded_q[-1] / 2**FIXED_POINT_BITS)
         if not coder.is_empty():
             # Leftover words mean the stream does not belong to this geometry and model.
             raise RcamError("stream has data left over after decoding (corrupt or wrong model)")
-        return TileLatents(y_hat=torch.cat(y_hat, dim=1).float(), y_symbols=np.concatenate(symbols), z_symbols=z_channels.ravel())
+        y_symbols = torch.cat(symbols).numpy().astype(np.int32)
+        return TileLatents(y_hat=torch.cat(y_hat, dim=1).float(), y_symbols=y_symbols, z_symbols=z_channels.ravel())
 
 
 def latent_coder(model: nn.Module, z_table: np.ndarray) -> LatentCoder:

@@ -61,6 +61,10 @@ class ModelConfig:
     # scales slice by slice from the slices decoded before (0: the mean-scale hyperprior alone, as before it).
     context_slices: int = 0
     context_width: int = 32
+    # A checkerboard spatial context within each slice (He et al. 2021): half the positions ("anchors") are
+    # coded with the channel-wise parameters, the other half refined from the anchors around them (width of
+    # its networks; 0: none, as every model before it). Needs context_slices.
+    context_spatial: int = 0
 
     @property
     def looks(self) -> tuple[str, ...]:
@@ -137,7 +141,7 @@ class ChannelContext(nn.Module):
     Only conv and ReLU, the last layer zero at the start (the hyperprior's parameters unchanged), so that
     entropy.IntegerConvNet can re-run it exactly on both sides of the range coder."""
 
-    def __init__(self, latent_channels: int, slices: int, width: int):
+    def __init__(self, latent_channels: int, slices: int, width: int, spatial_width: int = 0):
         super().__init__()
         if latent_channels % slices:
             raise RcamError(f"{latent_channels} latent channels do not split into {slices} equal slices")
@@ -151,23 +155,45 @@ class ChannelContext(nn.Module):
             nn.init.zeros_(net[-1].weight)
             nn.init.zeros_(net[-1].bias)
             self.nets.append(net)
+        # Checkerboard: a non-anchor's correction from its four anchor neighbours' symbols and scales (the 3x3
+        # kernel's other taps only ever meet zeros, and entropy.IntegerChannelContext leaves them out).
+        self.spatial_nets = nn.ModuleList()
+        for _ in range(slices if spatial_width else 0):
+            net = nn.Sequential(conv(2 * size, spatial_width, 3), nn.ReLU(inplace=True), conv(spatial_width, spatial_width, 1),
+                                nn.ReLU(inplace=True), conv(spatial_width, 2 * size, 1))  # fmt: skip
+            nn.init.zeros_(net[-1].weight)
+            nn.init.zeros_(net[-1].bias)
+            self.spatial_nets.append(net)
 
     def forward(self, y: torch.Tensor, means: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gained y and the hyperprior's means and scales, each (B,M,h,w) -> refined (means, scales), each (B,M,h,w).
 
         Each slice sees the slices before it rounded around their own means (as the decoder has them), with
-        straight-through gradients."""
+        straight-through gradients; with a spatial context, non-anchors also see their anchor neighbours' symbols."""
         refined_means, refined_scales, decoded = [], [], []
+        anchors = checkerboard(*y.shape[-2:], device=y.device).to(y.dtype) if self.spatial_nets else None
         for index, net in enumerate(self.nets):
             part = slice(index * self.slice_size, (index + 1) * self.slice_size)
             own_means, own_scales = means[:, part], scales[:, part]
             delta_means, delta_scales = net(torch.cat([own_means, own_scales, *decoded], dim=1)).chunk(2, dim=1)
             slice_means, slice_scales = own_means + delta_means, own_scales + delta_scales
             y_slice = y[:, part]
+            if anchors is not None:
+                symbols = torch.round(y_slice - slice_means).detach()
+                spatial_means, spatial_scales = self.spatial_nets[index](torch.cat([symbols, slice_scales], dim=1) * anchors).chunk(2, dim=1)
+                slice_means = slice_means + spatial_means * (1 - anchors)
+                slice_scales = slice_scales + spatial_scales * (1 - anchors)
             decoded.append(y_slice + (torch.round(y_slice - slice_means) + slice_means - y_slice).detach())
             refined_means.append(slice_means)
             refined_scales.append(slice_scales)
         return torch.cat(refined_means, dim=1), torch.cat(refined_scales, dim=1)
+
+
+def checkerboard(height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(height, width) bool: the spatial context's anchors, the latent positions whose row + column is even."""
+    rows = torch.arange(height, device=device)[:, None]
+    columns = torch.arange(width, device=device)[None, :]
+    return (rows + columns) % 2 == 0
 
 
 def quantise_latent(model: nn.Module, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -207,6 +233,8 @@ class RealCamNet(nn.Module):
 
         if config.vignetting and config.coordinates != "absolute":
             raise RcamError("the vignetting estimator needs absolute coordinates (its estimate is a map of the whole frame)")
+        if config.context_spatial and not config.context_slices:
+            raise RcamError("context_spatial refines the channel-wise context's slices: set context_slices too")
         self.vignetting = VignettingEstimator() if config.vignetting else None
         self.global_prior = GlobalPrior(d, layout=config.cadr_prior) if config.global_prior else None
         self.local_prior = LocalPrior(d)
@@ -224,7 +252,9 @@ class RealCamNet(nn.Module):
         self.hyper_analysis, self.hyper_synthesis = hyper_transforms(m, nh)
         self.entropy_bottleneck = EntropyBottleneck(nh)
         self.gaussian_conditional = GaussianConditional(None)
-        self.channel_context = ChannelContext(m, config.context_slices, config.context_width) if config.context_slices else None
+        self.channel_context = (
+            ChannelContext(m, config.context_slices, config.context_width, config.context_spatial) if config.context_slices else None
+        )
 
         self.up1 = deconv(m, n)
         self.decoder_stage1 = nn.ModuleList(CSA(n, heads, window) for _ in range(config.decoder_blocks))
