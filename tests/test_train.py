@@ -508,3 +508,14 @@ def test_a_context_model_new_to_the_starting_weights_is_pretrained_for_rate_and_
     encoded = encode_file(codec, raw, 0.01)
     decoded = decode_bytes(codec, encoded.data)
     assert decoded.shape[2] == 3 and np.isfinite(decoded).all()
+    # A checkerboard context added to those weights is pre-trained in turn (only its networks were lacking),
+    # and files code and decode through it.
+    spatial_overrides = overrides | {"context_spatial": 8}
+    _, lacking = load_starting_weights(build_model(replace(CONFIGS["small"], **spatial_overrides)), checkpoint)
+    assert lacking and all(key.startswith("channel_context.spatial_nets.") for key in lacking)
+    spatial = train(replace(config, run_dir=str(tmp_path / "spatial"), init_from=str(checkpoint), model_overrides=spatial_overrides), images)
+    spatial_codec = load_codec(export_checkpoint(spatial, "tiny-spatial", tmp_path / "weights"))
+    assert spatial_codec.coder.context.spatial
+    assert any(net[-1].weight.abs().sum() > 0 for net in spatial_codec.model.channel_context.spatial_nets)
+    spatial_encoded = encode_file(spatial_codec, raw, 0.01)
+    assert np.isfinite(decode_bytes(spatial_codec, spatial_encoded.data)).all()
