@@ -164,9 +164,10 @@ class IntegerChannelContext:
         height, width = inputs.shape[-2:]
         padded = F.pad(inputs, (radius, radius, radius, radius))
         # Every non-anchor's anchor neighbours as channels of one column: the first layer is then a 1x1 conv.
-        gathered = torch.cat([padded[..., a : a + height, b : b + width] for a, b in _odd_taps(self.spatial_kernel)], dim=1)[..., ~anchors]
+        others = ~anchors
+        gathered = torch.cat([padded[..., a : a + height, b : b + width] for a, b in _odd_taps(self.spatial_kernel)], dim=1)[..., others]
         delta_means, delta_scales = self.spatial_nets[index].run(gathered[..., None]).squeeze(-1).chunk(2, dim=1)
-        return means_q[..., ~anchors] + delta_means, scales_q[..., ~anchors] + delta_scales
+        return means_q[..., others] + delta_means, scales_q[..., others] + delta_scales
 
 
 def _odd_taps(kernel: int) -> list[tuple[int, int]]:
@@ -240,6 +241,7 @@ class LatentCoder:
         hyper = self.hyper_synthesis.raw(z_symbols)
         y = y.detach().to("cpu", torch.float64)
         anchors = self._anchors(*y.shape[-2:])
+        others = None if anchors is None else ~anchors
         symbols, stds, y_hat, decoded_q = [], [], [], []
         for index, y_slice in enumerate(y.chunk(self._slices(y.shape[1]), dim=1)):
             means_q, scales_q = self._slice_parameters(index, hyper, decoded_q)
@@ -249,10 +251,10 @@ class LatentCoder:
                 stds.append(scales_q.ravel())
             else:
                 # Anchors first, then the other positions with parameters that read the anchors' symbols.
-                means_q[..., ~anchors], scales_q[..., ~anchors] = self.context.spatial_parameters(index, slice_symbols, means_q, scales_q, anchors)
-                slice_symbols[..., ~anchors] = torch.round(y_slice[..., ~anchors] - means_q[..., ~anchors] / 2**FIXED_POINT_BITS).clamp(-Y_MAX, Y_MAX)
-                symbols += [slice_symbols[..., anchors].ravel(), slice_symbols[..., ~anchors].ravel()]
-                stds += [scales_q[..., anchors].ravel(), scales_q[..., ~anchors].ravel()]
+                means_q[..., others], scales_q[..., others] = self.context.spatial_parameters(index, slice_symbols, means_q, scales_q, anchors)
+                slice_symbols[..., others] = torch.round(y_slice[..., others] - means_q[..., others] / 2**FIXED_POINT_BITS).clamp(-Y_MAX, Y_MAX)
+                symbols += [slice_symbols[..., anchors].ravel(), slice_symbols[..., others].ravel()]
+                stds += [scales_q[..., anchors].ravel(), scales_q[..., others].ravel()]
             decoded_q.append(slice_symbols * 2**FIXED_POINT_BITS + means_q)
             y_hat.append(decoded_q[-1] / 2**FIXED_POINT_BITS)
         coder = constriction.stream.stack.AnsCoder()
@@ -285,6 +287,7 @@ class LatentCoder:
         slices = self._slices(y_shape[0])
         slice_shape = (1, y_shape[0] // slices, *y_shape[1:])
         anchors = self._anchors(*y_shape[1:])
+        others = None if anchors is None else ~anchors
         symbols, y_hat, decoded_q = [], [], []
         for index in range(slices):
             means_q, scales_q = self._slice_parameters(index, hyper, decoded_q)
@@ -294,9 +297,9 @@ class LatentCoder:
             else:
                 slice_symbols = torch.zeros(slice_shape, dtype=torch.float64)
                 slice_symbols[..., anchors] = self._pop(coder, scales_q[..., anchors]).reshape(slice_shape[0], slice_shape[1], -1)
-                means_q[..., ~anchors], scales_q[..., ~anchors] = self.context.spatial_parameters(index, slice_symbols, means_q, scales_q, anchors)
-                slice_symbols[..., ~anchors] = self._pop(coder, scales_q[..., ~anchors]).reshape(slice_shape[0], slice_shape[1], -1)
-                symbols += [slice_symbols[..., anchors].ravel(), slice_symbols[..., ~anchors].ravel()]
+                means_q[..., others], scales_q[..., others] = self.context.spatial_parameters(index, slice_symbols, means_q, scales_q, anchors)
+                slice_symbols[..., others] = self._pop(coder, scales_q[..., others]).reshape(slice_shape[0], slice_shape[1], -1)
+                symbols += [slice_symbols[..., anchors].ravel(), slice_symbols[..., others].ravel()]
             decoded_q.append(slice_symbols * 2**FIXED_POINT_BITS + means_q)
             y_hat.append(decoded_q[-1] / 2**FIXED_POINT_BITS)
         if not coder.is_empty():
