@@ -215,7 +215,7 @@ def test_checkerboard_coded_latents_round_trip_exactly():
 
 
 def test_fixed_point_spatial_context_follows_the_float_one():
-    """IntegerChannelContext.spatial_parameters (the first layer gathered to the four anchor neighbours, in
+    """IntegerChannelContext.spatial_corrections (the first layer gathered to the four anchor neighbours, in
     fixed point) gives the float ChannelContext's means and scales at the non-anchors, to the rounding."""
     from rcam.codec.models import checkerboard
 
@@ -229,12 +229,15 @@ def test_fixed_point_spatial_context_follows_the_float_one():
     size = coder.context.slice_size
     slice_means_q, slice_scales_q = coder.context.slice_parameters(0, means_q, scales_q, [])
     symbols = torch.round(y[:, :size].double() - slice_means_q / 2**FIXED_POINT_BITS)
-    fixed_means, fixed_scales = coder.context.spatial_parameters(0, symbols, slice_means_q, slice_scales_q, anchors)
+    board = coder.context.layout(8, 12)
+    delta_means, delta_scales = coder.context.spatial_corrections(0, symbols.view(size, -1), slice_scales_q.view(size, -1), board)
+    fixed_means = slice_means_q[..., ~anchors] + delta_means
+    fixed_scales = slice_scales_q[..., ~anchors] + delta_scales
     with torch.no_grad():
         float_means, float_scales = model.channel_context(y, means_q.float() / 2**FIXED_POINT_BITS, scales_q.float() / 2**FIXED_POINT_BITS)
     assert fixed_means.shape == (1, size, int((~anchors).sum()))
     # The spatial networks moved the non-anchors (the test would pass trivially without them)...
-    assert (fixed_means - slice_means_q[..., ~anchors]).abs().max() > 0.1 * 2**FIXED_POINT_BITS
+    assert delta_means.abs().max() > 0.1 * 2**FIXED_POINT_BITS
     # ...as the float model does.
     assert (float_means[:, :size][..., ~anchors].double() - fixed_means / 2**FIXED_POINT_BITS).abs().max() < 0.03
     assert (float_scales[:, :size][..., ~anchors].double() - fixed_scales / 2**FIXED_POINT_BITS).abs().max() < 0.03

@@ -154,20 +154,40 @@ class IntegerChannelContext:
         delta_means, delta_scales = self.nets[index].run(torch.cat([own_means, own_scales, *decoded_q], dim=1)).chunk(2, dim=1)
         return own_means + delta_means, own_scales + delta_scales
 
-    def spatial_parameters(
-        self, index: int, symbols: torch.Tensor, means_q: torch.Tensor, scales_q: torch.Tensor, anchors: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Slice `index`'s anchor symbols (1, S, h, w; integers, whatever the non-anchors hold) and its channel-wise
-        means and scales (2^-10 units) -> the means and scales at the non-anchors, each (1, S, L), L of them."""
-        inputs = torch.cat([symbols * 2**FIXED_POINT_BITS, scales_q], dim=1) * anchors  # zeros at the non-anchors
+    def layout(self, height: int, width: int) -> Checkerboard:
+        """The checkerboard of an h x w slice for this context's spatial networks."""
+        positions = torch.arange(height * width)
+        anchors = checkerboard(height, width).ravel()
+        others = positions[~anchors]
+        rows, columns = others // width, others % width
         radius = self.spatial_kernel // 2
-        height, width = inputs.shape[-2:]
-        padded = F.pad(inputs, (radius, radius, radius, radius))
-        # Every non-anchor's anchor neighbours as channels of one column: the first layer is then a 1x1 conv.
-        others = ~anchors
-        gathered = torch.cat([padded[..., a : a + height, b : b + width] for a, b in _odd_taps(self.spatial_kernel)], dim=1)[..., others]
-        delta_means, delta_scales = self.spatial_nets[index].run(gathered[..., None]).squeeze(-1).chunk(2, dim=1)
-        return means_q[..., others] + delta_means, scales_q[..., others] + delta_scales
+        neighbours = []
+        for a, b in _odd_taps(self.spatial_kernel):
+            row, column = rows + a - radius, columns + b - radius
+            inside = (row >= 0) & (row < height) & (column >= 0) & (column < width)
+            neighbours.append(torch.where(inside, row * width + column, height * width))  # outside: a zero column
+        return Checkerboard(anchors=positions[anchors], others=others, neighbours=torch.stack(neighbours))
+
+    def spatial_corrections(
+        self, index: int, symbols: torch.Tensor, scales_q: torch.Tensor, board: Checkerboard
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Slice `index`'s symbols and channel-wise scales (2^-10 units), each (S, h·w), of which only the anchors
+        are read -> the corrections of the means and scales at the non-anchors (2^-10 units), each (S, L)."""
+        inputs = F.pad(torch.cat([symbols * 2**FIXED_POINT_BITS, scales_q]), (0, 1))  # the last column: zeros
+        # Every non-anchor's anchor neighbours as channels of one column (tap by tap): the first layer is a 1x1.
+        gathered = inputs[:, board.neighbours].transpose(0, 1).reshape(-1, board.others.numel())
+        corrections = self.spatial_nets[index].run(gathered[None, :, :, None])
+        return corrections.view(2, self.slice_size, -1).unbind(0)
+
+
+@dataclass(frozen=True)
+class Checkerboard:
+    """Flat positions (row·w + column) of a slice's anchors and non-anchors, and each non-anchor's neighbours
+    at the spatial network's odd taps (h·w where a tap falls outside the slice)."""
+
+    anchors: torch.Tensor  # (La,) int64
+    others: torch.Tensor  # (L,) int64
+    neighbours: torch.Tensor  # (taps, L) int64
 
 
 def _odd_taps(kernel: int) -> list[tuple[int, int]]:
@@ -231,30 +251,35 @@ class LatentCoder:
             return means_q, scales_q
         return self.context.slice_parameters(index, means_q, scales_q, decoded_q)
 
-    def _anchors(self, height: int, width: int) -> torch.Tensor | None:
-        """The checkerboard's anchors (h, w) bool, or None without a spatial context (every position at once)."""
-        return checkerboard(height, width) if self.context is not None and self.context.spatial else None
+    def _layout(self, height: int, width: int) -> Checkerboard | None:
+        """The checkerboard of an h x w slice, or None without a spatial context (every position at once)."""
+        return self.context.layout(height, width) if self.context is not None and self.context.spatial else None
 
     def encode(self, y: torch.Tensor, z: torch.Tensor) -> tuple[bytes, TileLatents]:
         """y (1, M, h, w) and z (1, Cz, h/4, w/4) floats -> (stream bytes, the latents the decoder will see)."""
         z_symbols = torch.round(z.detach().to("cpu", torch.float64)).clamp(-Z_MAX, Z_MAX)
         hyper = self.hyper_synthesis.raw(z_symbols)
         y = y.detach().to("cpu", torch.float64)
-        anchors = self._anchors(*y.shape[-2:])
-        others = None if anchors is None else ~anchors
+        board = self._layout(*y.shape[-2:])
         symbols, stds, y_hat, decoded_q = [], [], [], []
         for index, y_slice in enumerate(y.chunk(self._slices(y.shape[1]), dim=1)):
             means_q, scales_q = self._slice_parameters(index, hyper, decoded_q)
             slice_symbols = torch.round(y_slice - means_q / 2**FIXED_POINT_BITS).clamp(-Y_MAX, Y_MAX)
-            if anchors is None:
+            if board is None:
                 symbols.append(slice_symbols.ravel())
                 stds.append(scales_q.ravel())
             else:
                 # Anchors first, then the other positions with parameters that read the anchors' symbols.
-                means_q[..., others], scales_q[..., others] = self.context.spatial_parameters(index, slice_symbols, means_q, scales_q, anchors)
-                slice_symbols[..., others] = torch.round(y_slice[..., others] - means_q[..., others] / 2**FIXED_POINT_BITS).clamp(-Y_MAX, Y_MAX)
-                symbols += [slice_symbols[..., anchors].ravel(), slice_symbols[..., others].ravel()]
-                stds += [scales_q[..., anchors].ravel(), scales_q[..., others].ravel()]
+                flat = lambda t: t.view(t.shape[1], -1)  # noqa: E731  (1, S, h, w) -> (S, h·w), a view
+                flat_symbols, flat_means, flat_scales = flat(slice_symbols), flat(means_q), flat(scales_q)
+                delta_means, delta_scales = self.context.spatial_corrections(index, flat_symbols, flat_scales, board)
+                flat_means[:, board.others] += delta_means
+                flat_scales[:, board.others] += delta_scales
+                flat_symbols[:, board.others] = torch.round(
+                    flat(y_slice)[:, board.others] - flat_means[:, board.others] / 2**FIXED_POINT_BITS
+                ).clamp(-Y_MAX, Y_MAX)
+                symbols += [flat_symbols[:, board.anchors].ravel(), flat_symbols[:, board.others].ravel()]
+                stds += [flat_scales[:, board.anchors].ravel(), flat_scales[:, board.others].ravel()]
             decoded_q.append(slice_symbols * 2**FIXED_POINT_BITS + means_q)
             y_hat.append(decoded_q[-1] / 2**FIXED_POINT_BITS)
         coder = constriction.stream.stack.AnsCoder()
@@ -286,20 +311,23 @@ class LatentCoder:
         hyper = self.hyper_synthesis.raw(torch.from_numpy(z_channels).to(torch.float64))
         slices = self._slices(y_shape[0])
         slice_shape = (1, y_shape[0] // slices, *y_shape[1:])
-        anchors = self._anchors(*y_shape[1:])
-        others = None if anchors is None else ~anchors
+        board = self._layout(*y_shape[1:])
         symbols, y_hat, decoded_q = [], [], []
         for index in range(slices):
             means_q, scales_q = self._slice_parameters(index, hyper, decoded_q)
-            if anchors is None:
+            if board is None:
                 slice_symbols = self._pop(coder, scales_q).reshape(slice_shape)
                 symbols.append(slice_symbols.ravel())
             else:
                 slice_symbols = torch.zeros(slice_shape, dtype=torch.float64)
-                slice_symbols[..., anchors] = self._pop(coder, scales_q[..., anchors]).reshape(slice_shape[0], slice_shape[1], -1)
-                means_q[..., others], scales_q[..., others] = self.context.spatial_parameters(index, slice_symbols, means_q, scales_q, anchors)
-                slice_symbols[..., others] = self._pop(coder, scales_q[..., others]).reshape(slice_shape[0], slice_shape[1], -1)
-                symbols += [slice_symbols[..., anchors].ravel(), slice_symbols[..., others].ravel()]
+                flat = lambda t: t.view(t.shape[1], -1)  # noqa: E731  (1, S, h, w) -> (S, h·w), a view
+                flat_symbols, flat_means, flat_scales = flat(slice_symbols), flat(means_q), flat(scales_q)
+                flat_symbols[:, board.anchors] = self._pop(coder, flat_scales[:, board.anchors]).view(slice_shape[1], -1)
+                delta_means, delta_scales = self.context.spatial_corrections(index, flat_symbols, flat_scales, board)
+                flat_means[:, board.others] += delta_means
+                flat_scales[:, board.others] += delta_scales
+                flat_symbols[:, board.others] = self._pop(coder, flat_scales[:, board.others]).view(slice_shape[1], -1)
+                symbols += [flat_symbols[:, board.anchors].ravel(), flat_symbols[:, board.others].ravel()]
             decoded_q.append(slice_symbols * 2**FIXED_POINT_BITS + means_q)
             y_hat.append(decoded_q[-1] / 2**FIXED_POINT_BITS)
         if not coder.is_empty():
