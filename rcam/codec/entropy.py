@@ -190,6 +190,11 @@ class Checkerboard:
     neighbours: torch.Tensor  # (taps, L) int64
 
 
+def _flat(slice_tensor: torch.Tensor) -> torch.Tensor:
+    """(1, S, h, w) -> (S, h·w), a view: what the checkerboard's flat positions index (and write through)."""
+    return slice_tensor.view(slice_tensor.shape[1], -1)
+
+
 def _odd_taps(kernel: int) -> list[tuple[int, int]]:
     """The taps of a kernel x kernel correlation that land on anchors when centred on a non-anchor."""
     return [(a, b) for a in range(kernel) for b in range(kernel) if (a + b - 2 * (kernel // 2)) % 2]
@@ -197,7 +202,7 @@ def _odd_taps(kernel: int) -> list[tuple[int, int]]:
 
 def _gathered(net: nn.Sequential) -> nn.Sequential:
     """A spatial network whose first k x k convolution becomes a 1x1 over its odd taps (IntegerChannelContext.
-    spatial_parameters gathers those neighbours as channels): the same sums, without the taps that meet zeros."""
+    spatial_corrections gathers those neighbours as channels): the same sums, without the taps that meet zeros."""
     first = net[0]
     taps = _odd_taps(first.kernel_size[0])
     gathered = nn.Conv2d(first.in_channels * len(taps), first.out_channels, 1)
@@ -270,13 +275,12 @@ class LatentCoder:
                 stds.append(scales_q.ravel())
             else:
                 # Anchors first, then the other positions with parameters that read the anchors' symbols.
-                flat = lambda t: t.view(t.shape[1], -1)  # noqa: E731  (1, S, h, w) -> (S, h·w), a view
-                flat_symbols, flat_means, flat_scales = flat(slice_symbols), flat(means_q), flat(scales_q)
+                flat_symbols, flat_means, flat_scales = _flat(slice_symbols), _flat(means_q), _flat(scales_q)
                 delta_means, delta_scales = self.context.spatial_corrections(index, flat_symbols, flat_scales, board)
                 flat_means[:, board.others] += delta_means
                 flat_scales[:, board.others] += delta_scales
                 flat_symbols[:, board.others] = torch.round(
-                    flat(y_slice)[:, board.others] - flat_means[:, board.others] / 2**FIXED_POINT_BITS
+                    _flat(y_slice)[:, board.others] - flat_means[:, board.others] / 2**FIXED_POINT_BITS
                 ).clamp(-Y_MAX, Y_MAX)
                 symbols += [flat_symbols[:, board.anchors].ravel(), flat_symbols[:, board.others].ravel()]
                 stds += [flat_scales[:, board.anchors].ravel(), flat_scales[:, board.others].ravel()]
@@ -320,8 +324,7 @@ class LatentCoder:
                 symbols.append(slice_symbols.ravel())
             else:
                 slice_symbols = torch.zeros(slice_shape, dtype=torch.float64)
-                flat = lambda t: t.view(t.shape[1], -1)  # noqa: E731  (1, S, h, w) -> (S, h·w), a view
-                flat_symbols, flat_means, flat_scales = flat(slice_symbols), flat(means_q), flat(scales_q)
+                flat_symbols, flat_means, flat_scales = _flat(slice_symbols), _flat(means_q), _flat(scales_q)
                 flat_symbols[:, board.anchors] = self._pop(coder, flat_scales[:, board.anchors]).view(slice_shape[1], -1)
                 delta_means, delta_scales = self.context.spatial_corrections(index, flat_symbols, flat_scales, board)
                 flat_means[:, board.others] += delta_means
