@@ -3,6 +3,8 @@ its distance from the float network training sees, and the clamping of latents o
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rcam.codec.entropy import ACTIVATION_LIMIT, FIXED_POINT_BITS, WEIGHT_BITS, Y_MAX, Z_MAX, IntegerHyperSynthesis
+from rcam.codec.models import checkerboard
+from rcam.codec.zoo import codec_from_model
 from rcam.errors import RcamError
 
 # The guard's limit on a layer's sum of |weights| (in weight units 2^-12): every input at ±ACTIVATION_LIMIT
@@ -119,7 +123,6 @@ def context_codec(slices: int, seed: int = 0, trained: bool = True, spatial: int
     from conftest import TINY_CONFIG
 
     from rcam.codec.models import RealCamNet
-    from rcam.codec.zoo import codec_from_model
 
     torch.manual_seed(seed)
     model = RealCamNet(dataclasses.replace(TINY_CONFIG, context_slices=slices, context_width=8, context_spatial=spatial)).eval()
@@ -131,11 +134,11 @@ def context_codec(slices: int, seed: int = 0, trained: bool = True, spatial: int
     return codec_from_model(model)
 
 
-def test_context_coded_latents_round_trip_exactly_and_differ_from_the_hyperprior_alone():
-    coded = context_codec(4)
+def exact_round_trip(coded, seed: int):
+    """Random 8 x 8 latents through `coded`'s coder and back, checked exact: (y, z, stream, sent latents)."""
     config = coded.model.config
     y_shape, z_shape = (config.latent_channels, 8, 8), (config.hyper_channels, 2, 2)
-    generator = torch.Generator().manual_seed(5)
+    generator = torch.Generator().manual_seed(seed)
     y = torch.randn(1, *y_shape, generator=generator) * 4
     z = torch.randn(1, *z_shape, generator=generator) * 2
     stream, sent = coded.coder.encode(y, z)
@@ -143,6 +146,12 @@ def test_context_coded_latents_round_trip_exactly_and_differ_from_the_hyperprior
     np.testing.assert_array_equal(received.y_symbols, sent.y_symbols)
     assert torch.equal(received.y_hat, sent.y_hat)
     assert ((sent.y_hat - y).abs() <= 0.5 + 1e-6).all()
+    return y, z, stream, sent
+
+
+def test_context_coded_latents_round_trip_exactly_and_differ_from_the_hyperprior_alone():
+    y, z, stream, sent = exact_round_trip(context_codec(4), seed=5)
+    y_shape, z_shape = tuple(y.shape[1:]), tuple(z.shape[1:])
     # The same latents without the context model: other means, so other symbols and other bytes.
     hyper_only = context_codec(4, trained=False)
     hyper_only.coder.context = None
@@ -187,23 +196,8 @@ def test_fixed_point_context_means_follow_the_float_context():
 def test_checkerboard_coded_latents_round_trip_exactly():
     """A spatial context (anchors first, then the rest from the anchors around them) decodes to the very
     symbols and ŷ sent, and moves the non-anchors' means only."""
-    from rcam.codec.models import checkerboard
-
     coded = context_codec(2, seed=3, spatial=8)
-    config = coded.model.config
-    y_shape, z_shape = (config.latent_channels, 8, 8), (config.hyper_channels, 2, 2)
-    generator = torch.Generator().manual_seed(8)
-    y = torch.randn(1, *y_shape, generator=generator) * 4
-    z = torch.randn(1, *z_shape, generator=generator) * 2
-    stream, sent = coded.coder.encode(y, z)
-    received = coded.coder.decode(stream, y_shape, z_shape)
-    np.testing.assert_array_equal(received.y_symbols, sent.y_symbols)
-    assert torch.equal(received.y_hat, sent.y_hat)
-    assert ((sent.y_hat - y).abs() <= 0.5 + 1e-6).all()
-    import copy
-
-    from rcam.codec.zoo import codec_from_model
-
+    y, z, _, sent = exact_round_trip(coded, seed=8)
     channel_model = copy.deepcopy(coded.model)  # the same networks, the spatial ones back at their zero start
     for net in channel_model.channel_context.spatial_nets:
         torch.nn.init.zeros_(net[-1].weight)
@@ -217,8 +211,6 @@ def test_checkerboard_coded_latents_round_trip_exactly():
 def test_fixed_point_spatial_context_follows_the_float_one():
     """IntegerChannelContext.spatial_corrections (the first layer gathered to the four anchor neighbours, in
     fixed point) gives the float ChannelContext's means and scales at the non-anchors, to the rounding."""
-    from rcam.codec.models import checkerboard
-
     coded = context_codec(2, seed=4, spatial=8)
     model, coder = coded.model, coded.coder
     generator = torch.Generator().manual_seed(9)
