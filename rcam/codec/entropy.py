@@ -56,6 +56,7 @@ class _IntegerLayer:
     padding: int
     output_padding: int
     relu: bool
+    rounding_bias: torch.Tensor  # the bias plus half the 2^-10 output unit: floor(sum / 2^12) then rounds half up
 
 
 class IntegerConvNet:
@@ -71,11 +72,12 @@ class IntegerConvNet:
                 raise TypeError(f"cannot run {type(module).__name__} in fixed point")
             relu = position + 1 < len(modules) and isinstance(modules[position + 1], nn.ReLU)
             weight = module.weight.detach().to("cpu", torch.float64)
-            bias = module.bias.detach().to("cpu", torch.float64)
+            bias = torch.round(module.bias.detach().to("cpu", torch.float64) * 2 ** (WEIGHT_BITS + FIXED_POINT_BITS))
             self.layers.append(
                 _IntegerLayer(
                     weight=torch.round(weight * 2**WEIGHT_BITS),
-                    bias=torch.round(bias * 2 ** (WEIGHT_BITS + FIXED_POINT_BITS)),
+                    bias=bias,
+                    rounding_bias=bias + 2 ** (WEIGHT_BITS - 1),
                     transposed=isinstance(module, nn.ConvTranspose2d),
                     stride=module.stride[0],
                     padding=module.padding[0],
@@ -95,18 +97,14 @@ class IntegerConvNet:
         # Clamped on the way in as after every layer, so the worst case above holds for any input.
         activation = activation.clamp(-ACTIVATION_LIMIT, ACTIVATION_LIMIT)
         for layer in self.layers:
+            # Back to 2^-10 units, rounded half up (rounding_bias holds the half): exact on integers in float64.
             if layer.transposed:
                 out = F.conv_transpose2d(
-                    activation, layer.weight, None, layer.stride, layer.padding, layer.output_padding
+                    activation, layer.weight, layer.rounding_bias, layer.stride, layer.padding, layer.output_padding
                 )
             else:
-                out = F.conv2d(activation, layer.weight, None, layer.stride, layer.padding)
-            out = out + layer.bias[None, :, None, None]
-            # Back to 2^-10 units: round half up, an exact operation on integers in float64.
-            activation = torch.floor(out / 2**WEIGHT_BITS + 0.5)
-            if layer.relu:
-                activation = activation.clamp_min(0)
-            activation = activation.clamp(-ACTIVATION_LIMIT, ACTIVATION_LIMIT)
+                out = F.conv2d(activation, layer.weight, layer.rounding_bias, layer.stride, layer.padding)
+            activation = out.div_(2**WEIGHT_BITS).floor_().clamp_(0 if layer.relu else -ACTIVATION_LIMIT, ACTIVATION_LIMIT)
         return activation
 
 
@@ -157,42 +155,52 @@ class IntegerChannelContext:
     def layout(self, height: int, width: int) -> Checkerboard:
         """The checkerboard of an h x w slice for this context's spatial networks."""
         positions = torch.arange(height * width)
-        anchors = checkerboard(height, width).ravel()
-        others = positions[~anchors]
+        is_anchor = checkerboard(height, width).ravel()
+        anchors, others = positions[is_anchor], positions[~is_anchor]
+        anchor_number = torch.full((height * width + 1,), len(anchors))  # outside the slice: the zero column
+        anchor_number[anchors] = torch.arange(len(anchors))
         rows, columns = others // width, others % width
         radius = self.spatial_kernel // 2
         neighbours = []
         for a, b in _odd_taps(self.spatial_kernel):
             row, column = rows + a - radius, columns + b - radius
             inside = (row >= 0) & (row < height) & (column >= 0) & (column < width)
-            neighbours.append(torch.where(inside, row * width + column, height * width))  # outside: a zero column
-        return Checkerboard(anchors=positions[anchors], others=others, neighbours=torch.stack(neighbours))
+            neighbours.append(anchor_number[torch.where(inside, row * width + column, height * width)])
+        return Checkerboard(order=torch.cat([anchors, others]), anchor_count=len(anchors), neighbours=torch.stack(neighbours))
 
     def spatial_corrections(
-        self, index: int, symbols: torch.Tensor, scales_q: torch.Tensor, board: Checkerboard
+        self, index: int, anchor_symbols: torch.Tensor, anchor_scales_q: torch.Tensor, board: Checkerboard
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Slice `index`'s symbols and channel-wise scales (2^-10 units), each (S, h·w), of which only the anchors
-        are read -> the corrections of the means and scales at the non-anchors (2^-10 units), each (S, L)."""
-        inputs = F.pad(torch.cat([symbols * 2**FIXED_POINT_BITS, scales_q]), (0, 1))  # the last column: zeros
-        # Every non-anchor's anchor neighbours as channels of one column (tap by tap): the first layer is a 1x1.
-        gathered = inputs[:, board.neighbours].transpose(0, 1).reshape(-1, board.others.numel())
+        """Slice `index`'s anchor symbols and channel-wise anchor scales (2^-10 units), each (S, La) in the board's
+        order -> the corrections of the means and scales at the non-anchors (2^-10 units), each (S, L)."""
+        inputs = F.pad(torch.cat([anchor_symbols * 2**FIXED_POINT_BITS, anchor_scales_q]), (0, 1))  # last column: zeros
+        # Every non-anchor's anchor neighbours as channels of one column (channel by channel, tap by tap, as
+        # _gathered orders the weights): the first layer is a 1x1 over them.
+        gathered = inputs[:, board.neighbours].view(-1, board.neighbours.shape[1])
         corrections = self.spatial_nets[index].run(gathered[None, :, :, None])
         return corrections.view(2, self.slice_size, -1).unbind(0)
 
 
 @dataclass(frozen=True)
 class Checkerboard:
-    """Flat positions (row·w + column) of a slice's anchors and non-anchors, and each non-anchor's neighbours
-    at the spatial network's odd taps (h·w where a tap falls outside the slice)."""
+    """A slice's flat positions (row·w + column) in coding order, anchors first, and each non-anchor's anchor
+    neighbours at the spatial network's odd taps, as numbers among the anchors (La where a tap leaves the slice)."""
 
-    anchors: torch.Tensor  # (La,) int64
-    others: torch.Tensor  # (L,) int64
+    order: torch.Tensor  # (h·w,) int64: the La anchors, then the L others
+    anchor_count: int  # La
     neighbours: torch.Tensor  # (taps, L) int64
 
 
 def _flat(slice_tensor: torch.Tensor) -> torch.Tensor:
-    """(1, S, h, w) -> (S, h·w), a view: what the checkerboard's flat positions index (and write through)."""
+    """(1, S, h, w) -> (S, h·w), a view: what the checkerboard's flat positions index."""
     return slice_tensor.view(slice_tensor.shape[1], -1)
+
+
+def _unordered(values_o: torch.Tensor, board: Checkerboard, shape: tuple[int, ...]) -> torch.Tensor:
+    """(S, h·w) values in the board's coding order -> (1, S, h, w) in spatial order."""
+    values = torch.empty_like(values_o)
+    values[:, board.order] = values_o
+    return values.view(shape)
 
 
 def _odd_taps(kernel: int) -> list[tuple[int, int]]:
@@ -206,8 +214,8 @@ def _gathered(net: nn.Sequential) -> nn.Sequential:
     first = net[0]
     taps = _odd_taps(first.kernel_size[0])
     gathered = nn.Conv2d(first.in_channels * len(taps), first.out_channels, 1)
-    with torch.no_grad():
-        gathered.weight.copy_(torch.cat([first.weight[:, :, a, b] for a, b in taps], dim=1)[..., None, None])
+    with torch.no_grad():  # input channel c·taps + t: channel c at tap t
+        gathered.weight.copy_(torch.stack([first.weight[:, :, a, b] for a, b in taps], dim=2).flatten(1)[..., None, None])
         gathered.bias.copy_(first.bias)
     return nn.Sequential(gathered, *list(net)[1:])
 
@@ -269,22 +277,25 @@ class LatentCoder:
         symbols, stds, y_hat, decoded_q = [], [], [], []
         for index, y_slice in enumerate(y.chunk(self._slices(y.shape[1]), dim=1)):
             means_q, scales_q = self._slice_parameters(index, hyper, decoded_q)
-            slice_symbols = torch.round(y_slice - means_q / 2**FIXED_POINT_BITS).clamp(-Y_MAX, Y_MAX)
             if board is None:
+                slice_symbols = torch.round(y_slice - means_q / 2**FIXED_POINT_BITS).clamp(-Y_MAX, Y_MAX)
                 symbols.append(slice_symbols.ravel())
                 stds.append(scales_q.ravel())
+                decoded_q.append(slice_symbols * 2**FIXED_POINT_BITS + means_q)
             else:
-                # Anchors first, then the other positions with parameters that read the anchors' symbols.
-                flat_symbols, flat_means, flat_scales = _flat(slice_symbols), _flat(means_q), _flat(scales_q)
-                delta_means, delta_scales = self.context.spatial_corrections(index, flat_symbols, flat_scales, board)
-                flat_means[:, board.others] += delta_means
-                flat_scales[:, board.others] += delta_scales
-                flat_symbols[:, board.others] = torch.round(
-                    _flat(y_slice)[:, board.others] - flat_means[:, board.others] / 2**FIXED_POINT_BITS
-                ).clamp(-Y_MAX, Y_MAX)
-                symbols += [flat_symbols[:, board.anchors].ravel(), flat_symbols[:, board.others].ravel()]
-                stds += [flat_scales[:, board.anchors].ravel(), flat_scales[:, board.others].ravel()]
-            decoded_q.append(slice_symbols * 2**FIXED_POINT_BITS + means_q)
+                # In coding order: the anchors, then the others with parameters that read the anchors' symbols.
+                means_o, scales_o = _flat(means_q)[:, board.order], _flat(scales_q)[:, board.order]
+                y_o = _flat(y_slice)[:, board.order]
+                anchors, others = slice(None, board.anchor_count), slice(board.anchor_count, None)
+                symbols_o = torch.round(y_o[:, anchors] - means_o[:, anchors] / 2**FIXED_POINT_BITS).clamp(-Y_MAX, Y_MAX)
+                delta_means, delta_scales = self.context.spatial_corrections(index, symbols_o, scales_o[:, anchors], board)
+                means_o[:, others] += delta_means
+                scales_o[:, others] += delta_scales
+                other_symbols = torch.round(y_o[:, others] - means_o[:, others] / 2**FIXED_POINT_BITS).clamp(-Y_MAX, Y_MAX)
+                symbols_o = torch.cat([symbols_o, other_symbols], dim=1)
+                symbols += [symbols_o[:, anchors].ravel(), other_symbols.ravel()]
+                stds += [scales_o[:, anchors].ravel(), scales_o[:, others].ravel()]
+                decoded_q.append(_unordered(symbols_o * 2**FIXED_POINT_BITS + means_o, board, y_slice.shape))
             y_hat.append(decoded_q[-1] / 2**FIXED_POINT_BITS)
         coder = constriction.stream.stack.AnsCoder()
         # ANS is a stack: push y first so that the decoder pops z first. y in one push, in the order the decoder
@@ -322,16 +333,18 @@ class LatentCoder:
             if board is None:
                 slice_symbols = self._pop(coder, scales_q).reshape(slice_shape)
                 symbols.append(slice_symbols.ravel())
+                decoded_q.append(slice_symbols * 2**FIXED_POINT_BITS + means_q)
             else:
-                slice_symbols = torch.zeros(slice_shape, dtype=torch.float64)
-                flat_symbols, flat_means, flat_scales = _flat(slice_symbols), _flat(means_q), _flat(scales_q)
-                flat_symbols[:, board.anchors] = self._pop(coder, flat_scales[:, board.anchors]).view(slice_shape[1], -1)
-                delta_means, delta_scales = self.context.spatial_corrections(index, flat_symbols, flat_scales, board)
-                flat_means[:, board.others] += delta_means
-                flat_scales[:, board.others] += delta_scales
-                flat_symbols[:, board.others] = self._pop(coder, flat_scales[:, board.others]).view(slice_shape[1], -1)
-                symbols += [flat_symbols[:, board.anchors].ravel(), flat_symbols[:, board.others].ravel()]
-            decoded_q.append(slice_symbols * 2**FIXED_POINT_BITS + means_q)
+                means_o, scales_o = _flat(means_q)[:, board.order], _flat(scales_q)[:, board.order]
+                anchors, others = slice(None, board.anchor_count), slice(board.anchor_count, None)
+                anchor_symbols = self._pop(coder, scales_o[:, anchors]).view(slice_shape[1], -1)
+                delta_means, delta_scales = self.context.spatial_corrections(index, anchor_symbols, scales_o[:, anchors], board)
+                means_o[:, others] += delta_means
+                scales_o[:, others] += delta_scales
+                other_symbols = self._pop(coder, scales_o[:, others]).view(slice_shape[1], -1)
+                symbols += [anchor_symbols.ravel(), other_symbols.ravel()]
+                symbols_o = torch.cat([anchor_symbols, other_symbols], dim=1)
+                decoded_q.append(_unordered(symbols_o * 2**FIXED_POINT_BITS + means_o, board, slice_shape))
             y_hat.append(decoded_q[-1] / 2**FIXED_POINT_BITS)
         if not coder.is_empty():
             # Leftover words mean the stream does not belong to this geometry and model.

@@ -18,7 +18,7 @@ Where this differs from the paper, and why:
 - No autoregressive context model: a serial context model would need its own exact path and is slow on a CPU,
   so the RBN is a mean-scale hyperprior codec (Minnen et al. without context) coded by rcam's exact coder
   (rcam.codec.entropy). rcam's own model has since gained a channel-wise and a checkerboard context; on
-  protocol S, where RAWtoBit is measured, the channel-wise one moved rcam's lead by 0.05 dB (README, Limits).
+  protocol S, where RAWtoBit is measured, they moved rcam's lead by 0.05 and 0.01 dB (README, 'What ships').
 - Variable rate: one RBN and one compression teacher for all λ, with rcam's gain units (rcam.codec.models.GainUnits,
   λ drawn per sample) instead of seven models per λ. The same CPU budget as rcam's model could not train seven
   RBNs and seven teachers; one model per λ at a seventh of the budget each would handicap it more than the
