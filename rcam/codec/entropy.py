@@ -176,7 +176,7 @@ class IntegerChannelContext:
         inputs = F.pad(torch.cat([anchor_symbols * 2**FIXED_POINT_BITS, anchor_scales_q]), (0, 1))  # last column: zeros
         # Every non-anchor's anchor neighbours as channels of one column (channel by channel, tap by tap, as
         # _gathered orders the weights): the first layer is a 1x1 over them.
-        gathered = inputs[:, board.neighbours].view(-1, board.neighbours.shape[1])
+        gathered = inputs.index_select(1, board.neighbours.ravel()).view(-1, board.neighbours.shape[1])
         corrections = self.spatial_nets[index].run(gathered[None, :, :, None])
         return corrections.view(2, self.slice_size, -1).unbind(0)
 
@@ -198,9 +198,7 @@ def _flat(slice_tensor: torch.Tensor) -> torch.Tensor:
 
 def _unordered(values_o: torch.Tensor, board: Checkerboard, shape: tuple[int, ...]) -> torch.Tensor:
     """(S, h·w) values in the board's coding order -> (1, S, h, w) in spatial order."""
-    values = torch.empty_like(values_o)
-    values[:, board.order] = values_o
-    return values.view(shape)
+    return torch.empty_like(values_o).index_copy_(1, board.order, values_o).view(shape)
 
 
 def _odd_taps(kernel: int) -> list[tuple[int, int]]:
@@ -284,8 +282,8 @@ class LatentCoder:
                 decoded_q.append(slice_symbols * 2**FIXED_POINT_BITS + means_q)
             else:
                 # In coding order: the anchors, then the others with parameters that read the anchors' symbols.
-                means_o, scales_o = _flat(means_q)[:, board.order], _flat(scales_q)[:, board.order]
-                y_o = _flat(y_slice)[:, board.order]
+                means_o, scales_o = _flat(means_q).index_select(1, board.order), _flat(scales_q).index_select(1, board.order)
+                y_o = _flat(y_slice).index_select(1, board.order)
                 anchors, others = slice(None, board.anchor_count), slice(board.anchor_count, None)
                 symbols_o = torch.round(y_o[:, anchors] - means_o[:, anchors] / 2**FIXED_POINT_BITS).clamp(-Y_MAX, Y_MAX)
                 delta_means, delta_scales = self.context.spatial_corrections(index, symbols_o, scales_o[:, anchors], board)
@@ -335,7 +333,7 @@ class LatentCoder:
                 symbols.append(slice_symbols.ravel())
                 decoded_q.append(slice_symbols * 2**FIXED_POINT_BITS + means_q)
             else:
-                means_o, scales_o = _flat(means_q)[:, board.order], _flat(scales_q)[:, board.order]
+                means_o, scales_o = _flat(means_q).index_select(1, board.order), _flat(scales_q).index_select(1, board.order)
                 anchors, others = slice(None, board.anchor_count), slice(board.anchor_count, None)
                 anchor_symbols = self._pop(coder, scales_o[:, anchors]).view(slice_shape[1], -1)
                 delta_means, delta_scales = self.context.spatial_corrections(index, anchor_symbols, scales_o[:, anchors], board)
