@@ -92,20 +92,26 @@ class IntegerConvNet:
             if float(fan_in_sum) >= limit:
                 raise RcamError("entropy-model weights too large for exact fixed-point evaluation")
 
-    def run(self, activation: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) float64 integers in 2^-10 units -> the network's output, the same kind of numbers."""
+    def run(self, activation: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """(B, C, h, w) float64 integers in 2^-10 units -> the network's output, the same kind of numbers (from
+        layer `first` on)."""
         # Clamped on the way in as after every layer, so the worst case above holds for any input.
         activation = activation.clamp(-ACTIVATION_LIMIT, ACTIVATION_LIMIT)
-        for layer in self.layers:
-            # Back to 2^-10 units, rounded half up (rounding_bias holds the half): exact on integers in float64.
+        for layer in self.layers[first:]:
             if layer.transposed:
                 out = F.conv_transpose2d(
                     activation, layer.weight, layer.rounding_bias, layer.stride, layer.padding, layer.output_padding
                 )
             else:
                 out = F.conv2d(activation, layer.weight, layer.rounding_bias, layer.stride, layer.padding)
-            activation = out.div_(2**WEIGHT_BITS).floor_().clamp_(0 if layer.relu else -ACTIVATION_LIMIT, ACTIVATION_LIMIT)
+            activation = to_units(out, layer)
         return activation
+
+
+def to_units(sums: torch.Tensor, layer: _IntegerLayer) -> torch.Tensor:
+    """A layer's sums (rounding bias included) -> its activations in 2^-10 units, rounded half up, after its ReLU
+    and clamp: exact on integers in float64, computed in place."""
+    return sums.div_(2**WEIGHT_BITS).floor_().clamp_(0 if layer.relu else -ACTIVATION_LIMIT, ACTIVATION_LIMIT)
 
 
 def scale_indices(scales_q: torch.Tensor) -> torch.Tensor:
@@ -135,6 +141,14 @@ class IntegerChannelContext:
     def __init__(self, context: nn.Module):
         self.slice_size = context.slice_size
         self.nets = [IntegerConvNet(net) for net in context.nets]
+        # Each network's first layer split by input: the slice's own means and scales, and each earlier slice's ŷ,
+        # that slice's weights for every later network stacked, so a decoded slice feeds them all in one conv.
+        size = self.slice_size
+        self.own_weights = [net.layers[0].weight[:, : 2 * size] for net in self.nets]
+        self.later_weights = [
+            torch.cat([net.layers[0].weight[:, (2 + j) * size : (3 + j) * size] for net in self.nets[j + 1 :]])
+            for j in range(len(self.nets) - 1)
+        ]  # fmt: skip
         self.spatial_nets = [IntegerConvNet(_gathered(net)) for net in context.spatial_nets]
         self.spatial_kernel = context.spatial_nets[0][0].kernel_size[0] if context.spatial_nets else 0
 
@@ -142,15 +156,19 @@ class IntegerChannelContext:
     def spatial(self) -> bool:
         return bool(self.spatial_nets)
 
+    def for_tile(self, means_q: torch.Tensor, scales_q: torch.Tensor) -> TileContext:
+        """A tile's context state, from the hyperprior's means and scales (1, M, h, w) in 2^-10 units."""
+        return TileContext(self, means_q, scales_q)
+
     def slice_parameters(
         self, index: int, means_q: torch.Tensor, scales_q: torch.Tensor, decoded_q: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Slice `index`: the hyperprior's means and scales (B, M, h, w) and the earlier slices' ŷ, each (B, S, h,
-        w), all float64 in 2^-10 units -> the slice's means and scales in 2^-10 units, each (B, S, h, w)."""
-        part = slice(index * self.slice_size, (index + 1) * self.slice_size)
-        own_means, own_scales = means_q[:, part], scales_q[:, part]
-        delta_means, delta_scales = self.nets[index].run(torch.cat([own_means, own_scales, *decoded_q], dim=1)).chunk(2, dim=1)
-        return own_means + delta_means, own_scales + delta_scales
+        """Slice `index`: the hyperprior's means and scales (1, M, h, w) and the earlier slices' ŷ, each (1, S, h,
+        w), all float64 in 2^-10 units -> the slice's means and scales in 2^-10 units, each (1, S, h, w)."""
+        tile = self.for_tile(means_q, scales_q)
+        for earlier, slice_q in enumerate(decoded_q):
+            tile.decoded(earlier, slice_q)
+        return tile.parameters(index)
 
     def layout(self, height: int, width: int) -> Checkerboard:
         """The checkerboard of an h x w slice for this context's spatial networks."""
@@ -189,6 +207,38 @@ class Checkerboard:
     order: torch.Tensor  # (h·w,) int64: the La anchors, then the L others
     anchor_count: int  # La
     neighbours: torch.Tensor  # (taps, L) int64
+
+
+class TileContext:
+    """One tile's channel-wise context while its slices are coded in order: each network's first-layer sums
+    gather the decoded slices' contributions as they come (integers, so the sums are exact in any order and
+    equal the whole first layer's)."""
+
+    def __init__(self, context: IntegerChannelContext, means_q: torch.Tensor, scales_q: torch.Tensor):
+        self.context, self.means_q, self.scales_q = context, means_q, scales_q
+        self.sums: list[torch.Tensor | None] = [None] * len(context.nets)
+
+    def decoded(self, index: int, slice_q: torch.Tensor) -> None:
+        """Slice `index`'s ŷ (1, S, h, w) in 2^-10 units, into the first-layer sums of every later slice."""
+        if index + 1 >= len(self.context.nets):
+            return
+        inputs = slice_q.clamp(-ACTIVATION_LIMIT, ACTIVATION_LIMIT)  # as IntegerConvNet.run clamps its input
+        contributions = F.conv2d(inputs, self.context.later_weights[index], None, 1, self.context.nets[0].layers[0].padding).split(self.context.nets[0].layers[0].weight.shape[0], dim=1)
+        for later, contribution in enumerate(contributions, start=index + 1):
+            self.sums[later] = contribution if self.sums[later] is None else self.sums[later].add_(contribution)
+
+    def parameters(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slice `index`'s means and scales (1, S, h, w) in 2^-10 units, once the slices before it are in."""
+        size = self.context.slice_size
+        part = slice(index * size, (index + 1) * size)
+        own_means, own_scales = self.means_q[:, part], self.scales_q[:, part]
+        net = self.context.nets[index]
+        own = torch.cat([own_means, own_scales], dim=1).clamp_(-ACTIVATION_LIMIT, ACTIVATION_LIMIT)
+        sums = F.conv2d(own, self.context.own_weights[index], net.layers[0].rounding_bias, 1, net.layers[0].padding)
+        if self.sums[index] is not None:
+            sums += self.sums[index]
+        delta_means, delta_scales = net.run(to_units(sums, net.layers[0]), first=1).chunk(2, dim=1)
+        return own_means + delta_means, own_scales + delta_scales
 
 
 def _flat(slice_tensor: torch.Tensor) -> torch.Tensor:
@@ -253,14 +303,9 @@ class LatentCoder:
     def _slices(self, channels: int) -> int:
         return 1 if self.context is None else channels // self.context.slice_size
 
-    def _slice_parameters(
-        self, index: int, hyper: tuple[torch.Tensor, torch.Tensor], decoded_q: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """One slice's channel-wise means and scales, each (1, S, h, w) float64 in 2^-10 units."""
-        means_q, scales_q = hyper
-        if self.context is None:
-            return means_q, scales_q
-        return self.context.slice_parameters(index, means_q, scales_q, decoded_q)
+    def _tile_context(self, hyper: tuple[torch.Tensor, torch.Tensor]) -> TileContext | None:
+        """The channel-wise context's state for one tile, or None for the hyperprior alone."""
+        return None if self.context is None else self.context.for_tile(*hyper)
 
     def _layout(self, height: int, width: int) -> Checkerboard | None:
         """The checkerboard of an h x w slice, or None without a spatial context (every position at once)."""
@@ -272,9 +317,10 @@ class LatentCoder:
         hyper = self.hyper_synthesis.raw(z_symbols)
         y = y.detach().to("cpu", torch.float64)
         board = self._layout(*y.shape[-2:])
+        tile = self._tile_context(hyper)
         symbols, stds, y_hat, decoded_q = [], [], [], []
         for index, y_slice in enumerate(y.chunk(self._slices(y.shape[1]), dim=1)):
-            means_q, scales_q = self._slice_parameters(index, hyper, decoded_q)
+            means_q, scales_q = hyper if tile is None else tile.parameters(index)
             if board is None:
                 slice_symbols = torch.round(y_slice - means_q / 2**FIXED_POINT_BITS).clamp(-Y_MAX, Y_MAX)
                 symbols.append(slice_symbols.ravel())
@@ -294,6 +340,8 @@ class LatentCoder:
                 symbols += [symbols_o[:, anchors].ravel(), other_symbols.ravel()]
                 stds += [scales_o[:, anchors].ravel(), scales_o[:, others].ravel()]
                 decoded_q.append(_unordered(symbols_o * 2**FIXED_POINT_BITS + means_o, board, y_slice.shape))
+            if tile is not None:
+                tile.decoded(index, decoded_q[-1])
             y_hat.append(decoded_q[-1] / 2**FIXED_POINT_BITS)
         coder = constriction.stream.stack.AnsCoder()
         # ANS is a stack: push y first so that the decoder pops z first. y in one push, in the order the decoder
@@ -325,9 +373,10 @@ class LatentCoder:
         slices = self._slices(y_shape[0])
         slice_shape = (1, y_shape[0] // slices, *y_shape[1:])
         board = self._layout(*y_shape[1:])
+        tile = self._tile_context(hyper)
         symbols, y_hat, decoded_q = [], [], []
         for index in range(slices):
-            means_q, scales_q = self._slice_parameters(index, hyper, decoded_q)
+            means_q, scales_q = hyper if tile is None else tile.parameters(index)
             if board is None:
                 slice_symbols = self._pop(coder, scales_q).reshape(slice_shape)
                 symbols.append(slice_symbols.ravel())
@@ -343,6 +392,8 @@ class LatentCoder:
                 symbols += [anchor_symbols.ravel(), other_symbols.ravel()]
                 symbols_o = torch.cat([anchor_symbols, other_symbols], dim=1)
                 decoded_q.append(_unordered(symbols_o * 2**FIXED_POINT_BITS + means_o, board, slice_shape))
+            if tile is not None:
+                tile.decoded(index, decoded_q[-1])
             y_hat.append(decoded_q[-1] / 2**FIXED_POINT_BITS)
         if not coder.is_empty():
             # Leftover words mean the stream does not belong to this geometry and model.
