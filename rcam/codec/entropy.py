@@ -222,8 +222,10 @@ class TileContext:
         """Slice `index`'s ŷ (1, S, h, w) in 2^-10 units, into the first-layer sums of every later slice."""
         if index + 1 >= len(self.context.nets):
             return
+        first = self.context.nets[0].layers[0]  # every network's first layer has the same width and padding
         inputs = slice_q.clamp(-ACTIVATION_LIMIT, ACTIVATION_LIMIT)  # as IntegerConvNet.run clamps its input
-        contributions = F.conv2d(inputs, self.context.later_weights[index], None, 1, self.context.nets[0].layers[0].padding).split(self.context.nets[0].layers[0].weight.shape[0], dim=1)
+        sums = F.conv2d(inputs, self.context.later_weights[index], None, 1, first.padding)
+        contributions = sums.split(first.weight.shape[0], dim=1)
         for later, contribution in enumerate(contributions, start=index + 1):
             self.sums[later] = contribution if self.sums[later] is None else self.sums[later].add_(contribution)
 
