@@ -240,3 +240,26 @@ def test_fixed_point_spatial_context_follows_the_float_one():
     assert (float_scales[:, :size][..., ~anchors].double() - fixed_scales / 2**FIXED_POINT_BITS).abs().max() < 0.03
     # Anchors keep the channel-wise parameters.
     assert (float_means[:, :size][..., anchors].double() - slice_means_q[..., anchors] / 2**FIXED_POINT_BITS).abs().max() < 0.03
+
+
+def test_split_first_layer_gives_the_whole_networks_integers():
+    """TileContext sums each context network's first layer by input (own means and scales; each decoded slice as
+    it comes): with inputs beyond the clamp, its parameters equal IntegerConvNet.run on the concatenated input,
+    bit for bit."""
+    coder = context_codec(4, seed=11).coder
+    size, context = coder.context.slice_size, coder.context
+    generator = torch.Generator().manual_seed(12)
+    integers = lambda channels: torch.round(torch.randn(1, channels, 8, 12, generator=generator, dtype=torch.float64) * 2**19)  # noqa: E731
+    means_q, scales_q = integers(4 * size), integers(4 * size)
+    decoded_q = [integers(size) * 4 for _ in range(3)]  # some beyond ACTIVATION_LIMIT: clamped on both paths
+    assert max(float(d.abs().max()) for d in decoded_q) > ACTIVATION_LIMIT
+    tile = context.for_tile(means_q, scales_q)
+    for index in range(4):
+        part = slice(index * size, (index + 1) * size)
+        whole = context.nets[index].run(torch.cat([means_q[:, part], scales_q[:, part], *decoded_q[:index]], dim=1))
+        delta_means, delta_scales = whole.chunk(2, dim=1)
+        split_means, split_scales = tile.parameters(index)
+        assert torch.equal(split_means, means_q[:, part] + delta_means)
+        assert torch.equal(split_scales, scales_q[:, part] + delta_scales)
+        if index < 3:
+            tile.decoded(index, decoded_q[index])
