@@ -185,7 +185,10 @@ def test_fixed_point_context_means_follow_the_float_context():
     means_q, scales_q = coder.hyper_synthesis.raw(z.double())
     size = coder.context.slice_size
     decoded_q = [sent.y_hat[:, i * size : (i + 1) * size].double() * 2**FIXED_POINT_BITS for i in range(3)]
-    fixed_means, _ = coder.context.slice_parameters(3, means_q, scales_q, decoded_q)
+    tile = coder.context.for_tile(means_q, scales_q)
+    for index, slice_q in enumerate(decoded_q):
+        tile.decoded(index, slice_q)
+    fixed_means, _ = tile.parameters(3)
     with torch.no_grad():
         net = model.channel_context.nets[3]
         inputs = torch.cat([means_q[:, 3 * size :], scales_q[:, 3 * size :], *decoded_q], dim=1).float() / 2**FIXED_POINT_BITS
@@ -219,7 +222,7 @@ def test_fixed_point_spatial_context_follows_the_float_one():
     means_q, scales_q = coder.hyper_synthesis.raw(z.double())
     anchors = checkerboard(8, 12)
     size = coder.context.slice_size
-    slice_means_q, slice_scales_q = coder.context.slice_parameters(0, means_q, scales_q, [])
+    slice_means_q, slice_scales_q = coder.context.for_tile(means_q, scales_q).parameters(0)
     symbols = torch.round(y[:, :size].double() - slice_means_q / 2**FIXED_POINT_BITS)
     board = coder.context.layout(8, 12)
     anchor_positions = board.order[: board.anchor_count]

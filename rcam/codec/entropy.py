@@ -160,16 +160,6 @@ class IntegerChannelContext:
         """A tile's context state, from the hyperprior's means and scales (1, M, h, w) in 2^-10 units."""
         return TileContext(self, means_q, scales_q)
 
-    def slice_parameters(
-        self, index: int, means_q: torch.Tensor, scales_q: torch.Tensor, decoded_q: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Slice `index`: the hyperprior's means and scales (1, M, h, w) and the earlier slices' ŷ, each (1, S, h,
-        w), all float64 in 2^-10 units -> the slice's means and scales in 2^-10 units, each (1, S, h, w)."""
-        tile = self.for_tile(means_q, scales_q)
-        for earlier, slice_q in enumerate(decoded_q):
-            tile.decoded(earlier, slice_q)
-        return tile.parameters(index)
-
     def layout(self, height: int, width: int) -> Checkerboard:
         """The checkerboard of an h x w slice for this context's spatial networks."""
         positions = torch.arange(height * width)
