@@ -225,9 +225,9 @@ def test_fixed_point_spatial_context_follows_the_float_one():
     slice_means_q, slice_scales_q = coder.context.for_tile(means_q, scales_q).parameters(0)
     symbols = torch.round(y[:, :size].double() - slice_means_q / 2**FIXED_POINT_BITS)
     board = coder.context.layout(8, 12)
-    anchor_positions = board.order[: board.anchor_count]
+    anchor_positions = board.order[board.anchors]
     assert torch.equal(anchor_positions, torch.nonzero(anchors.ravel()).ravel())
-    assert torch.equal(board.order[board.anchor_count :], torch.nonzero(~anchors.ravel()).ravel())
+    assert torch.equal(board.order[board.others], torch.nonzero(~anchors.ravel()).ravel())
     delta_means, delta_scales = coder.context.spatial_corrections(
         0, symbols.view(size, -1)[:, anchor_positions], slice_scales_q.view(size, -1)[:, anchor_positions], board
     )  # fmt: skip

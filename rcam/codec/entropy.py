@@ -198,6 +198,16 @@ class Checkerboard:
     anchor_count: int  # La
     neighbours: torch.Tensor  # (taps, L) int64
 
+    @property
+    def anchors(self) -> slice:
+        """The anchors' columns of a tensor in coding order."""
+        return slice(None, self.anchor_count)
+
+    @property
+    def others(self) -> slice:
+        """The non-anchors' columns of a tensor in coding order."""
+        return slice(self.anchor_count, None)
+
 
 class TileContext:
     """One tile's channel-wise context while its slices are coded in order: each network's first-layer sums
@@ -231,6 +241,16 @@ class TileContext:
             sums += self.sums[index]
         delta_means, delta_scales = net.run(to_units(sums, net.layers[0]), first=1).chunk(2, dim=1)
         return own_means + delta_means, own_scales + delta_scales
+
+
+def _refine_others(
+    context: IntegerChannelContext, index: int, anchor_symbols: torch.Tensor, means_o: torch.Tensor, scales_o: torch.Tensor, board: Checkerboard
+) -> None:  # fmt: skip
+    """Slice `index`'s means and scales (S, h·w) in coding order, 2^-10 units: the non-anchors' corrected in place
+    from the anchors' symbols (S, La), as encoder and decoder both do once the anchors are known."""
+    delta_means, delta_scales = context.spatial_corrections(index, anchor_symbols, scales_o[:, board.anchors], board)
+    means_o[:, board.others] += delta_means
+    scales_o[:, board.others] += delta_scales
 
 
 def _flat(slice_tensor: torch.Tensor) -> torch.Tensor:
@@ -322,15 +342,13 @@ class LatentCoder:
                 # In coding order: the anchors, then the others with parameters that read the anchors' symbols.
                 means_o, scales_o = _flat(means_q).index_select(1, board.order), _flat(scales_q).index_select(1, board.order)
                 y_o = _flat(y_slice).index_select(1, board.order)
-                anchors, others = slice(None, board.anchor_count), slice(board.anchor_count, None)
-                symbols_o = torch.round(y_o[:, anchors] - means_o[:, anchors] / 2**FIXED_POINT_BITS).clamp(-Y_MAX, Y_MAX)
-                delta_means, delta_scales = self.context.spatial_corrections(index, symbols_o, scales_o[:, anchors], board)
-                means_o[:, others] += delta_means
-                scales_o[:, others] += delta_scales
-                other_symbols = torch.round(y_o[:, others] - means_o[:, others] / 2**FIXED_POINT_BITS).clamp(-Y_MAX, Y_MAX)
-                symbols_o = torch.cat([symbols_o, other_symbols], dim=1)
-                symbols += [symbols_o[:, anchors].ravel(), other_symbols.ravel()]
-                stds += [scales_o[:, anchors].ravel(), scales_o[:, others].ravel()]
+                rounded = lambda part: torch.round(y_o[:, part] - means_o[:, part] / 2**FIXED_POINT_BITS).clamp(-Y_MAX, Y_MAX)  # noqa: E731
+                anchor_symbols = rounded(board.anchors)
+                _refine_others(self.context, index, anchor_symbols, means_o, scales_o, board)
+                other_symbols = rounded(board.others)
+                symbols += [anchor_symbols.ravel(), other_symbols.ravel()]
+                stds += [scales_o[:, board.anchors].ravel(), scales_o[:, board.others].ravel()]
+                symbols_o = torch.cat([anchor_symbols, other_symbols], dim=1)
                 decoded_q.append(_unordered(symbols_o * 2**FIXED_POINT_BITS + means_o, board, y_slice.shape))
             if tile is not None:
                 tile.decoded(index, decoded_q[-1])
@@ -375,12 +393,9 @@ class LatentCoder:
                 decoded_q.append(slice_symbols * 2**FIXED_POINT_BITS + means_q)
             else:
                 means_o, scales_o = _flat(means_q).index_select(1, board.order), _flat(scales_q).index_select(1, board.order)
-                anchors, others = slice(None, board.anchor_count), slice(board.anchor_count, None)
-                anchor_symbols = self._pop(coder, scales_o[:, anchors]).view(slice_shape[1], -1)
-                delta_means, delta_scales = self.context.spatial_corrections(index, anchor_symbols, scales_o[:, anchors], board)
-                means_o[:, others] += delta_means
-                scales_o[:, others] += delta_scales
-                other_symbols = self._pop(coder, scales_o[:, others]).view(slice_shape[1], -1)
+                anchor_symbols = self._pop(coder, scales_o[:, board.anchors]).view(slice_shape[1], -1)
+                _refine_others(self.context, index, anchor_symbols, means_o, scales_o, board)
+                other_symbols = self._pop(coder, scales_o[:, board.others]).view(slice_shape[1], -1)
                 symbols += [anchor_symbols.ravel(), other_symbols.ravel()]
                 symbols_o = torch.cat([anchor_symbols, other_symbols], dim=1)
                 decoded_q.append(_unordered(symbols_o * 2**FIXED_POINT_BITS + means_o, board, slice_shape))
