@@ -1,17 +1,31 @@
 """rcam/codec/entropy.py directly: the fixed-point hyper-synthesis' overflow guard and its exactness at the limit,
-its distance from the float network training sees, and the clamping of latents outside the coded range."""
+its distance from the float network training sees, the clamping of latents outside the coded range, and y's
+tables (format 5) against the Gaussians of earlier versions."""
 
 from __future__ import annotations
 
 import copy
 
+import constriction
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rcam.codec.entropy import ACTIVATION_LIMIT, FIXED_POINT_BITS, WEIGHT_BITS, Y_MAX, Z_MAX, IntegerHyperSynthesis
+from rcam.codec import entropy
+from rcam.codec.entropy import (
+    ACTIVATION_LIMIT,
+    FIXED_POINT_BITS,
+    SCALE_TABLE_Q10,
+    WEIGHT_BITS,
+    Y_MAX,
+    Z_MAX,
+    IntegerHyperSynthesis,
+    measured_cumulatives,
+    y_cumulatives,
+    y_tables,
+)
 from rcam.codec.models import checkerboard
 from rcam.codec.zoo import codec_from_model
 from rcam.errors import RcamError
@@ -266,3 +280,67 @@ def test_split_first_layer_gives_the_whole_networks_integers():
         assert torch.equal(split_scales, scales_q[:, part] + delta_scales)
         if index < 3:
             tile.decoded(index, decoded_q[index])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# y's tables (format 5): the probabilities of versions 1-4, coded grouped by scale index
+
+
+def gaussian_and_table_streams(table, std: float, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    gaussian, categorical = constriction.stream.stack.AnsCoder(), constriction.stream.stack.AnsCoder()
+    model = constriction.stream.model.QuantizedGaussian(-Y_MAX, Y_MAX)
+    gaussian.encode_reverse(symbols, model, np.zeros(len(symbols)), np.full(len(symbols), std))
+    categorical.encode_reverse(symbols + Y_MAX, table)
+    return gaussian.get_compressed(), categorical.get_compressed()
+
+
+def test_y_tables_give_every_symbol_its_quantised_gaussian_probability():
+    """Each table codes symbols to the very words QuantizedGaussian(-Y_MAX, Y_MAX) at its scale does, so the
+    tables are the models of versions 1-4, only faster to decode."""
+    tables = y_tables()
+    assert len(tables) == len(SCALE_TABLE_Q10)
+    generator = np.random.default_rng(0)
+    for table, std_q in zip(tables, SCALE_TABLE_Q10):
+        std = std_q / 2**FIXED_POINT_BITS
+        typical = np.round(generator.normal(0, 2 * std, 2000))
+        symbols = np.clip(np.concatenate([typical, [-Y_MAX, Y_MAX, 0, 1, -1]]), -Y_MAX, Y_MAX).astype(np.int32)
+        from_gaussian, from_table = gaussian_and_table_streams(table, std, symbols)
+        assert len(from_gaussian) > 2 and np.array_equal(from_gaussian, from_table), std
+
+
+def test_y_tables_take_constrictions_numbers_where_erf_rounds_otherwise():
+    """If this machine's erf put a cumulative on the other side of an integer, the table would differ from
+    constriction's Gaussian: y_tables notices and reads the numbers off constriction instead."""
+    std = SCALE_TABLE_Q10[20] / 2**FIXED_POINT_BITS
+    np.testing.assert_array_equal(measured_cumulatives(std), y_cumulatives(std))
+
+    def one_off(std: float) -> np.ndarray:
+        cumulatives = y_cumulatives(std)
+        cumulatives[Y_MAX] += 1  # the left cumulative of symbol 0, inside the bell: the weights stay >= 0
+        return cumulatives
+
+    symbols = np.arange(-3, 4, dtype=np.int32)
+    assert not np.array_equal(*gaussian_and_table_streams(entropy._categorical(one_off(std)), std, symbols))
+    repaired = y_tables(one_off)
+    for table, std_q in zip(repaired, SCALE_TABLE_Q10):
+        assert np.array_equal(*gaussian_and_table_streams(table, std_q / 2**FIXED_POINT_BITS, symbols))
+
+
+@pytest.mark.parametrize("slices, spatial", [(0, 0), (4, 0), (2, 8)])
+def test_grouped_streams_hold_the_symbols_of_position_ordered_ones(slices, spatial):
+    """Format 5 pops each coding step's symbols grouped by scale index, versions 1-4 in position order: other
+    bytes, about as many of them, and each decodes exactly with its own order only."""
+    coded = context_codec(slices, seed=2, spatial=spatial, trained=slices > 0)
+    y, z, grouped_stream, sent = exact_round_trip(coded, seed=11)
+    y_shape, z_shape = tuple(y.shape[1:]), tuple(z.shape[1:])
+    ordered_stream, ordered_sent = coded.coder.encode(y, z, grouped=False)
+    np.testing.assert_array_equal(ordered_sent.y_symbols, sent.y_symbols)
+    assert ordered_stream != grouped_stream and abs(len(ordered_stream) - len(grouped_stream)) <= 8
+    received = coded.coder.decode(ordered_stream, y_shape, z_shape, grouped=False)
+    np.testing.assert_array_equal(received.y_symbols, sent.y_symbols)
+    assert torch.equal(received.y_hat, sent.y_hat)
+    try:
+        misread = coded.coder.decode(grouped_stream, y_shape, z_shape, grouped=False).y_symbols
+    except RcamError:
+        misread = None
+    assert misread is None or not np.array_equal(misread, sent.y_symbols)

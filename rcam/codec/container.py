@@ -1,6 +1,7 @@
-"""The .rcb container, version 4 (docs/FORMAT.md): header, tone correction field, look and development (the colour
+"""The .rcb container, version 5 (docs/FORMAT.md): header, tone correction field, look and development (the colour
 matrix and brightness the skeleton decoder applies), capture metadata (EXIF and XMP lengths, own CRC), stream
-table, checksums, then the metadata and one stream per tile. Version 3 files (no look: clean, no development,
+table, checksums, then the metadata and one stream per tile. Version 4 files (the same header; y in each stream
+in position order), version 3 files (no look: clean, no development,
 no metadata), version 2 (one gain and offset per channel) and version 1 (no tone correction) are still read.
 
 Parsing reads fixed-size little-endian fields with explicit bounds checks, never unpickles or evaluates
@@ -20,9 +21,10 @@ from rcam.codec.tone import IDENTITY, MAX_KNOTS, check_tone, knots_of
 from rcam.errors import RcamError
 
 MAGIC = b"\x89RCB\r\n\x1a\n"  # like PNG's: catches text-mode transfers and truncation to a few bytes
-FORMAT_VERSION = 4  # written
-# 1: no tone correction; 2: one gain and offset per channel (six float32); 3: no capture metadata
-READABLE_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5  # written
+# 1: no tone correction; 2: one gain and offset per channel (six float32); 3: no capture metadata; 4: y ungrouped
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
+GROUPED_Y_VERSION = 5  # from here on, streams code y grouped by scale index (rcam.codec.entropy.LatentCoder)
 MAX_SIDE = 65535  # sensor rows / columns
 MAX_PIXELS = 200_000_000  # same bound as the RAW reader
 MAX_TILE = 4096  # packed pixels per tile side

@@ -18,7 +18,9 @@ layer). Both sides use the fixed-point numbers, so this costs a little rate and 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import cache
 
 import constriction
 import numpy as np
@@ -36,6 +38,7 @@ ACTIVATION_LIMIT = 2**20  # |activation| bound in fixed-point units (1024.0): ke
 Z_MAX = 64  # z symbols are clamped to [-Z_MAX, Z_MAX]
 Y_MAX = 1023  # y symbols (y - mean, rounded) are clamped to [-Y_MAX, Y_MAX]
 Z_TABLE_BITS = 16  # z probabilities are stored as integers out of about 2^16
+Y_PRECISION = 24  # constriction's default models: y probabilities are integers out of 2^24
 # Standard deviations of the y model, in units of 2^-10: exp(linspace(log 0.11, log 64, 64)), rounded.
 SCALE_TABLE_Q10 = (
     113, 125, 138, 153, 169, 187, 207, 229, 253, 280, 309, 342, 379, 419, 464, 513, 567, 628, 694, 768, 850,
@@ -291,6 +294,66 @@ def z_tables(entropy_bottleneck: EntropyBottleneck) -> np.ndarray:
     return np.maximum(np.round(probabilities * 2**Z_TABLE_BITS), 1).astype(np.int64)
 
 
+def y_cumulatives(std: float) -> np.ndarray:
+    """The integer cumulatives constriction's QuantizedGaussian(-Y_MAX, Y_MAX) gives N(0, std) on -Y_MAX..Y_MAX,
+    less its leak (one unit per symbol before): (2·Y_MAX+2,) float64 integers from 0 to 2^24 − (2·Y_MAX+1)."""
+    free_weight = 2**Y_PRECISION - (2 * Y_MAX + 1)
+    edges = np.arange(-Y_MAX, Y_MAX) + 0.5  # between neighbouring symbols
+    cdf = np.array([(1.0 + math.erf(edge / (std * math.sqrt(2.0)))) / 2.0 for edge in edges])
+    return np.concatenate([[0.0], np.floor(free_weight * cdf), [float(free_weight)]])
+
+
+def measured_cumulatives(std: float) -> np.ndarray:
+    """y_cumulatives(std) read off constriction itself, symbol by symbol (slow: about 12 ms)."""
+    gaussian = constriction.stream.model.QuantizedGaussian(-Y_MAX, Y_MAX)
+    lefts = []
+    for symbol in range(-Y_MAX + 1, Y_MAX + 1):
+        # One symbol pushed on an empty ANS coder (state 0) leaves the state ((0 // p) << 24) | (0 % p + left) = left.
+        coder = constriction.stream.stack.AnsCoder()
+        coder.encode_reverse(np.array([symbol], np.int32), gaussian, np.zeros(1), np.array([std]))
+        lefts.append(sum(int(word) << (32 * place) for place, word in enumerate(coder.get_compressed())))
+    leaks = np.arange(1, 2 * Y_MAX + 1)
+    return np.concatenate([[0.0], np.asarray(lefts, np.float64) - leaks, [float(2**Y_PRECISION - (2 * Y_MAX + 1))]])
+
+
+def _categorical(cumulatives: np.ndarray) -> constriction.stream.model.Categorical:
+    # Integer weights summing to the free weight: constriction's fast quantisation then keeps them as they are
+    # (scale 1) and adds the same one-unit leak per symbol, so the model's cumulatives are these plus the leak.
+    return constriction.stream.model.Categorical(np.diff(cumulatives), perfect=False)
+
+
+def _codes_alike(table: constriction.stream.model.Categorical, std: float) -> bool:
+    """Whether `table` codes every y symbol as QuantizedGaussian(-Y_MAX, Y_MAX) at `std` does (the same bytes)."""
+    symbols = np.arange(-Y_MAX, Y_MAX + 1, dtype=np.int32)
+    symbols = np.concatenate([symbols, symbols[::-1], symbols[(np.arange(len(symbols)) * 877) % len(symbols)]])
+    gaussian, categorical = constriction.stream.stack.AnsCoder(), constriction.stream.stack.AnsCoder()
+    gaussian.encode_reverse(symbols, constriction.stream.model.QuantizedGaussian(-Y_MAX, Y_MAX), np.zeros(len(symbols)), np.full(len(symbols), std))
+    categorical.encode_reverse(symbols + Y_MAX, table)
+    return np.array_equal(gaussian.get_compressed(), categorical.get_compressed())
+
+
+@cache
+def y_tables(cumulatives=y_cumulatives) -> tuple[constriction.stream.model.Categorical, ...]:
+    """One categorical model per SCALE_TABLE_Q10 entry over y symbol + Y_MAX, with exactly the probabilities that
+    constriction's QuantizedGaussian(-Y_MAX, Y_MAX) has at that standard deviation: format version 5 codes y with
+    these tables, grouped, where earlier versions coded each symbol with its own Gaussian (7x slower to decode)."""
+    tables = []
+    for std in _SCALE_TABLE:
+        table = _categorical(cumulatives(std))
+        if not _codes_alike(table, std):
+            # This machine's erf rounds some edge across an integer where constriction's does not: ask constriction.
+            table = _categorical(measured_cumulatives(std))
+        tables.append(table)
+    return tuple(tables)
+
+
+def _by_scale(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale indices (n,) -> (the positions grouped by index, ascending, each group in position order; the count
+    of each of the len(SCALE_TABLE_Q10) indices)."""
+    order = np.argsort(indices.astype(np.uint8), kind="stable")  # a radix sort over uint8
+    return order, np.bincount(indices, minlength=len(SCALE_TABLE_Q10))
+
+
 @dataclass(frozen=True)
 class TileLatents:
     """What one tile's stream decodes to: ŷ after gains are undone elsewhere, plus the raw symbols."""
@@ -304,13 +367,16 @@ class LatentCoder:
     """Range-codes (z, y) of one tile into one constriction ANS stream and back.
 
     With a channel-wise context model, y's slices are coded in order, each with parameters that depend on the
-    slices before it; without one, y is one slice with the hyperprior's parameters (the same bytes as ever)."""
+    slices before it; without one, y is one slice with the hyperprior's parameters (the same bytes as ever).
+    `grouped` (format version 5 on): within each coding step, the symbols go by scale index, each group with one
+    table (y_tables); False: in position order, each symbol with its own Gaussian (versions 1 to 4)."""
 
     def __init__(self, hyper_synthesis: IntegerHyperSynthesis, z_table: np.ndarray, context: IntegerChannelContext | None = None):
         self.hyper_synthesis = hyper_synthesis
         self.context = context
         self.z_models = [constriction.stream.model.Categorical(row.astype(np.float64), perfect=False) for row in z_table]
         self.y_model = constriction.stream.model.QuantizedGaussian(-Y_MAX, Y_MAX)
+        self.y_tables = y_tables()
 
     def _slices(self, channels: int) -> int:
         return 1 if self.context is None else channels // self.context.slice_size
@@ -323,20 +389,19 @@ class LatentCoder:
         """The checkerboard of an h x w slice, or None without a spatial context (every position at once)."""
         return self.context.layout(height, width) if self.context is not None and self.context.spatial else None
 
-    def encode(self, y: torch.Tensor, z: torch.Tensor) -> tuple[bytes, TileLatents]:
+    def encode(self, y: torch.Tensor, z: torch.Tensor, grouped: bool = True) -> tuple[bytes, TileLatents]:
         """y (1, M, h, w) and z (1, Cz, h/4, w/4) floats -> (stream bytes, the latents the decoder will see)."""
         z_symbols = torch.round(z.detach().to("cpu", torch.float64)).clamp(-Z_MAX, Z_MAX)
         hyper = self.hyper_synthesis.raw(z_symbols)
         y = y.detach().to("cpu", torch.float64)
         board = self._layout(*y.shape[-2:])
         tile = self._tile_context(hyper)
-        symbols, stds, y_hat, decoded_q = [], [], [], []
+        steps, y_hat, decoded_q = [], [], []  # steps: (symbols, scales in 2^-10 units) per coding step
         for index, y_slice in enumerate(y.chunk(self._slices(y.shape[1]), dim=1)):
             means_q, scales_q = hyper if tile is None else tile.parameters(index)
             if board is None:
                 slice_symbols = torch.round(y_slice - means_q / 2**FIXED_POINT_BITS).clamp(-Y_MAX, Y_MAX)
-                symbols.append(slice_symbols.ravel())
-                stds.append(scales_q.ravel())
+                steps.append((slice_symbols.ravel(), scales_q.ravel()))
                 decoded_q.append(slice_symbols * 2**FIXED_POINT_BITS + means_q)
             else:
                 # In coding order: the anchors, then the others with parameters that read the anchors' symbols.
@@ -346,31 +411,51 @@ class LatentCoder:
                 anchor_symbols = rounded(board.anchors)
                 _refine_others(self.context, index, anchor_symbols, means_o, scales_o, board)
                 other_symbols = rounded(board.others)
-                symbols += [anchor_symbols.ravel(), other_symbols.ravel()]
-                stds += [scales_o[:, board.anchors].ravel(), scales_o[:, board.others].ravel()]
+                steps += [(anchor_symbols.ravel(), scales_o[:, board.anchors].ravel()), (other_symbols.ravel(), scales_o[:, board.others].ravel())]
                 symbols_o = torch.cat([anchor_symbols, other_symbols], dim=1)
                 decoded_q.append(_unordered(symbols_o * 2**FIXED_POINT_BITS + means_o, board, y_slice.shape))
             if tile is not None:
                 tile.decoded(index, decoded_q[-1])
             y_hat.append(decoded_q[-1] / 2**FIXED_POINT_BITS)
         coder = constriction.stream.stack.AnsCoder()
-        # ANS is a stack: push y first so that the decoder pops z first. y in one push, in the order the decoder
-        # pops it: slice by slice, each in C order (with a spatial context: its anchors, then the others).
-        y_flat = torch.cat(symbols).numpy().astype(np.int32)
-        all_stds = _SCALE_TABLE[scale_indices(torch.cat(stds)).numpy()]
-        coder.encode_reverse(y_flat, self.y_model, np.zeros_like(all_stds), all_stds)
+        # ANS is a stack: push y first so that the decoder pops z first; y's steps last to first.
+        steps = [(symbols.numpy().astype(np.int32), scale_indices(scales_q).numpy()) for symbols, scales_q in steps]
+        self._push_y(coder, steps, grouped)
+        y_flat = np.concatenate([symbols for symbols, _ in steps])
         z_channels = z_symbols.numpy().astype(np.int32)[0]
         for channel in range(len(self.z_models) - 1, -1, -1):
             coder.encode_reverse(z_channels[channel].ravel() + Z_MAX, self.z_models[channel])
         stream = coder.get_compressed().tobytes()
         return stream, TileLatents(y_hat=torch.cat(y_hat, dim=1).float(), y_symbols=y_flat, z_symbols=z_channels.ravel())
 
-    def _pop(self, coder: constriction.stream.stack.AnsCoder, scales_q: torch.Tensor) -> torch.Tensor:
-        """Decode as many y symbols as `scales_q` (2^-10 units) has elements: float64, flat."""
-        stds = _SCALE_TABLE[scale_indices(scales_q.ravel()).numpy()]
-        return torch.from_numpy(coder.decode(self.y_model, np.zeros_like(stds), stds).astype(np.float64))
+    def _push_y(self, coder: constriction.stream.stack.AnsCoder, steps: list[tuple[np.ndarray, np.ndarray]], grouped: bool) -> None:
+        """Push y's coding steps, each (symbols int32, scale indices int64), so that the decoder pops them in order:
+        slice by slice, each in C order (with a spatial context: its anchors, then the others)."""
+        if not grouped:
+            symbols = np.concatenate([symbols for symbols, _ in steps])
+            stds = _SCALE_TABLE[np.concatenate([indices for _, indices in steps])]
+            coder.encode_reverse(symbols, self.y_model, np.zeros_like(stds), stds)
+            return
+        for symbols, indices in reversed(steps):
+            order, counts = _by_scale(indices)
+            ends = np.cumsum(counts)
+            grouped_symbols = symbols[order] + Y_MAX
+            for index in np.flatnonzero(counts)[::-1]:
+                coder.encode_reverse(grouped_symbols[ends[index] - counts[index] : ends[index]], self.y_tables[index])
 
-    def decode(self, stream: bytes, y_shape: tuple[int, int, int], z_shape: tuple[int, int, int]) -> TileLatents:
+    def _pop(self, coder: constriction.stream.stack.AnsCoder, scales_q: torch.Tensor, grouped: bool) -> torch.Tensor:
+        """Decode one coding step, as many y symbols as `scales_q` (2^-10 units) has elements: float64, flat."""
+        indices = scale_indices(scales_q.ravel()).numpy()
+        if not grouped:
+            stds = _SCALE_TABLE[indices]
+            return torch.from_numpy(coder.decode(self.y_model, np.zeros_like(stds), stds).astype(np.float64))
+        order, counts = _by_scale(indices)
+        groups = [coder.decode(self.y_tables[index], int(counts[index])) for index in np.flatnonzero(counts)]
+        symbols = np.empty(len(indices), np.float64)
+        symbols[order] = np.concatenate(groups) - Y_MAX if groups else symbols[:0]
+        return torch.from_numpy(symbols)
+
+    def decode(self, stream: bytes, y_shape: tuple[int, int, int], z_shape: tuple[int, int, int], grouped: bool = True) -> TileLatents:
         """Stream bytes -> latents, for a tile whose y is (M, h, w) and z (Cz, h/4, w/4)."""
         if len(stream) % 4:
             raise RcamError("stream length is not a whole number of 32-bit words")
@@ -388,14 +473,14 @@ class LatentCoder:
         for index in range(slices):
             means_q, scales_q = hyper if tile is None else tile.parameters(index)
             if board is None:
-                slice_symbols = self._pop(coder, scales_q).reshape(slice_shape)
+                slice_symbols = self._pop(coder, scales_q, grouped).reshape(slice_shape)
                 symbols.append(slice_symbols.ravel())
                 decoded_q.append(slice_symbols * 2**FIXED_POINT_BITS + means_q)
             else:
                 means_o, scales_o = _flat(means_q).index_select(1, board.order), _flat(scales_q).index_select(1, board.order)
-                anchor_symbols = self._pop(coder, scales_o[:, board.anchors]).view(slice_shape[1], -1)
+                anchor_symbols = self._pop(coder, scales_o[:, board.anchors], grouped).view(slice_shape[1], -1)
                 _refine_others(self.context, index, anchor_symbols, means_o, scales_o, board)
-                other_symbols = self._pop(coder, scales_o[:, board.others]).view(slice_shape[1], -1)
+                other_symbols = self._pop(coder, scales_o[:, board.others], grouped).view(slice_shape[1], -1)
                 symbols += [anchor_symbols.ravel(), other_symbols.ravel()]
                 symbols_o = torch.cat([anchor_symbols, other_symbols], dim=1)
                 decoded_q.append(_unordered(symbols_o * 2**FIXED_POINT_BITS + means_o, board, slice_shape))
