@@ -105,8 +105,8 @@ def transform_precision(codec: Codec):
 
 
 def transform_input(codec: Codec, tensor: torch.Tensor) -> torch.Tensor:
-    """A (B, C, H, W) input of the analysis or synthesis in the memory layout codec.precision runs fastest in."""
-    return tensor.contiguous(memory_format=torch.channels_last) if codec.precision == "bfloat16" else tensor
+    """A (B, C, H, W) input of the analysis or synthesis in the codec's memory layout (Codec.channels_last)."""
+    return tensor.contiguous(memory_format=torch.channels_last) if codec.channels_last else tensor
 
 
 def map_tiles(device: torch.device, function: Callable, items: Iterable) -> Iterator:
