@@ -1,7 +1,7 @@
 """Where rcam's error against the reference render lies on real DNGs: smooth field, fine scale, corners.
 
     .venv/bin/python bench/error_breakdown.py [../shared/data/raw] [--lambdas 0.01,0.1] [--model rcam-small]
-        [--threads N]
+        [--look clean|faithful] [--threads N]
 
 Per file: the noise floor (rcam/measure/noise.py: about the best any pipeline that removes the sensor noise can
 score against the file's own render). Per file and λ: PSNR on the whole frame; the share of the squared error
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
+from rcam.codec.container import LOOKS
 from rcam.codec.engine import decode_bytes, encode_file, tone_reference
 from rcam.codec.output import quantize
 from rcam.codec.rawio import reference_render
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("folder", nargs="?", default=str(Path(__file__).resolve().parents[2] / "shared/data/raw"))
     parser.add_argument("--lambdas", default="0.01,0.1")
     parser.add_argument("--model", default="rcam-small")
+    parser.add_argument("--look", default="faithful", choices=LOOKS, help="faithful targets the reference render (SPEC §3)")
     parser.add_argument("--threads", type=int, default=None, help="Torch threads (default: torch's choice).")
     args = parser.parse_args()
     if args.threads:
@@ -72,10 +74,10 @@ def main() -> None:
           f" {'fine ref/dec':>12s}  corners TL TR BL BR / centre (levels)")  # fmt: skip
     for path in sorted(Path(args.folder).glob("*.dng")):
         reference = reference_render(path)
-        tone_render = tone_reference(codec, path)
+        tone_render = tone_reference(codec, path, look=args.look)
         floor = noise_floor(path)
         for lam in (float(value) for value in args.lambdas.split(",")):
-            data = encode_file(codec, path, lam, reference=tone_render).data
+            data = encode_file(codec, path, lam, reference=tone_render, look=args.look).data
             figures = breakdown(reference, quantize(decode_bytes(codec, data), 8))
             bpp = 8 * len(data) / (reference.shape[0] * reference.shape[1])
             corners = " ".join(f"{value:+5.1f}" for value in figures["corners"])
