@@ -21,10 +21,13 @@ from rcam.codec.entropy import (
     WEIGHT_BITS,
     Y_MAX,
     Z_MAX,
+    Z_VARIANTS,
     IntegerHyperSynthesis,
     measured_cumulatives,
     y_cumulatives,
     y_tables,
+    z_variant_choice,
+    z_variant_tables,
 )
 from rcam.codec.models import checkerboard
 from rcam.codec.zoo import codec_from_model
@@ -327,20 +330,61 @@ def test_y_tables_take_constrictions_numbers_where_erf_rounds_otherwise():
 
 
 @pytest.mark.parametrize("slices, spatial", [(0, 0), (4, 0), (2, 8)])
-def test_grouped_streams_hold_the_symbols_of_position_ordered_ones(slices, spatial):
-    """Format 5 pops each coding step's symbols grouped by scale index, versions 1-4 in position order: other
-    bytes, about as many of them, and each decodes exactly with its own order only."""
+def test_format_5_streams_hold_the_symbols_of_legacy_ones(slices, spatial):
+    """Format 5 pops z's variant indices, z with those variants, then each of y's coding steps grouped by scale
+    index; versions 1-4 z with the tables themselves and y in position order: other bytes, no more of them than
+    the indices' bit per channel, and each stream decodes exactly with its own layout only."""
     coded = context_codec(slices, seed=2, spatial=spatial, trained=slices > 0)
-    y, z, grouped_stream, sent = exact_round_trip(coded, seed=11)
+    y, z, stream, sent = exact_round_trip(coded, seed=11)
     y_shape, z_shape = tuple(y.shape[1:]), tuple(z.shape[1:])
-    ordered_stream, ordered_sent = coded.coder.encode(y, z, grouped=False)
-    np.testing.assert_array_equal(ordered_sent.y_symbols, sent.y_symbols)
-    assert ordered_stream != grouped_stream and abs(len(ordered_stream) - len(grouped_stream)) <= 8
-    received = coded.coder.decode(ordered_stream, y_shape, z_shape, grouped=False)
+    legacy_stream, legacy_sent = coded.coder.encode(y, z, legacy=True)
+    np.testing.assert_array_equal(legacy_sent.y_symbols, sent.y_symbols)
+    np.testing.assert_array_equal(legacy_sent.z_symbols, sent.z_symbols)
+    assert legacy_stream != stream and len(stream) <= len(legacy_stream) + z_shape[0] // 8 + 8
+    received = coded.coder.decode(legacy_stream, y_shape, z_shape, legacy=True)
     np.testing.assert_array_equal(received.y_symbols, sent.y_symbols)
     assert torch.equal(received.y_hat, sent.y_hat)
     try:
-        misread = coded.coder.decode(grouped_stream, y_shape, z_shape, grouped=False).y_symbols
+        misread = coded.coder.decode(stream, y_shape, z_shape, legacy=True).y_symbols
     except RcamError:
         misread = None
     assert misread is None or not np.array_equal(misread, sent.y_symbols)
+
+
+def test_z_variants_are_exact_integers_that_move_only_the_zero_symbols_share():
+    table = np.array([[3, 10, 60, 10, 5], [1, 2, 97, 0, 0]], dtype=np.int64)
+    variants = z_variant_tables(table)
+    assert variants.shape == (len(Z_VARIANTS), 2, 5) and variants.dtype == np.int64
+    np.testing.assert_array_equal(variants[Z_VARIANTS.index(0)], np.maximum(8 * table, 1))
+    shares = variants[:, :, 2] / variants.sum(axis=-1)
+    assert (np.diff(shares, axis=0) > 0).all()  # symbol 0 gains with k
+    others = variants[:, 0, [0, 1, 3, 4]]
+    np.testing.assert_allclose(others / others.sum(axis=1, keepdims=True), np.tile([3, 10, 10, 5], (len(Z_VARIANTS), 1)) / 28)
+    assert (variants >= 1).all()  # every symbol stays codable
+
+
+def test_the_encoder_picks_the_variant_that_codes_a_channel_shortest():
+    """Channels of all zeros take the variant richest in zeros, channels spread wider one poorer in zeros,
+    channels like the table itself the table (its index costs 1 bit, any other about 4.8)."""
+    z_table = np.round(np.exp(-np.abs(np.arange(-Z_MAX, Z_MAX + 1)) / 1.5)[None].repeat(3, axis=0) * 2**16).astype(np.int64) + 1
+    variants = z_variant_tables(z_table).astype(np.float64)
+    log_probabilities = np.log2(variants / variants.sum(axis=-1, keepdims=True))
+    generator = np.random.default_rng(0)
+    like_table = generator.choice(np.arange(-Z_MAX, Z_MAX + 1), 200, p=z_table[0] / z_table[0].sum())
+    symbols = np.stack([np.zeros(200, np.int64), generator.integers(-4, 5, 200), like_table])
+    chosen = [Z_VARIANTS[index] for index in z_variant_choice(symbols, log_probabilities)]
+    assert chosen[0] == Z_VARIANTS[-1] and chosen[1] < 0 and chosen[2] == 0
+
+
+def test_mostly_zero_z_costs_fewer_bytes_than_with_the_tables_themselves(tiny_codec):
+    config = tiny_codec.model.config
+    generator = torch.Generator().manual_seed(3)
+    y = torch.randn(1, config.latent_channels, 32, 32, generator=generator)
+    z = torch.zeros(1, config.hyper_channels, 8, 8)
+    z[0, 0, 0, 0] = 3.0
+    stream, sent = tiny_codec.coder.encode(y, z)
+    legacy_stream, _ = tiny_codec.coder.encode(y, z, legacy=True)
+    assert len(stream) < len(legacy_stream)
+    received = tiny_codec.coder.decode(stream, (config.latent_channels, 32, 32), (config.hyper_channels, 8, 8))
+    np.testing.assert_array_equal(received.z_symbols, sent.z_symbols)
+    assert torch.equal(received.y_hat, sent.y_hat)

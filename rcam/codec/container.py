@@ -22,9 +22,9 @@ from rcam.errors import RcamError
 
 MAGIC = b"\x89RCB\r\n\x1a\n"  # like PNG's: catches text-mode transfers and truncation to a few bytes
 FORMAT_VERSION = 5  # written
-# 1: no tone correction; 2: one gain and offset per channel (six float32); 3: no capture metadata; 4: y ungrouped
+# 1: no tone correction; 2: one gain and offset per channel (six float32); 3: no capture metadata; 4: older streams
 READABLE_VERSIONS = (1, 2, 3, 4, 5)
-GROUPED_Y_VERSION = 5  # from here on, streams code y grouped by scale index (rcam.codec.entropy.LatentCoder)
+ADAPTIVE_STREAMS_VERSION = 5  # from here on: z with per-tile table variants, y grouped by scale (entropy.LatentCoder)
 MAX_SIDE = 65535  # sensor rows / columns
 MAX_PIXELS = 200_000_000  # same bound as the RAW reader
 MAX_TILE = 4096  # packed pixels per tile side

@@ -546,7 +546,7 @@ def decode_stream(codec: Codec, header: container.Header, number: int, stream: b
     y_shape = (config.latent_channels, header.tile_height // 8, header.tile_width // 8)
     z_shape = (config.hyper_channels, header.tile_height // 32, header.tile_width // 32)
     try:
-        decoded = codec.coder.decode(stream, y_shape, z_shape, grouped=header.format_version >= container.GROUPED_Y_VERSION)
+        decoded = codec.coder.decode(stream, y_shape, z_shape, legacy=header.format_version < container.ADAPTIVE_STREAMS_VERSION)
     except (RcamError, ValueError, RuntimeError) as error:
         raise RcamError(f"stream {number} cannot be decoded: {error}") from None
     return decoded if symbols else replace(decoded, y_symbols=_NO_SYMBOLS, z_symbols=_NO_SYMBOLS)

@@ -38,6 +38,12 @@ ACTIVATION_LIMIT = 2**20  # |activation| bound in fixed-point units (1024.0): ke
 Z_MAX = 64  # z symbols are clamped to [-Z_MAX, Z_MAX]
 Y_MAX = 1023  # y symbols (y - mean, rounded) are clamped to [-Y_MAX, Y_MAX]
 Z_TABLE_BITS = 16  # z probabilities are stored as integers out of about 2^16
+# Format 5's z table variants, per tile and channel: variant k > 0 mixes k/8 of the probability into symbol 0,
+# k < 0 takes |k|/8 of symbol 0's probability away, k = 0 is the table itself (z_variant_tables).
+Z_VARIANTS = tuple(range(-7, 8))
+Z_BASE_VARIANT = Z_VARIANTS.index(0)
+# The variant indices' own model: the table itself half the time, every other variant alike.
+Z_VARIANT_WEIGHTS = np.asarray([len(Z_VARIANTS) - 1 if k == 0 else 1 for k in Z_VARIANTS], dtype=np.float64)
 Y_PRECISION = 24  # constriction's default models: y probabilities are integers out of 2^24
 # Standard deviations of the y model, in units of 2^-10: exp(linspace(log 0.11, log 64, 64)), rounded.
 SCALE_TABLE_Q10 = (
@@ -354,6 +360,33 @@ def _by_scale(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, np.bincount(indices, minlength=len(SCALE_TABLE_Q10))
 
 
+def z_variant_tables(z_table: np.ndarray) -> np.ndarray:
+    """Integer z tables (Cz, 2·Z_MAX+1) -> their variants (len(Z_VARIANTS), Cz, 2·Z_MAX+1), integers computed
+    exactly from them (so both sides have the same): symbol 0's share of the mass moved by k/8."""
+    eighths, zero = 8, z_table.shape[1] // 2  # symbol 0 in the middle column
+    variants = []
+    for k in Z_VARIANTS:
+        if k >= 0:
+            table = (eighths - k) * z_table
+            table[:, zero] += k * z_table.sum(axis=1)
+        else:
+            table = eighths * z_table
+            table[:, zero] -= -k * z_table[:, zero]
+        variants.append(np.maximum(table, 1))
+    return np.stack(variants)
+
+
+def z_variant_choice(z_symbols: np.ndarray, log_probabilities: np.ndarray) -> np.ndarray:
+    """A tile's z symbols (Cz, n) and the variants' log2 probabilities (V, Cz, 2·Z_MAX+1) -> the variant (Cz,)
+    that codes each channel in the fewest bits, its index's own bits included (the encoder's choice)."""
+    channels = z_symbols.shape[0]
+    flat = (np.arange(channels)[:, None] * (2 * Z_MAX + 1) + z_symbols + Z_MAX).ravel()
+    counts = np.bincount(flat, minlength=channels * (2 * Z_MAX + 1)).reshape(channels, -1)
+    index_bits = -np.log2(Z_VARIANT_WEIGHTS / Z_VARIANT_WEIGHTS.sum())
+    bits = -(counts[None] * log_probabilities).sum(axis=-1) + index_bits[:, None]
+    return bits.argmin(axis=0)
+
+
 @dataclass(frozen=True)
 class TileLatents:
     """What one tile's stream decodes to: ŷ after gains are undone elsewhere, plus the raw symbols."""
@@ -368,13 +401,18 @@ class LatentCoder:
 
     With a channel-wise context model, y's slices are coded in order, each with parameters that depend on the
     slices before it; without one, y is one slice with the hyperprior's parameters (the same bytes as ever).
-    `grouped` (format version 5 on): within each coding step, the symbols go by scale index, each group with one
-    table (y_tables); False: in position order, each symbol with its own Gaussian (versions 1 to 4)."""
+    Format version 5 on: each z channel with the variant of its table (z_variant_tables) that codes the tile's
+    symbols in the fewest bits, the variants' indices first; within each of y's coding steps, the symbols go by
+    scale index, each group with one table (y_tables). `legacy`: the streams of versions 1 to 4, z with the
+    tables themselves, y in position order, each symbol with its own Gaussian."""
 
     def __init__(self, hyper_synthesis: IntegerHyperSynthesis, z_table: np.ndarray, context: IntegerChannelContext | None = None):
         self.hyper_synthesis = hyper_synthesis
         self.context = context
-        self.z_models = [constriction.stream.model.Categorical(row.astype(np.float64), perfect=False) for row in z_table]
+        variants = z_variant_tables(z_table).astype(np.float64)
+        self.z_models = [[constriction.stream.model.Categorical(row, perfect=False) for row in table] for table in variants]
+        self.z_log_probabilities = np.log2(variants / variants.sum(axis=-1, keepdims=True))
+        self.z_variant_model = constriction.stream.model.Categorical(Z_VARIANT_WEIGHTS, perfect=False)
         self.y_model = constriction.stream.model.QuantizedGaussian(-Y_MAX, Y_MAX)
         self.y_tables = y_tables()
 
@@ -389,7 +427,7 @@ class LatentCoder:
         """The checkerboard of an h x w slice, or None without a spatial context (every position at once)."""
         return self.context.layout(height, width) if self.context is not None and self.context.spatial else None
 
-    def encode(self, y: torch.Tensor, z: torch.Tensor, grouped: bool = True) -> tuple[bytes, TileLatents]:
+    def encode(self, y: torch.Tensor, z: torch.Tensor, legacy: bool = False) -> tuple[bytes, TileLatents]:
         """y (1, M, h, w) and z (1, Cz, h/4, w/4) floats -> (stream bytes, the latents the decoder will see)."""
         z_symbols = torch.round(z.detach().to("cpu", torch.float64)).clamp(-Z_MAX, Z_MAX)
         hyper = self.hyper_synthesis.raw(z_symbols)
@@ -420,18 +458,22 @@ class LatentCoder:
         coder = constriction.stream.stack.AnsCoder()
         # ANS is a stack: push y first so that the decoder pops z first; y's steps last to first.
         steps = [(symbols.numpy().astype(np.int32), scale_indices(scales_q).numpy()) for symbols, scales_q in steps]
-        self._push_y(coder, steps, grouped)
+        self._push_y(coder, steps, legacy)
         y_flat = np.concatenate([symbols for symbols, _ in steps])
         z_channels = z_symbols.numpy().astype(np.int32)[0]
-        for channel in range(len(self.z_models) - 1, -1, -1):
-            coder.encode_reverse(z_channels[channel].ravel() + Z_MAX, self.z_models[channel])
+        flat_z = z_channels.reshape(len(z_channels), -1)
+        variants = np.full(len(flat_z), Z_BASE_VARIANT) if legacy else z_variant_choice(flat_z, self.z_log_probabilities)
+        for channel in range(len(flat_z) - 1, -1, -1):
+            coder.encode_reverse(flat_z[channel] + Z_MAX, self.z_models[variants[channel]][channel])
+        if not legacy:
+            coder.encode_reverse(variants.astype(np.int32), self.z_variant_model)
         stream = coder.get_compressed().tobytes()
         return stream, TileLatents(y_hat=torch.cat(y_hat, dim=1).float(), y_symbols=y_flat, z_symbols=z_channels.ravel())
 
-    def _push_y(self, coder: constriction.stream.stack.AnsCoder, steps: list[tuple[np.ndarray, np.ndarray]], grouped: bool) -> None:
+    def _push_y(self, coder: constriction.stream.stack.AnsCoder, steps: list[tuple[np.ndarray, np.ndarray]], legacy: bool) -> None:
         """Push y's coding steps, each (symbols int32, scale indices int64), so that the decoder pops them in order:
         slice by slice, each in C order (with a spatial context: its anchors, then the others)."""
-        if not grouped:
+        if legacy:
             symbols = np.concatenate([symbols for symbols, _ in steps])
             stds = _SCALE_TABLE[np.concatenate([indices for _, indices in steps])]
             coder.encode_reverse(symbols, self.y_model, np.zeros_like(stds), stds)
@@ -443,10 +485,10 @@ class LatentCoder:
             for index in np.flatnonzero(counts)[::-1]:
                 coder.encode_reverse(grouped_symbols[ends[index] - counts[index] : ends[index]], self.y_tables[index])
 
-    def _pop(self, coder: constriction.stream.stack.AnsCoder, scales_q: torch.Tensor, grouped: bool) -> torch.Tensor:
+    def _pop(self, coder: constriction.stream.stack.AnsCoder, scales_q: torch.Tensor, legacy: bool) -> torch.Tensor:
         """Decode one coding step, as many y symbols as `scales_q` (2^-10 units) has elements: float64, flat."""
         indices = scale_indices(scales_q.ravel()).numpy()
-        if not grouped:
+        if legacy:
             stds = _SCALE_TABLE[indices]
             return torch.from_numpy(coder.decode(self.y_model, np.zeros_like(stds), stds).astype(np.float64))
         order, counts = _by_scale(indices)
@@ -455,14 +497,15 @@ class LatentCoder:
         symbols[order] = np.concatenate(groups) - Y_MAX if groups else symbols[:0]
         return torch.from_numpy(symbols)
 
-    def decode(self, stream: bytes, y_shape: tuple[int, int, int], z_shape: tuple[int, int, int], grouped: bool = True) -> TileLatents:
+    def decode(self, stream: bytes, y_shape: tuple[int, int, int], z_shape: tuple[int, int, int], legacy: bool = False) -> TileLatents:
         """Stream bytes -> latents, for a tile whose y is (M, h, w) and z (Cz, h/4, w/4)."""
         if len(stream) % 4:
             raise RcamError("stream length is not a whole number of 32-bit words")
         coder = constriction.stream.stack.AnsCoder(np.frombuffer(stream, dtype=np.uint32).copy())
         channels, z_height, z_width = z_shape
+        variants = np.full(channels, Z_BASE_VARIANT) if legacy else coder.decode(self.z_variant_model, channels)
         z_channels = np.stack(
-            [coder.decode(self.z_models[c], z_height * z_width).astype(np.int32) - Z_MAX for c in range(channels)]
+            [coder.decode(self.z_models[variants[c]][c], z_height * z_width).astype(np.int32) - Z_MAX for c in range(channels)]
         ).reshape(1, channels, z_height, z_width)
         hyper = self.hyper_synthesis.raw(torch.from_numpy(z_channels).to(torch.float64))
         slices = self._slices(y_shape[0])
@@ -473,14 +516,14 @@ class LatentCoder:
         for index in range(slices):
             means_q, scales_q = hyper if tile is None else tile.parameters(index)
             if board is None:
-                slice_symbols = self._pop(coder, scales_q, grouped).reshape(slice_shape)
+                slice_symbols = self._pop(coder, scales_q, legacy).reshape(slice_shape)
                 symbols.append(slice_symbols.ravel())
                 decoded_q.append(slice_symbols * 2**FIXED_POINT_BITS + means_q)
             else:
                 means_o, scales_o = _flat(means_q).index_select(1, board.order), _flat(scales_q).index_select(1, board.order)
-                anchor_symbols = self._pop(coder, scales_o[:, board.anchors], grouped).view(slice_shape[1], -1)
+                anchor_symbols = self._pop(coder, scales_o[:, board.anchors], legacy).view(slice_shape[1], -1)
                 _refine_others(self.context, index, anchor_symbols, means_o, scales_o, board)
-                other_symbols = self._pop(coder, scales_o[:, board.others], grouped).view(slice_shape[1], -1)
+                other_symbols = self._pop(coder, scales_o[:, board.others], legacy).view(slice_shape[1], -1)
                 symbols += [anchor_symbols.ravel(), other_symbols.ravel()]
                 symbols_o = torch.cat([anchor_symbols, other_symbols], dim=1)
                 decoded_q.append(_unordered(symbols_o * 2**FIXED_POINT_BITS + means_o, board, slice_shape))
