@@ -183,9 +183,9 @@ def test_decoded_latents_are_bit_exact(tiny_codec, make_dng):
 
 
 def test_version_4_files_with_y_in_position_order_still_decode(shipped_codec, make_dng, monkeypatch):
-    """Format 5 codes z with per-tile table variants and each step's y symbols grouped by scale index; the version
-    4 file of the same latents (z with the tables themselves, y in position order, each symbol with its Gaussian)
-    is other bytes, no fewer per tile than the variants' index bits allow, and decodes to the same pixels."""
+    """Format 5 codes z with per-tile table variants, y with per-tile scale corrections and each step's y symbols
+    grouped by scale index; the version 4 file of the same latents (z with the tables themselves, y's scales as
+    predicted and in position order, each symbol with its Gaussian) is more bytes, and decodes to the same pixels."""
     path = make_dng("v4.dng", 200, 260, cfa="RGGB", seed=4)
     encoded = codec.encode_file(shipped_codec, path, 0.01, tile=64, overlap=32)
     header, streams = container.read(encoded.data)
@@ -197,6 +197,7 @@ def test_version_4_files_with_y_in_position_order_still_decode(shipped_codec, ma
         np.testing.assert_array_equal(resent.y_symbols, sent.y_symbols)
         ordered_streams.append(stream)
     assert ordered_streams != streams and all(len(new) <= len(old) + 16 for old, new in zip(ordered_streams, streams))
+    assert sum(map(len, streams)) < sum(map(len, ordered_streams))  # the variants and corrections pay for their indices
     monkeypatch.setattr(container, "FORMAT_VERSION", 4)
     version_4 = container.write(dataclasses.replace(header, stream_lengths=(), stream_crcs=()), ordered_streams)
     monkeypatch.undo()

@@ -44,6 +44,11 @@ Z_VARIANTS = tuple(range(-7, 8))
 Z_BASE_VARIANT = Z_VARIANTS.index(0)
 # The variant indices' own model: the table itself half the time, every other variant alike.
 Z_VARIANT_WEIGHTS = np.asarray([len(Z_VARIANTS) - 1 if k == 0 else 1 for k in Z_VARIANTS], dtype=np.float64)
+# Format 5's y scale corrections, per tile and channel: the channel's scales times s/16 before the table lookup.
+Y_SCALE_SIXTEENTHS = (11, 13, 14, 16, 18, 20, 22)
+Y_BASE_SCALE = Y_SCALE_SIXTEENTHS.index(16)
+Y_SCALE_WEIGHTS = np.asarray([len(Y_SCALE_SIXTEENTHS) - 1 if s == 16 else 1 for s in Y_SCALE_SIXTEENTHS], dtype=np.float64)
+_ESTIMATED_MAGNITUDES = 16  # |y symbol| the encoder's choice of corrections tells apart (larger ones count as 15)
 Y_PRECISION = 24  # constriction's default models: y probabilities are integers out of 2^24
 # Standard deviations of the y model, in units of 2^-10: exp(linspace(log 0.11, log 64, 64)), rounded.
 SCALE_TABLE_Q10 = (
@@ -353,6 +358,51 @@ def y_tables(cumulatives=y_cumulatives) -> tuple[constriction.stream.model.Categ
     return tuple(tables)
 
 
+def corrected_indices(scales_q: torch.Tensor, sixteenths: np.ndarray) -> np.ndarray:
+    """Flat scales (C·n,) in 2^-10 units, channel-major, and each channel's correction in sixteenths (C,) ->
+    indices into SCALE_TABLE_Q10 (C·n,): floor(scale · s / 16), integers, so both sides have the same."""
+    if (sixteenths == 16).all():
+        return scale_indices(scales_q).numpy()
+    factors = torch.from_numpy(np.repeat(np.asarray(sixteenths, np.float64), len(scales_q) // len(sixteenths)))
+    return scale_indices(torch.floor(scales_q * factors / 16)).numpy()
+
+
+@cache
+def _corrected_bits() -> np.ndarray:
+    """(len(Y_SCALE_SIXTEENTHS), 64·_ESTIMATED_MAGNITUDES): about how many bits a symbol of magnitude a at table
+    index i costs once its scale is corrected by s/16 (the Gaussian at the corrected entry; the encoder's estimate)."""
+    magnitudes = np.arange(_ESTIMATED_MAGNITUDES)
+    table = np.asarray(SCALE_TABLE_Q10, dtype=np.float64)
+    bits = []
+    for sixteenths in Y_SCALE_SIXTEENTHS:
+        stds = _SCALE_TABLE[scale_indices(torch.from_numpy(np.floor(table * sixteenths / 16))).numpy()]
+        cdf = lambda edge, std: (1.0 + math.erf(edge / (std * math.sqrt(2.0)))) / 2.0  # noqa: E731
+        probabilities = np.array([[cdf(a + 0.5, std) - cdf(a - 0.5, std) for a in magnitudes] for std in stds])
+        bits.append(-np.log2(np.maximum(probabilities, 2.0**-Y_PRECISION)).ravel())
+    return np.stack(bits)
+
+
+def y_scale_choice(channels: np.ndarray, indices: np.ndarray, symbols: np.ndarray, count: int) -> np.ndarray:
+    """Each y symbol's channel, uncorrected table index and value (n,) -> each of the `count` channels' correction
+    (an index into Y_SCALE_SIXTEENTHS) that codes it in the fewest bits, its own index's bits included (estimated)."""
+    magnitudes = np.minimum(np.abs(symbols), _ESTIMATED_MAGNITUDES - 1)
+    cells = len(SCALE_TABLE_Q10) * _ESTIMATED_MAGNITUDES
+    histogram = np.bincount((channels * len(SCALE_TABLE_Q10) + indices) * _ESTIMATED_MAGNITUDES + magnitudes, minlength=count * cells)
+    bits = histogram.reshape(count, cells).astype(np.float64) @ _corrected_bits().T
+    return (bits - np.log2(Y_SCALE_WEIGHTS / Y_SCALE_WEIGHTS.sum())).argmin(axis=1)
+
+
+def _y_scale_corrections(steps: list[tuple[torch.Tensor, torch.Tensor, int]], per_slice: int, channels: int) -> np.ndarray:
+    """A tile's coding steps (symbols, scales in 2^-10 units, each flat and channel-major over `per_slice`
+    channels; the first channel) -> each of its `channels` channels' correction (y_scale_choice)."""
+    numbers, indices, symbols = [], [], []
+    for step_symbols, scales_q, first in steps:
+        numbers.append(first + np.repeat(np.arange(per_slice), len(step_symbols) // per_slice))
+        indices.append(scale_indices(scales_q).numpy())
+        symbols.append(step_symbols.numpy().astype(np.int64))
+    return y_scale_choice(np.concatenate(numbers), np.concatenate(indices), np.concatenate(symbols), channels)
+
+
 def _by_scale(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Scale indices (n,) -> (the positions grouped by index, ascending, each group in position order; the count
     of each of the len(SCALE_TABLE_Q10) indices)."""
@@ -402,9 +452,10 @@ class LatentCoder:
     With a channel-wise context model, y's slices are coded in order, each with parameters that depend on the
     slices before it; without one, y is one slice with the hyperprior's parameters (the same bytes as ever).
     Format version 5 on: each z channel with the variant of its table (z_variant_tables) that codes the tile's
-    symbols in the fewest bits, the variants' indices first; within each of y's coding steps, the symbols go by
-    scale index, each group with one table (y_tables). `legacy`: the streams of versions 1 to 4, z with the
-    tables themselves, y in position order, each symbol with its own Gaussian."""
+    symbols in the fewest bits, each y channel's scales corrected by the factor (Y_SCALE_SIXTEENTHS) that does,
+    the indices of both first; within each of y's coding steps, the symbols go by scale index, each group with
+    one table (y_tables). `legacy`: the streams of versions 1 to 4, z with the tables themselves, y's scales as
+    predicted and in position order, each symbol with its own Gaussian."""
 
     def __init__(self, hyper_synthesis: IntegerHyperSynthesis, z_table: np.ndarray, context: IntegerChannelContext | None = None):
         self.hyper_synthesis = hyper_synthesis
@@ -413,6 +464,7 @@ class LatentCoder:
         self.z_models = [[constriction.stream.model.Categorical(row, perfect=False) for row in table] for table in variants]
         self.z_log_probabilities = np.log2(variants / variants.sum(axis=-1, keepdims=True))
         self.z_variant_model = constriction.stream.model.Categorical(Z_VARIANT_WEIGHTS, perfect=False)
+        self.y_scale_model = constriction.stream.model.Categorical(Y_SCALE_WEIGHTS, perfect=False)
         self.y_model = constriction.stream.model.QuantizedGaussian(-Y_MAX, Y_MAX)
         self.y_tables = y_tables()
 
@@ -434,12 +486,13 @@ class LatentCoder:
         y = y.detach().to("cpu", torch.float64)
         board = self._layout(*y.shape[-2:])
         tile = self._tile_context(hyper)
-        steps, y_hat, decoded_q = [], [], []  # steps: (symbols, scales in 2^-10 units) per coding step
+        steps, y_hat, decoded_q = [], [], []  # steps: (symbols, scales in 2^-10 units, first channel) per coding step
         for index, y_slice in enumerate(y.chunk(self._slices(y.shape[1]), dim=1)):
             means_q, scales_q = hyper if tile is None else tile.parameters(index)
+            first = index * y_slice.shape[1]
             if board is None:
                 slice_symbols = torch.round(y_slice - means_q / 2**FIXED_POINT_BITS).clamp(-Y_MAX, Y_MAX)
-                steps.append((slice_symbols.ravel(), scales_q.ravel()))
+                steps.append((slice_symbols.ravel(), scales_q.ravel(), first))
                 decoded_q.append(slice_symbols * 2**FIXED_POINT_BITS + means_q)
             else:
                 # In coding order: the anchors, then the others with parameters that read the anchors' symbols.
@@ -449,23 +502,30 @@ class LatentCoder:
                 anchor_symbols = rounded(board.anchors)
                 _refine_others(self.context, index, anchor_symbols, means_o, scales_o, board)
                 other_symbols = rounded(board.others)
-                steps += [(anchor_symbols.ravel(), scales_o[:, board.anchors].ravel()), (other_symbols.ravel(), scales_o[:, board.others].ravel())]
+                steps += [(anchor_symbols.ravel(), scales_o[:, board.anchors].ravel(), first), (other_symbols.ravel(), scales_o[:, board.others].ravel(), first)]
                 symbols_o = torch.cat([anchor_symbols, other_symbols], dim=1)
                 decoded_q.append(_unordered(symbols_o * 2**FIXED_POINT_BITS + means_o, board, y_slice.shape))
             if tile is not None:
                 tile.decoded(index, decoded_q[-1])
             y_hat.append(decoded_q[-1] / 2**FIXED_POINT_BITS)
+        per_slice = y.shape[1] // self._slices(y.shape[1])
+        corrections = np.full(y.shape[1], Y_BASE_SCALE) if legacy else _y_scale_corrections(steps, per_slice, y.shape[1])
+        sixteenths = np.asarray(Y_SCALE_SIXTEENTHS)[corrections]
         coder = constriction.stream.stack.AnsCoder()
-        # ANS is a stack: push y first so that the decoder pops z first; y's steps last to first.
-        steps = [(symbols.numpy().astype(np.int32), scale_indices(scales_q).numpy()) for symbols, scales_q in steps]
-        self._push_y(coder, steps, legacy)
-        y_flat = np.concatenate([symbols for symbols, _ in steps])
+        # ANS is a stack: push y first so that the decoder pops the indices and z first; y's steps last to first.
+        coded_steps = [
+            (symbols.numpy().astype(np.int32), corrected_indices(scales_q, sixteenths[first : first + per_slice]))
+            for symbols, scales_q, first in steps
+        ]
+        self._push_y(coder, coded_steps, legacy)
+        y_flat = np.concatenate([symbols for symbols, _ in coded_steps])
         z_channels = z_symbols.numpy().astype(np.int32)[0]
         flat_z = z_channels.reshape(len(z_channels), -1)
         variants = np.full(len(flat_z), Z_BASE_VARIANT) if legacy else z_variant_choice(flat_z, self.z_log_probabilities)
         for channel in range(len(flat_z) - 1, -1, -1):
             coder.encode_reverse(flat_z[channel] + Z_MAX, self.z_models[variants[channel]][channel])
         if not legacy:
+            coder.encode_reverse(corrections.astype(np.int32), self.y_scale_model)
             coder.encode_reverse(variants.astype(np.int32), self.z_variant_model)
         stream = coder.get_compressed().tobytes()
         return stream, TileLatents(y_hat=torch.cat(y_hat, dim=1).float(), y_symbols=y_flat, z_symbols=z_channels.ravel())
@@ -485,9 +545,10 @@ class LatentCoder:
             for index in np.flatnonzero(counts)[::-1]:
                 coder.encode_reverse(grouped_symbols[ends[index] - counts[index] : ends[index]], self.y_tables[index])
 
-    def _pop(self, coder: constriction.stream.stack.AnsCoder, scales_q: torch.Tensor, legacy: bool) -> torch.Tensor:
-        """Decode one coding step, as many y symbols as `scales_q` (2^-10 units) has elements: float64, flat."""
-        indices = scale_indices(scales_q.ravel()).numpy()
+    def _pop(self, coder: constriction.stream.stack.AnsCoder, scales_q: torch.Tensor, sixteenths: np.ndarray, legacy: bool) -> torch.Tensor:
+        """Decode one coding step, as many y symbols as `scales_q` (2^-10 units; (S, ...), channel-major) has
+        elements, its S channels' scales corrected by `sixteenths` (S,): float64, flat."""
+        indices = corrected_indices(scales_q.ravel(), sixteenths)
         if legacy:
             stds = _SCALE_TABLE[indices]
             return torch.from_numpy(coder.decode(self.y_model, np.zeros_like(stds), stds).astype(np.float64))
@@ -504,6 +565,8 @@ class LatentCoder:
         coder = constriction.stream.stack.AnsCoder(np.frombuffer(stream, dtype=np.uint32).copy())
         channels, z_height, z_width = z_shape
         variants = np.full(channels, Z_BASE_VARIANT) if legacy else coder.decode(self.z_variant_model, channels)
+        corrections = np.full(y_shape[0], Y_BASE_SCALE) if legacy else coder.decode(self.y_scale_model, y_shape[0])
+        sixteenths = np.asarray(Y_SCALE_SIXTEENTHS)[corrections]
         z_channels = np.stack(
             [coder.decode(self.z_models[variants[c]][c], z_height * z_width).astype(np.int32) - Z_MAX for c in range(channels)]
         ).reshape(1, channels, z_height, z_width)
@@ -515,15 +578,16 @@ class LatentCoder:
         symbols, y_hat, decoded_q = [], [], []
         for index in range(slices):
             means_q, scales_q = hyper if tile is None else tile.parameters(index)
+            slice_sixteenths = sixteenths[index * slice_shape[1] : (index + 1) * slice_shape[1]]
             if board is None:
-                slice_symbols = self._pop(coder, scales_q, legacy).reshape(slice_shape)
+                slice_symbols = self._pop(coder, scales_q, slice_sixteenths, legacy).reshape(slice_shape)
                 symbols.append(slice_symbols.ravel())
                 decoded_q.append(slice_symbols * 2**FIXED_POINT_BITS + means_q)
             else:
                 means_o, scales_o = _flat(means_q).index_select(1, board.order), _flat(scales_q).index_select(1, board.order)
-                anchor_symbols = self._pop(coder, scales_o[:, board.anchors], legacy).view(slice_shape[1], -1)
+                anchor_symbols = self._pop(coder, scales_o[:, board.anchors], slice_sixteenths, legacy).view(slice_shape[1], -1)
                 _refine_others(self.context, index, anchor_symbols, means_o, scales_o, board)
-                other_symbols = self._pop(coder, scales_o[:, board.others], legacy).view(slice_shape[1], -1)
+                other_symbols = self._pop(coder, scales_o[:, board.others], slice_sixteenths, legacy).view(slice_shape[1], -1)
                 symbols += [anchor_symbols.ravel(), other_symbols.ravel()]
                 symbols_o = torch.cat([anchor_symbols, other_symbols], dim=1)
                 decoded_q.append(_unordered(symbols_o * 2**FIXED_POINT_BITS + means_o, board, slice_shape))
