@@ -419,3 +419,17 @@ def test_the_encoder_corrects_a_channel_s_scales_towards_its_symbols():
     channels = np.repeat(np.arange(3), n)
     chosen = [Y_SCALE_SIXTEENTHS[c] for c in y_scale_choice(channels, np.full(3 * n, index), symbols.astype(np.int64), 3)]
     assert chosen == [min(Y_SCALE_SIXTEENTHS), max(Y_SCALE_SIXTEENTHS), 16]
+
+
+def test_tiles_that_gain_nothing_send_no_indices():
+    """Where no variant or correction pays for its indices, the encoder says so with one flag and sends none:
+    such a tile costs what it did in versions 1-4 but for two bits (the grey card of test_artifacts.py)."""
+    z_table = np.round(np.exp(-np.abs(np.arange(-Z_MAX, Z_MAX + 1)) / 1.5)[None].repeat(2, axis=0) * 2**16).astype(np.int64) + 1
+    variants = z_variant_tables(z_table).astype(np.float64)
+    log_probabilities = np.log2(variants / variants.sum(axis=-1, keepdims=True))
+    generator = np.random.default_rng(2)
+    like_table = generator.choice(np.arange(-Z_MAX, Z_MAX + 1), (2, 40), p=z_table[0] / z_table[0].sum())
+    assert z_variant_choice(like_table, log_probabilities) is None
+    index = int(scale_indices(torch.tensor([4.0 * 2**FIXED_POINT_BITS], dtype=torch.float64))[0])
+    as_predicted = np.round(generator.normal(0, 4.0, 300)).astype(np.int64)
+    assert y_scale_choice(np.repeat(np.arange(3), 100), np.full(300, index), as_predicted, 3) is None

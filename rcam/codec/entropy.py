@@ -382,17 +382,27 @@ def _corrected_bits() -> np.ndarray:
     return np.stack(bits)
 
 
-def y_scale_choice(channels: np.ndarray, indices: np.ndarray, symbols: np.ndarray, count: int) -> np.ndarray:
+def _cheapest(bits: np.ndarray, base: int, weights: np.ndarray) -> np.ndarray | None:
+    """Estimated bits (options, channels) -> the option per channel that codes it in the fewest bits with its
+    index's own (the indices' model: `weights`), or None where no indices at all, every channel with option
+    `base`, cost no more (a tile's flag says which)."""
+    with_indices = bits - np.log2(weights / weights.sum())[:, None]
+    if with_indices.min(axis=0).sum() >= bits[base].sum():
+        return None
+    return with_indices.argmin(axis=0)
+
+
+def y_scale_choice(channels: np.ndarray, indices: np.ndarray, symbols: np.ndarray, count: int) -> np.ndarray | None:
     """Each y symbol's channel, uncorrected table index and value (n,) -> each of the `count` channels' correction
-    (an index into Y_SCALE_SIXTEENTHS) that codes it in the fewest bits, its own index's bits included (estimated)."""
+    (an index into Y_SCALE_SIXTEENTHS) that codes it in the fewest bits (estimated), or None (_cheapest)."""
     magnitudes = np.minimum(np.abs(symbols), _ESTIMATED_MAGNITUDES - 1)
     cells = len(SCALE_TABLE_Q10) * _ESTIMATED_MAGNITUDES
     histogram = np.bincount((channels * len(SCALE_TABLE_Q10) + indices) * _ESTIMATED_MAGNITUDES + magnitudes, minlength=count * cells)
     bits = histogram.reshape(count, cells).astype(np.float64) @ _corrected_bits().T
-    return (bits - np.log2(Y_SCALE_WEIGHTS / Y_SCALE_WEIGHTS.sum())).argmin(axis=1)
+    return _cheapest(bits.T, Y_BASE_SCALE, Y_SCALE_WEIGHTS)
 
 
-def _y_scale_corrections(steps: list[tuple[torch.Tensor, torch.Tensor, int]], per_slice: int, channels: int) -> np.ndarray:
+def _y_scale_corrections(steps: list[tuple[torch.Tensor, torch.Tensor, int]], per_slice: int, channels: int) -> np.ndarray | None:
     """A tile's coding steps (symbols, scales in 2^-10 units, each flat and channel-major over `per_slice`
     channels; the first channel) -> each of its `channels` channels' correction (y_scale_choice)."""
     numbers, indices, symbols = [], [], []
@@ -426,15 +436,13 @@ def z_variant_tables(z_table: np.ndarray) -> np.ndarray:
     return np.stack(variants)
 
 
-def z_variant_choice(z_symbols: np.ndarray, log_probabilities: np.ndarray) -> np.ndarray:
+def z_variant_choice(z_symbols: np.ndarray, log_probabilities: np.ndarray) -> np.ndarray | None:
     """A tile's z symbols (Cz, n) and the variants' log2 probabilities (V, Cz, 2·Z_MAX+1) -> the variant (Cz,)
-    that codes each channel in the fewest bits, its index's own bits included (the encoder's choice)."""
+    that codes each channel in the fewest bits, or None (_cheapest): the encoder's choice."""
     channels = z_symbols.shape[0]
     flat = (np.arange(channels)[:, None] * (2 * Z_MAX + 1) + z_symbols + Z_MAX).ravel()
     counts = np.bincount(flat, minlength=channels * (2 * Z_MAX + 1)).reshape(channels, -1)
-    index_bits = -np.log2(Z_VARIANT_WEIGHTS / Z_VARIANT_WEIGHTS.sum())
-    bits = -(counts[None] * log_probabilities).sum(axis=-1) + index_bits[:, None]
-    return bits.argmin(axis=0)
+    return _cheapest(-(counts[None] * log_probabilities).sum(axis=-1), Z_BASE_VARIANT, Z_VARIANT_WEIGHTS)
 
 
 @dataclass(frozen=True)
@@ -465,6 +473,7 @@ class LatentCoder:
         self.z_log_probabilities = np.log2(variants / variants.sum(axis=-1, keepdims=True))
         self.z_variant_model = constriction.stream.model.Categorical(Z_VARIANT_WEIGHTS, perfect=False)
         self.y_scale_model = constriction.stream.model.Categorical(Y_SCALE_WEIGHTS, perfect=False)
+        self.flag_model = constriction.stream.model.Categorical(np.ones(2), perfect=False)
         self.y_model = constriction.stream.model.QuantizedGaussian(-Y_MAX, Y_MAX)
         self.y_tables = y_tables()
 
@@ -509,8 +518,8 @@ class LatentCoder:
                 tile.decoded(index, decoded_q[-1])
             y_hat.append(decoded_q[-1] / 2**FIXED_POINT_BITS)
         per_slice = y.shape[1] // self._slices(y.shape[1])
-        corrections = np.full(y.shape[1], Y_BASE_SCALE) if legacy else _y_scale_corrections(steps, per_slice, y.shape[1])
-        sixteenths = np.asarray(Y_SCALE_SIXTEENTHS)[corrections]
+        corrections = None if legacy else _y_scale_corrections(steps, per_slice, y.shape[1])
+        sixteenths = np.asarray(Y_SCALE_SIXTEENTHS)[np.full(y.shape[1], Y_BASE_SCALE) if corrections is None else corrections]
         coder = constriction.stream.stack.AnsCoder()
         # ANS is a stack: push y first so that the decoder pops the indices and z first; y's steps last to first.
         coded_steps = [
@@ -521,14 +530,25 @@ class LatentCoder:
         y_flat = np.concatenate([symbols for symbols, _ in coded_steps])
         z_channels = z_symbols.numpy().astype(np.int32)[0]
         flat_z = z_channels.reshape(len(z_channels), -1)
-        variants = np.full(len(flat_z), Z_BASE_VARIANT) if legacy else z_variant_choice(flat_z, self.z_log_probabilities)
+        variants = None if legacy else z_variant_choice(flat_z, self.z_log_probabilities)
         for channel in range(len(flat_z) - 1, -1, -1):
-            coder.encode_reverse(flat_z[channel] + Z_MAX, self.z_models[variants[channel]][channel])
+            variant = Z_BASE_VARIANT if variants is None else variants[channel]
+            coder.encode_reverse(flat_z[channel] + Z_MAX, self.z_models[variant][channel])
         if not legacy:
-            coder.encode_reverse(corrections.astype(np.int32), self.y_scale_model)
-            coder.encode_reverse(variants.astype(np.int32), self.z_variant_model)
+            self._push_indices(coder, corrections, self.y_scale_model)
+            self._push_indices(coder, variants, self.z_variant_model)
         stream = coder.get_compressed().tobytes()
         return stream, TileLatents(y_hat=torch.cat(y_hat, dim=1).float(), y_symbols=y_flat, z_symbols=z_channels.ravel())
+
+    def _push_indices(self, coder: constriction.stream.stack.AnsCoder, indices: np.ndarray | None, model) -> None:
+        """Push a tile's flag and, where it is set, its indices (z variants or y corrections) with `model`."""
+        if indices is not None:
+            coder.encode_reverse(indices.astype(np.int32), model)
+        coder.encode_reverse(np.array([indices is not None], np.int32), self.flag_model)
+
+    def _pop_indices(self, coder: constriction.stream.stack.AnsCoder, count: int, model, base: int) -> np.ndarray:
+        """The `count` indices _push_indices pushed, `base` for all where its flag is not set."""
+        return coder.decode(model, count) if coder.decode(self.flag_model, 1)[0] else np.full(count, base)
 
     def _push_y(self, coder: constriction.stream.stack.AnsCoder, steps: list[tuple[np.ndarray, np.ndarray]], legacy: bool) -> None:
         """Push y's coding steps, each (symbols int32, scale indices int64), so that the decoder pops them in order:
@@ -564,8 +584,11 @@ class LatentCoder:
             raise RcamError("stream length is not a whole number of 32-bit words")
         coder = constriction.stream.stack.AnsCoder(np.frombuffer(stream, dtype=np.uint32).copy())
         channels, z_height, z_width = z_shape
-        variants = np.full(channels, Z_BASE_VARIANT) if legacy else coder.decode(self.z_variant_model, channels)
-        corrections = np.full(y_shape[0], Y_BASE_SCALE) if legacy else coder.decode(self.y_scale_model, y_shape[0])
+        if legacy:
+            variants, corrections = np.full(channels, Z_BASE_VARIANT), np.full(y_shape[0], Y_BASE_SCALE)
+        else:
+            variants = self._pop_indices(coder, channels, self.z_variant_model, Z_BASE_VARIANT)
+            corrections = self._pop_indices(coder, y_shape[0], self.y_scale_model, Y_BASE_SCALE)
         sixteenths = np.asarray(Y_SCALE_SIXTEENTHS)[corrections]
         z_channels = np.stack(
             [coder.decode(self.z_models[variants[c]][c], z_height * z_width).astype(np.int32) - Z_MAX for c in range(channels)]
