@@ -16,6 +16,7 @@ import torch
 
 from rcam.codec.engine import analyse_image, encode_analysed, lambda_for_size, tone_reference
 from rcam.codec.rawio import read_raw
+from rcam.codec.tone import FIELD_KNOTS
 from rcam.codec.zoo import DEFAULT_MODEL, load_codec
 from rcam.errors import RcamError
 
@@ -46,7 +47,7 @@ def main() -> None:
                 print(f"| {path.name} | {target} | unreachable: {error} | | | |")
                 continue
             seconds = time.perf_counter() - start
-            achieved = 8 * len(encode_analysed(codec, analysis, lam, reference).data) / pixels
+            achieved = 8 * len(encode_analysed(codec, analysis, lam, reference, knot_choices=(FIELD_KNOTS,)).data) / pixels
             error = 100 * (achieved - target) / target
             errors.append(abs(error))
             print(f"| {path.name} | {target} | {achieved:.4f} | {error:+.2f} | {lam:.5g} | {seconds:.1f} |", flush=True)

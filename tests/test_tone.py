@@ -14,11 +14,13 @@ from rcam.codec import engine as codec
 from rcam.codec.output import quantize
 from rcam.codec.rawio import apply_flip, reference_render, undo_flip
 from rcam.codec.tone import (
+    FIELD_KNOT_CHOICES,
     FIELD_KNOTS,
     GAIN_RANGE,
     IDENTITY,
     ToneStatistics,
     apply_tone,
+    cheapest_field,
     check_tone,
     describe_tone,
     fit_tone,
@@ -260,8 +262,9 @@ def test_encoder_fits_on_exactly_what_the_decoder_reconstructs(tiny_codec, make_
     path = make_dng("tone.dng", 200, 232, orientation=6)
     plain = codec.encode_file(tiny_codec, path, 0.01, tile=64, overlap=32, tone_fit=False)
     fitted = codec.encode_file(tiny_codec, path, 0.01, tile=64, overlap=32)
-    assert plain.header.tone == IDENTITY and knots_of(fitted.header.tone) == FIELD_KNOTS
-    assert fitted.header.tone != identity(FIELD_KNOTS)
+    knots = knots_of(fitted.header.tone)  # the encoder's choice among FIELD_KNOT_CHOICES (cheapest_field)
+    assert plain.header.tone == IDENTITY and knots in FIELD_KNOT_CHOICES
+    assert fitted.header.tone != identity(knots)
     assert [t.y_hat.tolist() for t in fitted.latents] == [t.y_hat.tolist() for t in plain.latents]
     # The fit from the encoder's partial synthesis equals a fit on the decoded frame's pixels those tiles
     # complete (the interiors of every other tile; tiles overlapping one left out are not).
@@ -272,7 +275,7 @@ def test_encoder_fits_on_exactly_what_the_decoder_reconstructs(tiny_codec, make_
     assert 0.1 < usable.mean() < 0.5  # tile 64 with overlap 32: the interiors are small
     decoded = codec.decode_bytes(tiny_codec, plain.data)
     flip = plain.header.flip
-    assert fitted.header.tone == fit_tone(undo_flip(decoded, flip), undo_flip(reference, flip), usable)
+    assert fitted.header.tone == fit_tone(undo_flip(decoded, flip), undo_flip(reference, flip), usable, knots)
     # A caller that already has the render (one per file for a λ sweep) passes it: the same file results.
     assert codec.encode_file(tiny_codec, path, 0.01, tile=64, overlap=32, reference=reference).data == fitted.data
     # The untrained model's tone is far off: correcting it brings the frame closer to the reference.
@@ -301,4 +304,41 @@ def test_rate_grows_by_the_tone_field_bytes_alone(tiny_codec, make_dng, lam):
     plain = codec.encode_file(tiny_codec, path, lam, tone_fit=False)
     fitted = codec.encode_file(tiny_codec, path, lam)
     # Without a fit the header carries one gain and offset per channel (K = 1), with it a K x K field.
-    assert len(fitted.data) - len(plain.data) == 12 * (FIELD_KNOTS**2 - 1)
+    knots = knots_of(fitted.header.tone)
+    assert knots in FIELD_KNOT_CHOICES and len(fitted.data) - len(plain.data) == 12 * (knots**2 - 1)
+
+
+def test_residual_is_the_fit_s_squared_error_on_its_pixels():
+    decoded = smooth_image(64, 80, seed=5)
+    y, x = np.mgrid[0:64, 0:80] / np.array([63.0, 79.0])[:, None, None]
+    reference = render_of(decoded * (0.9 + 0.2 * np.sin(3 * x + 2 * y))[..., None])
+    statistics = ToneStatistics(64, 80, knots=4)
+    statistics.add(0, decoded, reference)
+    tone = statistics.solve()
+    squared, values = statistics.residual(tone)
+    picked = (slice(0, None, 2), slice(0, None, 2))  # the fit's every other row and column
+    rows, cols = knot_basis(64, 4)[picked[0]], knot_basis(80, 4)[picked[1]]
+    gains, offsets = np.asarray(tone).reshape(2, 3, 4, 4)
+    expected = 0.0
+    for channel in range(3):
+        gain, offset = rows @ gains[channel] @ cols.T, rows @ offsets[channel] @ cols.T
+        error = reference[picked + (channel,)] / 255.0 - (gain * decoded[picked + (channel,)] + offset)
+        expected += (error**2).sum()
+    assert values == 3 * 32 * 40 and abs(squared - expected) <= 1e-9 * max(expected, 1.0)
+
+
+def test_the_encoder_pays_for_a_finer_field_only_where_it_is_worth_its_bytes():
+    """cheapest_field weighs 12·K² header bytes against λ·255²·MSE: a finer field wins on a large frame whose
+    error has fine smooth structure, the coarser one on a tiny frame at a low λ."""
+    decoded = smooth_image(96, 128, seed=6)
+    y, x = np.mgrid[0:96, 0:128] / np.array([95.0, 127.0])[:, None, None]
+    reference = render_of(decoded * (0.9 + 0.1 * np.sin(9 * x) * np.cos(7 * y))[..., None])
+    candidates = []
+    for knots in (3, 8):
+        statistics = ToneStatistics(96, 128, knots=knots)
+        statistics.add(0, decoded, reference)
+        candidates.append(statistics)
+    coarse_error, fine_error = (s.residual(s.solve())[0] for s in candidates)
+    assert fine_error < coarse_error
+    assert knots_of(cheapest_field(candidates, 0.1, 24_000_000)) == 8  # 24 MP: the bytes are nothing
+    assert knots_of(cheapest_field(candidates, 0.0025, 96 * 128)) == 3  # the frame itself: 660 bytes more is 0.4 bpp

@@ -22,7 +22,7 @@ from rcam.codec.models import LAMBDA_RANGE
 from rcam.codec.rawio import CellFalloff, RawImage, network_input, network_input_and_white, oriented_view, read_raw, reference_render, undo_flip
 from rcam.codec.skeleton import Development
 from rcam.codec.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, blend_weights, coordinate_map, crop_tile, plan_tiles, thumbnail
-from rcam.codec.tone import FIELD_KNOTS, IDENTITY, ToneStatistics, apply_tone, identity
+from rcam.codec.tone import FIELD_KNOT_CHOICES, FIELD_KNOTS, IDENTITY, ToneStatistics, apply_tone, cheapest_field, identity
 from rcam.codec.zoo import Codec
 from rcam.errors import RcamError
 
@@ -281,14 +281,15 @@ def _header(codec: Codec, analysis: Analysis, lam: float, metadata: Metadata) ->
 
 def encode_analysed(
     codec: Codec, analysis: Analysis, lam: float, reference: np.ndarray | None = None, metadata: Metadata = EMPTY,
-    progress=None,
+    progress=None, knot_choices: tuple[int, ...] = FIELD_KNOT_CHOICES,
 ) -> Encoded:  # fmt: skip
-    """An analysed image -> Encoded at λ (tone fit against `reference` when given, as encode_image)."""
+    """An analysed image -> Encoded at λ (tone fit against `reference` when given, as encode_image, its field's
+    K among `knot_choices`)."""
     lam = check_lambda(lam)
     streams, latents = _code(codec, analysis, lam, progress)
     header = _header(codec, analysis, lam, check_metadata(metadata))
     if reference is not None:
-        header = replace(header, tone=fit_header_tone(codec, header, latents, reference))
+        header = replace(header, tone=fit_header_tone(codec, header, latents, reference, knot_choices))
     return Encoded(container.write(header, streams), header, latents)
 
 
@@ -309,7 +310,8 @@ def encode_image(
 
 
 def file_size(codec: Codec, analysis: Analysis, lam: float, tone_fit: bool, metadata: Metadata = EMPTY) -> int:
-    """The exact .rcb size at λ without synthesising anything: the tone field's size does not depend on its values."""
+    """The exact .rcb size at λ without synthesising anything, with a FIELD_KNOTS tone field (what encode_file
+    fits for a target size): the field's size does not depend on its values."""
     lam = check_lambda(lam)
     streams, _ = _code(codec, analysis, lam)
     header = replace(_header(codec, analysis, lam, metadata), tone=identity(FIELD_KNOTS) if tone_fit else IDENTITY)
@@ -408,15 +410,18 @@ def tone_fit_windows(header: container.Header, size: int = TONE_WINDOW, margin: 
     return windows
 
 
-def fit_header_tone(codec: Codec, header: container.Header, latents: list[TileLatents], reference: np.ndarray) -> tuple[float, ...]:
+def fit_header_tone(
+    codec: Codec, header: container.Header, latents: list[TileLatents], reference: np.ndarray,
+    knot_choices: tuple[int, ...] = FIELD_KNOT_CHOICES,
+) -> tuple[float, ...]:  # fmt: skip
     """Synthesise what tone_fit_windows (else tone_fit_tiles) asks for, as the decoder will, and fit the tone on
-    those pixels."""
+    those pixels: the field of the K among `knot_choices` that costs least at the header's λ (cheapest_field)."""
     if reference.shape[:2] != (header.output_height, header.output_width):
         raise RcamError(f"reference render is {reference.shape[1]}x{reference.shape[0]}, the encoded frame {header.output_width}x{header.output_height}")
     # The field lives on the sensor frame, as the tiles do: a file's decoded pixels do not depend on its
     # orientation tag beyond the final flip.
     sensor_reference = undo_flip(reference, header.flip)
-    statistics = ToneStatistics(header.sensor_height, header.sensor_width)
+    candidates = [ToneStatistics(header.sensor_height, header.sensor_width, knots) for knots in knot_choices]
     windows = tone_fit_windows(header)
     if windows is not None:
         crops = (replace(latents[w.tile], y_hat=latents[w.tile].y_hat[:, :, w.latent_rows, w.latent_cols]) for w in windows)
@@ -425,15 +430,17 @@ def fit_header_tone(codec: Codec, header: container.Header, latents: list[TileLa
                 fitted = image[:, window.rows, window.cols].permute(1, 2, 0).clamp(0.0, 1.0).numpy()
                 height, width = fitted.shape[:2]
                 area = (slice(window.top, window.top + height), slice(window.left, window.left + width))
-                statistics.add(window.top, fitted, sensor_reference[area], None, window.left)
-        return statistics.solve()
+                for statistics in candidates:
+                    statistics.add(window.top, fitted, sensor_reference[area], None, window.left)
+        return cheapest_field(candidates, header.lam, header.output_height * header.output_width)
     wanted = tone_fit_tiles(header)
     # A tile row at a time: the whole decoded frame was the encoder's largest array (288 MB at 24 MP).
     with closing(synthesise_tiles(codec, header, [t for t, run in zip(latents, wanted) if run])) as tile_images:
         for top, rows, complete in blended_rows(header, tile_images, wanted):
-            statistics.add(top, rows.clamp_(0.0, 1.0).numpy(), sensor_reference[top : top + len(rows)], complete.numpy())
+            for statistics in candidates:
+                statistics.add(top, rows.clamp_(0.0, 1.0).numpy(), sensor_reference[top : top + len(rows)], complete.numpy())
             del rows, complete  # views of the band: let it go before the next one is blended
-    return statistics.solve()
+    return cheapest_field(candidates, header.lam, header.output_height * header.output_width)
 
 
 FALLOFF_BAND_ROWS = 256  # packed rows of the falloff map made at a time (memory, not results)
@@ -517,7 +524,9 @@ def encode_file(
             lam, _ = lambda_for_size(codec, analysis, target_bytes, tone_fit, captured)
         if rendering is not None:
             reference = rendering.result()
-    return encode_analysed(codec, analysis, lam, reference if tone_fit else None, captured, progress)
+    # For a target size the field keeps FIELD_KNOTS, whose bytes the size search counted (file_size).
+    knot_choices = FIELD_KNOT_CHOICES if target_bytes is None else (FIELD_KNOTS,)
+    return encode_analysed(codec, analysis, lam, reference if tone_fit else None, captured, progress, knot_choices)
 
 
 def header_tiles(header: container.Header) -> list[Tile]:

@@ -19,7 +19,10 @@ import numpy as np
 from rcam.errors import RcamError
 
 IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, 0.0)  # K = 1: gains R, G, B, then offsets R, G, B (1 = white)
-FIELD_KNOTS = 6  # K the encoder fits
+FIELD_KNOTS = 6  # K of fit_tone's field
+# The K the encoder chooses among per file, by the cost training weighs (cheapest_field): more knots follow the
+# error's smooth part closer for 12·K² header bytes.
+FIELD_KNOT_CHOICES = (6, 8, 10)
 MAX_KNOTS = 16  # the most a header may carry
 GAIN_RANGE = (0.5, 2.0)
 OFFSET_RANGE = (-0.5, 0.5)
@@ -81,6 +84,7 @@ class ToneStatistics:
         self.grams = np.zeros((3, 3, count, count))  # per channel: Σ w x x φφᵀ, Σ w x φφᵀ, Σ w φφᵀ
         self.rhs = np.zeros((3, 2, count))  # per channel: Σ w x y φ, Σ w y φ
         self.moments = np.zeros((3, 5))  # per channel, over valid pixels: n, Σx, Σy, Σxx, Σxy
+        self.sum_yy = np.zeros(3)  # per channel, over valid pixels: Σyy (for residual)
 
     def add(self, top: int, decoded: np.ndarray, reference: np.ndarray, usable: np.ndarray | None = None, left: int = 0) -> None:
         """The window of rows top .. top + h and columns left .. left + w of the frame: decoded (h, w, 3) float in
@@ -114,6 +118,7 @@ class ToneStatistics:
             weight = valid.astype(np.float64)
             x, y = x * weight, y * weight  # zero outside the valid pixels
             self.moments[channel] += (weight.sum(), x.sum(), y.sum(), (x * x).sum(), (x * y).sum())
+            self.sum_yy[channel] += (y * y).sum()
             for index, w in enumerate((x * x, x, weight)):
                 self.grams[channel, index] += _weighted_gram(w, rows, cols)
             self.rhs[channel, 0] += (rows.T @ (x * y) @ cols).ravel()
@@ -138,6 +143,35 @@ class ToneStatistics:
             offsets[channel] = np.clip(solution[count:], *OFFSET_RANGE)
         # float16: what the header stores, so encoder and decoder apply the very same numbers.
         return tuple(float(np.float16(value)) for value in np.concatenate([gains.ravel(), offsets.ravel()]))
+
+
+    def residual(self, tone: tuple[float, ...]) -> tuple[float, float]:
+        """(Σ of squared errors (units of 1), number of values) over the gathered pixels once `tone` (this K's
+        field) is applied, without the clamp to [0, 1]: what the fit minimised, for comparing fields."""
+        count = self.knots * self.knots
+        fields = np.asarray(tone, dtype=np.float64).reshape(2, 3, count)
+        squared, values = 0.0, 0.0
+        for channel in range(3):
+            gram_xx, gram_x1, gram_11 = self.grams[channel]
+            normal = np.block([[gram_xx, gram_x1], [gram_x1, gram_11]])
+            theta = np.concatenate([fields[0, channel], fields[1, channel]])
+            squared += self.sum_yy[channel] - 2 * theta @ np.concatenate(self.rhs[channel]) + theta @ normal @ theta
+            values += self.moments[channel, 0]
+        return max(squared, 0.0), values
+
+
+def cheapest_field(candidates: list[ToneStatistics], lam: float, pixels: int) -> tuple[float, ...]:
+    """The field of the candidate statistics (one per K, of the same pixels) whose header bytes per output pixel
+    (`pixels` of them) plus λ·255²·(the fit's mean squared error) is least: the trade training's loss makes
+    (rcam.training.train.rd_loss), so a small or low-rate file keeps a coarse field and a large one a fine one."""
+    best, best_cost = None, math.inf
+    for statistics in candidates:
+        tone = statistics.solve()
+        squared, values = statistics.residual(tone)
+        cost = 8 * 2 * len(tone) / pixels + lam * 255.0**2 * squared / max(values, 1.0)
+        if cost < best_cost:
+            best, best_cost = tone, cost
+    return best
 
 
 def fit_tone(
