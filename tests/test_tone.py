@@ -22,6 +22,7 @@ from rcam.codec.tone import (
     apply_tone,
     cheapest_field,
     check_tone,
+    knots_worth_fitting,
     describe_tone,
     fit_tone,
     identity,
@@ -342,3 +343,10 @@ def test_the_encoder_pays_for_a_finer_field_only_where_it_is_worth_its_bytes():
     assert fine_error < coarse_error
     assert knots_of(cheapest_field(candidates, 0.1, 24_000_000)) == 8  # 24 MP: the bytes are nothing
     assert knots_of(cheapest_field(candidates, 0.0025, 96 * 128)) == 3  # the frame itself: 660 bytes more is 0.4 bpp
+
+
+def test_large_frames_fit_only_the_finest_field():
+    """12·(10² − 6²) bytes are 0.0003 bpp of a 24 MP frame: only K = 10 is fitted there; a 2 MP frame weighs all."""
+    assert knots_worth_fitting((6, 8, 10), 24_000_000) == (10,)
+    assert knots_worth_fitting((6, 8, 10), 2_000_000) == (6, 8, 10)
+    assert knots_worth_fitting((6,), 24_000_000) == (6,)

@@ -22,7 +22,16 @@ from rcam.codec.models import LAMBDA_RANGE
 from rcam.codec.rawio import CellFalloff, RawImage, network_input, network_input_and_white, oriented_view, read_raw, reference_render, undo_flip
 from rcam.codec.skeleton import Development
 from rcam.codec.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, blend_weights, coordinate_map, crop_tile, plan_tiles, thumbnail
-from rcam.codec.tone import FIELD_KNOT_CHOICES, FIELD_KNOTS, IDENTITY, ToneStatistics, apply_tone, cheapest_field, identity
+from rcam.codec.tone import (
+    FIELD_KNOT_CHOICES,
+    FIELD_KNOTS,
+    IDENTITY,
+    ToneStatistics,
+    apply_tone,
+    cheapest_field,
+    identity,
+    knots_worth_fitting,
+)
 from rcam.codec.zoo import Codec
 from rcam.errors import RcamError
 
@@ -421,7 +430,9 @@ def fit_header_tone(
     # The field lives on the sensor frame, as the tiles do: a file's decoded pixels do not depend on its
     # orientation tag beyond the final flip.
     sensor_reference = undo_flip(reference, header.flip)
-    candidates = [ToneStatistics(header.sensor_height, header.sensor_width, knots) for knots in knot_choices]
+    pixels = header.output_height * header.output_width
+    knots_fitted = knots_worth_fitting(knot_choices, pixels)
+    candidates = [ToneStatistics(header.sensor_height, header.sensor_width, knots) for knots in knots_fitted]
     windows = tone_fit_windows(header)
     if windows is not None:
         crops = (replace(latents[w.tile], y_hat=latents[w.tile].y_hat[:, :, w.latent_rows, w.latent_cols]) for w in windows)
@@ -432,7 +443,7 @@ def fit_header_tone(
                 area = (slice(window.top, window.top + height), slice(window.left, window.left + width))
                 for statistics in candidates:
                     statistics.add(window.top, fitted, sensor_reference[area], None, window.left)
-        return cheapest_field(candidates, header.lam, header.output_height * header.output_width)
+        return cheapest_field(candidates, header.lam, pixels)
     wanted = tone_fit_tiles(header)
     # A tile row at a time: the whole decoded frame was the encoder's largest array (288 MB at 24 MP).
     with closing(synthesise_tiles(codec, header, [t for t, run in zip(latents, wanted) if run])) as tile_images:
@@ -440,7 +451,7 @@ def fit_header_tone(
             for statistics in candidates:
                 statistics.add(top, rows.clamp_(0.0, 1.0).numpy(), sensor_reference[top : top + len(rows)], complete.numpy())
             del rows, complete  # views of the band: let it go before the next one is blended
-    return cheapest_field(candidates, header.lam, header.output_height * header.output_width)
+    return cheapest_field(candidates, header.lam, pixels)
 
 
 FALLOFF_BAND_ROWS = 256  # packed rows of the falloff map made at a time (memory, not results)
