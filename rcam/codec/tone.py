@@ -6,8 +6,10 @@ tone onto the reference's. The correction is out = gain(y, x) · decoded + offse
 offset bilinear between K x K knots spread evenly over the sensor frame, corners included (K = 1: one gain
 and offset per channel). The render it fits to has the estimated lens falloff divided out
 (rcam.codec.engine.tone_reference), so every pixel of the frame takes part alike. Against one gain and offset per
-channel, the 6 x 6 field the encoder fits gains 0.17 dB BD-PSNR on protocol S with its 432 header bytes
-counted (about 2% of the rate of a 0.25 MP val image) and 0.76 dB on protocol R.
+channel, a 6 x 6 field gained 0.17 dB BD-PSNR on protocol S with its 432 header bytes counted (about 2% of the
+rate of a 0.25 MP val image) and 0.76 dB on protocol R; the encoder now fits K = 6, 8 and 10 and keeps the one
+training's cost prefers for the file (cheapest_field), which took protocol R's BD-rate against JPEG from +2.8%
+to −0.4% at stop 26.
 """
 
 from __future__ import annotations
