@@ -448,9 +448,10 @@ def fit_header_tone(
     # A tile row at a time: the whole decoded frame was the encoder's largest array (288 MB at 24 MP).
     with closing(synthesise_tiles(codec, header, [t for t, run in zip(latents, wanted) if run])) as tile_images:
         for top, rows, complete in blended_rows(header, tile_images, wanted):
+            band, usable = rows.clamp_(0.0, 1.0).numpy(), complete.numpy()
             for statistics in candidates:
-                statistics.add(top, rows.clamp_(0.0, 1.0).numpy(), sensor_reference[top : top + len(rows)], complete.numpy())
-            del rows, complete  # views of the band: let it go before the next one is blended
+                statistics.add(top, band, sensor_reference[top : top + len(rows)], usable)
+            del rows, complete, band, usable  # views of the band: let it go before the next one is blended
     return cheapest_field(candidates, header.lam, pixels)
 
 

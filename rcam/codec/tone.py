@@ -149,7 +149,6 @@ class ToneStatistics:
         # float16: what the header stores, so encoder and decoder apply the very same numbers.
         return tuple(float(np.float16(value)) for value in np.concatenate([gains.ravel(), offsets.ravel()]))
 
-
     def residual(self, tone: tuple[float, ...]) -> tuple[float, float]:
         """(Σ of squared errors (units of 1), number of values) over the gathered pixels once `tone` (this K's
         field) is applied, without the clamp to [0, 1]: what the fit minimised, for comparing fields."""
@@ -165,11 +164,16 @@ class ToneStatistics:
         return max(squared, 0.0), values
 
 
+def field_bits(knots: int) -> int:
+    """Header bits of a K x K field: 6 K² float16 values."""
+    return 8 * 2 * 6 * knots * knots
+
+
 def knots_worth_fitting(choices: tuple[int, ...], pixels: int) -> tuple[int, ...]:
     """The K of `choices` the encoder fits for a frame of `pixels` output pixels: all of them, or only the finest
     where the header bytes it adds are negligible per pixel (NEGLIGIBLE_HEADER_BPP)."""
     finest, coarsest = max(choices), min(choices)
-    if 8 * 12 * (finest**2 - coarsest**2) / pixels < NEGLIGIBLE_HEADER_BPP:
+    if (field_bits(finest) - field_bits(coarsest)) / pixels < NEGLIGIBLE_HEADER_BPP:
         return (finest,)
     return tuple(choices)
 
@@ -182,7 +186,7 @@ def cheapest_field(candidates: list[ToneStatistics], lam: float, pixels: int) ->
     for statistics in candidates:
         tone = statistics.solve()
         squared, values = statistics.residual(tone)
-        cost = 8 * 2 * len(tone) / pixels + lam * 255.0**2 * squared / max(values, 1.0)
+        cost = field_bits(statistics.knots) / pixels + lam * 255.0**2 * squared / max(values, 1.0)
         if cost < best_cost:
             best, best_cost = tone, cost
     return best
