@@ -111,6 +111,7 @@ class EncodeSettings:
     tile_batch: int
     tone_fit: bool
     look: str
+    refine_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -140,11 +141,13 @@ def encode_one(settings: EncodeSettings, codec: Codec, source: Path, target: Pat
     reader = None
     if not settings.strip_metadata:
         reader = functools.partial(read_metadata, gps=not settings.strip_gps, strict=settings.strict_metadata, warn=functools.partial(warn, source))
-    encoded = encode_file(
-        codec, source, settings.lam, tone_fit=settings.tone_fit, metadata=reader, target_bytes=settings.target_bytes,
-        target_bpp=settings.bpp, tile=settings.tile, overlap=settings.overlap, tile_batch=settings.tile_batch,
-        look=settings.look, progress=progress,
-    )  # fmt: skip
+    # Refinement takes minutes: its own counter of tile steps, shown where the tile bar is (a terminal, one process).
+    with tqdm(desc=f"{source.name}: refining", unit="tile step", leave=False, disable=None if progress and settings.refine_steps else True) as steps:
+        encoded = encode_file(
+            codec, source, settings.lam, tone_fit=settings.tone_fit, metadata=reader, target_bytes=settings.target_bytes,
+            target_bpp=settings.bpp, tile=settings.tile, overlap=settings.overlap, tile_batch=settings.tile_batch,
+            look=settings.look, progress=progress, refine_steps=settings.refine_steps, refine_progress=steps.update,
+        )  # fmt: skip
     write_atomic(target, encoded.data)
     pixels = encoded.header.output_height * encoded.header.output_width
     chosen = f", lambda {encoded.header.lam:.6g}" if settings.lam is None else ""

@@ -19,6 +19,7 @@ from rcam.codec.entropy import TileLatents
 from rcam.codec.layers import log_gain_at
 from rcam.codec.metadata import EMPTY, Metadata, check_metadata
 from rcam.codec.models import LAMBDA_RANGE
+from rcam.codec.refine import frozen, refine_latents, tile_target, tile_tone
 from rcam.codec.rawio import CellFalloff, RawImage, network_input, network_input_and_white, oriented_view, read_raw, reference_render, undo_flip
 from rcam.codec.skeleton import Development
 from rcam.codec.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, blend_weights, coordinate_map, crop_tile, plan_tiles, thumbnail
@@ -59,9 +60,11 @@ class Encoded:
 def check_lambda(lam: float) -> float:
     """λ must lie in the range the variable-rate model was trained for."""
     low, high = LAMBDA_RANGE
-    if not (low <= lam <= high):
+    value = float(np.float32(lam))  # the header stores float32: use exactly that value on both sides
+    # Compared as float32 too, so a checked λ passes again (float32(0.1) is a little above 0.1).
+    if not (float(np.float32(low)) <= value <= float(np.float32(high))):
         raise RcamError(f"--lambda {lam} is outside the supported range [{low}, {high}]")
-    return float(np.float32(lam))  # the header stores float32: use exactly that value on both sides
+    return value
 
 
 def check_look(codec: Codec, look: str) -> str:
@@ -118,25 +121,29 @@ def transform_input(codec: Codec, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous(memory_format=torch.channels_last) if codec.channels_last else tensor
 
 
-def map_tiles(device: torch.device, function: Callable, items: Iterable) -> Iterator:
-    """function(item) for every item, in order, under inference mode; on the CPU each item runs on one
-    intra-op thread and torch.get_num_threads() items run at once.
+def map_tiles(device: torch.device, function: Callable, items: Iterable, gradients: bool = False) -> Iterator:
+    """function(item) for every item, in order, under inference mode (with `gradients`: autograd on, for the
+    encoder's refinement); on the CPU each item runs on one intra-op thread and torch.get_num_threads() items
+    run at once.
 
     Why: oneDNN's convolutions, MKL's matrix products and torch's vectorised loops split their work by the
     thread count, so a tile's floats changed in the last bits with --threads and some pixels rounded the
     other way. On one thread a tile is computed the same way whatever the thread count (or process, or
     tile batch), and tiles side by side give the parallelism back.
     """
+    def mode():  # thread-local: each worker enters it itself
+        return torch.enable_grad() if gradients else torch.inference_mode()
+
     if device.type != "cpu":
         for item in items:
-            with torch.inference_mode():
+            with mode():
                 result = function(item)
             yield result
         return
     threads = torch.get_num_threads()
 
     def run(item):
-        with torch.inference_mode():  # thread-local: each worker enters it itself
+        with mode():
             return function(item)
 
     if threads == 1:  # one tile at a time on one thread: this one (a pool's thread start took 3 ms a call, the
@@ -288,18 +295,83 @@ def _header(codec: Codec, analysis: Analysis, lam: float, metadata: Metadata) ->
     )  # fmt: skip
 
 
+def refine_analysis(
+    codec: Codec, analysis: Analysis, lam: float, reference: np.ndarray, steps: int, tone: tuple[float, ...] = IDENTITY,
+    progress=None,
+) -> Analysis:  # fmt: skip
+    """The analysis with every tile's latents refined for λ against `reference` ((H, W, 3) uint8, the look's
+    target, oriented as the output) by `steps` gradient steps each (rcam.codec.refine), the decoded pixels
+    tone-corrected by `tone` in the loss. Tiles run one after another on the calling thread, in float32."""
+    lam = check_lambda(lam)
+    image, model, device = analysis.image, codec.model, codec.device
+    if reference.shape[:2] != tuple(image.output_size):
+        raise RcamError(f"reference render is {reference.shape[1]}x{reference.shape[0]}, the encoded frame {image.output_size[1]}x{image.output_size[0]}")
+    sensor_reference = undo_flip(reference, image.flip)
+    with torch.no_grad():
+        gain, inverse_gain = model.gains(torch.tensor([lam], device=device))
+    conditions = (analysis.development.tensors(1, device) if model.config.skeleton else None, look_tensor(analysis.look, 1, device))
+
+    def refine(item: tuple[Tile, torch.Tensor]) -> torch.Tensor:
+        tile, unscaled = item
+        target, mask = tile_target(sensor_reference, tile, image.pad_top, image.pad_left)
+        tone_maps = tile_tone(tone, tile, image.pad_top, image.pad_left, (image.height, image.width))
+        y = refine_latents(
+            model, unscaled.float() * gain, inverse_gain, conditions, target.to(device), mask.to(device),
+            tuple(t.to(device) for t in tone_maps), lam, steps, progress=progress,
+        )  # fmt: skip
+        return (y / gain).to(unscaled.dtype)
+
+    # Each tile alone, on one thread (map_tiles): its refined latents, and so the file's bytes, then do not
+    # depend on the thread count or the tile batch.
+    tiles = iter(analysis.tiles)
+    items = ((next(tiles), batch[index : index + 1]) for batch in analysis.batches for index in range(len(batch)))
+    with frozen(model), closing(map_tiles(device, refine, items, gradients=True)) as results:
+        refined = list(results)
+    refined_batches, start = [], 0
+    for batch in analysis.batches:
+        refined_batches.append(transform_input(codec, torch.cat(refined[start : start + len(batch)])))
+        start += len(batch)
+    return replace(analysis, batches=refined_batches)
+
+
 def encode_analysed(
     codec: Codec, analysis: Analysis, lam: float, reference: np.ndarray | None = None, metadata: Metadata = EMPTY,
-    progress=None, knot_choices: tuple[int, ...] = FIELD_KNOT_CHOICES,
+    progress=None, knot_choices: tuple[int, ...] = FIELD_KNOT_CHOICES, refine_steps: int = 0, refine_progress=None,
+    tone_fit: bool = True,
 ) -> Encoded:  # fmt: skip
-    """An analysed image -> Encoded at λ (tone fit against `reference` when given, as encode_image, its field's
-    K among `knot_choices`)."""
+    """An analysed image -> Encoded at λ (with `tone_fit`, the tone fitted against `reference` when given, as
+    encode_image, its field's K among `knot_choices`). `refine_steps` > 0 also refines the latents against
+    `reference` (refine_analysis; the faithful look only, whose target the reference is), with the tone field
+    fitted to the unrefined ones in the loss, and keeps the refined file only if its coded_cost is lower;
+    `refine_progress()` is called after each tile's step."""
     lam = check_lambda(lam)
+    if refine_steps:
+        if reference is None or analysis.look != "faithful":
+            raise RcamError("refinement needs the faithful look and its reference render: the clean look's target (the frame without its defects) is not one the encoder has")
+        plain = encode_analysed(codec, analysis, lam, reference, metadata, None, knot_choices, tone_fit=tone_fit)
+        refined_analysis = refine_analysis(codec, analysis, lam, reference, refine_steps, plain.header.tone, refine_progress)
+        refined = encode_analysed(codec, refined_analysis, lam, reference, metadata, progress, knot_choices, tone_fit=tone_fit)
+        # The rate proxy is not the coder: keep whichever file training's cost prefers, so refinement never
+        # makes a file worse by it.
+        return min((refined, plain), key=lambda encoded: coded_cost(codec, encoded, reference))
     streams, latents = _code(codec, analysis, lam, progress)
     header = _header(codec, analysis, lam, check_metadata(metadata))
-    if reference is not None:
+    if reference is not None and tone_fit:
         header = replace(header, tone=fit_header_tone(codec, header, latents, reference, knot_choices))
     return Encoded(container.write(header, streams), header, latents)
+
+
+def coded_cost(codec: Codec, encoded: Encoded, reference: np.ndarray) -> float:
+    """Training's cost of a file against `reference` ((H, W, 3) uint8, oriented as the output): its bits per
+    output pixel + λ·(mean squared error of its 8-bit decode, in levels²)."""
+    header, streams = container.read(encoded.data)
+    sensor_reference = undo_flip(reference, header.flip)
+    squared = 0.0
+    for top, band in decoded_bands(codec, header, streams):
+        decoded = np.round(np.clip(band, 0.0, 1.0) * 255.0).astype(np.float64)  # as output.quantize rounds
+        squared += float(np.sum((decoded - sensor_reference[top : top + len(band)]) ** 2))
+    pixels = header.output_height * header.output_width
+    return 8 * len(encoded.data) / pixels + header.lam * squared / (3 * pixels)
 
 
 def encode_image(
@@ -509,10 +581,11 @@ def encode_file(
     codec: Codec, path: Path, lam: float | None = None, tone_fit: bool = True, reference: np.ndarray | None = None,
     metadata: Callable[[Path], Metadata] | None = None, target_bytes: int | None = None, target_bpp: float | None = None,
     tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP, tile_batch: int = DEFAULT_TILE_BATCH, progress=None,
-    look: str = "clean",
+    look: str = "clean", refine_steps: int = 0, refine_progress=None,
 ) -> Encoded:  # fmt: skip
     """Read a RAW file and encode it in `look` (SPEC §3) at λ, or at the λ whose file is closest to `target_bytes` or `target_bpp`
-    (bits per output pixel) by lambda_for_size.
+    (bits per output pixel) by lambda_for_size. `refine_steps` > 0 (the faithful look at a λ): refine the
+    latents against the file's render first (encode_analysed).
 
     `tone_fit` fits the tone against tone_reference(): pass it as `reference` when the caller already has it
     (e.g. one render for several λ), else it is rendered here. `metadata` reads the file's capture metadata
@@ -520,6 +593,8 @@ def encode_file(
     """
     if sum(value is not None for value in (lam, target_bytes, target_bpp)) != 1:
         raise RcamError("give one of a λ, a target size and a target bpp")
+    if refine_steps and (look != "faithful" or lam is None):
+        raise RcamError("--refine works with --look faithful at a --lambda: the clean look's target (the frame without its defects) is not one the encoder has, and refinement changes a file's size after a target size has chosen its λ")
     image = read_raw(path)  # first: its checks give the precise reason a file is refused
     captured = metadata(path) if metadata else EMPTY
     if target_bpp is not None:
@@ -529,7 +604,7 @@ def encode_file(
         # LibRaw renders the tone reference on its own thread, beside the analysis: it runs on one core without
         # the GIL (1.5 s at 24 MP), and the encoder's stages around the analysis leave a core idle.
         rendering = None
-        if tone_fit and reference is None:
+        if (tone_fit or refine_steps) and reference is None:
             rendering = render_pool.submit(reference_render, path, tone_falloff(codec, image, look, prepared.thumbnail))
         analysis = analyse_image(codec, image, tile, overlap, tile_batch, look, prepared)
         if target_bytes is not None:
@@ -538,7 +613,9 @@ def encode_file(
             reference = rendering.result()
     # For a target size the field keeps FIELD_KNOTS, whose bytes the size search counted (file_size).
     knot_choices = FIELD_KNOT_CHOICES if target_bytes is None else (FIELD_KNOTS,)
-    return encode_analysed(codec, analysis, lam, reference if tone_fit else None, captured, progress, knot_choices)
+    return encode_analysed(
+        codec, analysis, lam, reference, captured, progress, knot_choices, refine_steps, refine_progress, tone_fit
+    )  # fmt: skip
 
 
 def header_tiles(header: container.Header) -> list[Tile]:

@@ -1,0 +1,136 @@
+"""Encoder-side refinement: a tile's latents optimised against the file's own render before they are coded.
+
+The analysis transform is amortised: one network guesses, for any frame, latents that training's cost
+(R + λ·255²·MSE) finds good on average over synthetic frames. An encoder that holds the target can do better for
+the frame in hand: gradient steps on each tile's latents through the frozen hyperprior and synthesis (Campos et
+al. 2019, content-adaptive optimisation; Yang et al. 2020). For the faithful look the target is LibRaw's render
+of the file itself (SPEC §3), which the encoder renders anyway for the tone fit. Only the encoder changes: the
+refined latents are coded like any others, so the file is an ordinary .rcb file and decodes as one.
+
+The rate is training's proxy (additive uniform noise, likelihoods of the noisy latents): a straight-through
+rounded proxy ran away on the real DNGs (the file 2.8x larger after 30 steps). The decoded image includes the
+encoder's tone field (rcam.codec.tone), so the loss applies the field fitted to the unrefined latents; the
+encoder fits it again afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from rcam.codec.tiling import Tile
+from rcam.codec.tone import knot_basis, knots_of
+
+REFINE_LEARNING_RATE = 0.02  # Adam's step on the gained latents (their quantisation step is 1)
+REFINE_SEED = 0  # the rate proxy's noise: the same file, steps and machine give the same bytes
+
+
+def tile_target(reference: np.ndarray, tile: Tile, pad_top: int, pad_left: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The part of the visible frame's render (H, W, 3) uint8, sensor orientation, that a tile's synthesis covers
+    -> (target (3, 2h, 2w) float32 in [0, 1], mask (1, 2h, 2w): 1 where the tile's output is visible, 0 in the
+    padding)."""
+    top, left = 2 * tile.top - pad_top, 2 * tile.left - pad_left
+    height, width = 2 * tile.height, 2 * tile.width
+    target = torch.zeros(3, height, width)
+    mask = torch.zeros(1, height, width)
+    first_row, first_col = max(top, 0), max(left, 0)
+    last_row, last_col = min(top + height, reference.shape[0]), min(left + width, reference.shape[1])
+    inside = (slice(first_row - top, last_row - top), slice(first_col - left, last_col - left))
+    crop = torch.from_numpy(np.ascontiguousarray(reference[first_row:last_row, first_col:last_col]))
+    target[:, inside[0], inside[1]] = crop.permute(2, 0, 1).float() / 255.0
+    mask[:, inside[0], inside[1]] = 1.0
+    return target, mask
+
+
+def tile_tone(
+    tone: tuple[float, ...], tile: Tile, pad_top: int, pad_left: int, frame: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """A header's tone field over a tile's output -> (gain, offset), each (3, 2h, 2w) float32 (1 and 0 in the
+    padding): what apply_tone does to those pixels, as tensors the loss can carry gradients through."""
+    knots = knots_of(tone)
+    top, left = 2 * tile.top - pad_top, 2 * tile.left - pad_left
+    height, width = 2 * tile.height, 2 * tile.width
+    gain, offset = torch.ones(3, height, width), torch.zeros(3, height, width)
+    first_row, first_col = max(top, 0), max(left, 0)
+    last_row, last_col = min(top + height, frame[0]), min(left + width, frame[1])
+    if last_row <= first_row or last_col <= first_col:
+        return gain, offset
+    rows = torch.from_numpy(knot_basis(frame[0], knots)[first_row:last_row].astype(np.float32))
+    cols = torch.from_numpy(knot_basis(frame[1], knots)[first_col:last_col].astype(np.float32))
+    fields = torch.tensor(tone, dtype=torch.float32).reshape(2, 3, knots, knots)
+    inside = (slice(first_row - top, last_row - top), slice(first_col - left, last_col - left))
+    for channel in range(3):
+        gain[channel, inside[0], inside[1]] = rows @ fields[0, channel] @ cols.T
+        offset[channel, inside[0], inside[1]] = rows @ fields[1, channel] @ cols.T
+    return gain, offset
+
+
+def proxy_bits(model: torch.nn.Module, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training's rate proxy for gained latents y (1, M, h, w) -> (bits of y and its hyper-latent z with additive
+    uniform noise, a scalar; y's predicted means (1, M, h, w), around which the coder rounds). The hyperprior
+    sees z rounded, straight-through, as in training."""
+    z = model.hyper_analysis(y)
+    z_noisy = z + torch.rand(z.shape, generator=generator, device=z.device) - 0.5
+    z_rows = z_noisy.permute(1, 0, 2, 3).reshape(z.shape[1], 1, -1)  # the bottleneck's (C, 1, N) layout
+    z_likelihood = model.entropy_bottleneck._likelihood(z_rows)
+    z_likelihood = z_likelihood[0] if isinstance(z_likelihood, tuple) else z_likelihood
+    z_hat = z + (torch.round(z) - z).detach()
+    means, scales = model.hyper_synthesis(z_hat).chunk(2, dim=1)
+    if model.channel_context is not None:
+        means, scales = model.channel_context(y, means, scales)
+    y_noisy = y + torch.rand(y.shape, generator=generator, device=y.device) - 0.5
+    y_likelihood = model.gaussian_conditional._likelihood(y_noisy, scales, means)
+    floor = 1e-9  # compressai's likelihood bound: a latent far in a tail costs about 30 bits, not infinity
+    bits = -(torch.log2(z_likelihood.clamp_min(floor)).sum() + torch.log2(y_likelihood.clamp_min(floor)).sum())
+    return bits, means
+
+
+@contextmanager
+def frozen(model: torch.nn.Module):
+    """The model's parameters take no gradients in the block (refinement's backward passes reach only the
+    latents); the flags are restored after."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+
+
+def refine_latents(
+    model: torch.nn.Module, y: torch.Tensor, inverse_gain: torch.Tensor, synthesis_conditions: tuple, target: torch.Tensor,
+    mask: torch.Tensor, tone: tuple[torch.Tensor, torch.Tensor], lam: float, steps: int,
+    seed: int = REFINE_SEED, learning_rate: float = REFINE_LEARNING_RATE, progress: Callable[[], None] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Gained latents y (1, M, h, w) -> the latents after `steps` Adam steps on R + λ·255²·MSE of the tile's
+    decoded, tone-corrected output (3, 2h, 2w) against `target` where `mask` is 1.
+
+    synthesis_conditions: (development, look) as the synthesis takes them; tone: (gain, offset) from tile_tone.
+    The model's parameters are not changed; hold it frozen() around the call. `progress()` is called after
+    each step.
+    """
+    generator = torch.Generator(device=y.device).manual_seed(seed)
+    pixels = mask.sum().clamp_min(1.0)
+    tone_gain, tone_offset = tone
+    refined = y.detach().clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([refined], lr=learning_rate)
+    for _ in range(steps):
+        bits, means = proxy_bits(model, refined, generator)
+        # The decoder's ŷ (rounded around the predicted means), straight-through for the gradient.
+        y_hat = refined + (torch.round(refined - means) + means - refined).detach()
+        rgb = model.synthesis(y_hat * inverse_gain, *synthesis_conditions)[0]
+        # As the decoder: clamped, tone-corrected, clamped again (apply_tone).
+        decoded = (rgb.clamp(0.0, 1.0) * tone_gain + tone_offset).clamp(0.0, 1.0)
+        mse = (((decoded - target) ** 2) * mask).sum() / (3 * pixels)
+        loss = bits / pixels + lam * 255.0**2 * mse
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        if progress:
+            progress()
+    return refined.detach()
