@@ -77,18 +77,19 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=160, help="crop side in output pixels")
     parser.add_argument("--scale", type=int, default=2, help="nearest-neighbour enlargement")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--refine", type=int, default=0, help="refinement steps (rcam encode --refine; faithful look)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     codec = load_codec(args.model)
     look = args.look or ("faithful" if "faithful" in codec.model.config.looks else "clean")
     path = Path(args.dng)
     reference = reference_render(path)
-    encoded = encode_file(codec, path, args.lam, reference=tone_reference(codec, path, look=look), look=look)
+    encoded = encode_file(codec, path, args.lam, reference=tone_reference(codec, path, look=look), look=look, refine_steps=args.refine)
     decoded = quantize(decode_bytes(codec, encoded.data), 8)
     pixels = reference.shape[0] * reference.shape[1]
     label, quality, cascade_bytes, cascade = best_cascade(reference, len(encoded.data))
     columns = [
-        (f"rcam {look}, lambda {args.lam:g}: {8 * len(encoded.data) / pixels:.3f} bpp, {psnr(decoded, reference):.2f} dB", decoded),
+        (f"rcam {look}, lambda {args.lam:g}{f', refine {args.refine}' if args.refine else ''}: {8 * len(encoded.data) / pixels:.3f} bpp, {psnr(decoded, reference):.2f} dB", decoded),
         ("reference render (LibRaw)", reference),
         (f"{label} q{quality:.0f}: {8 * cascade_bytes / pixels:.3f} bpp, {psnr(cascade, reference):.2f} dB", cascade),
     ]
