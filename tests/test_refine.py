@@ -110,3 +110,24 @@ def test_a_checked_lambda_passes_the_check_again():
         assert check_lambda(check_lambda(lam)) == check_lambda(lam)
     with pytest.raises(RcamError, match="outside"):
         check_lambda(0.1001)
+
+
+def test_a_refinement_that_does_not_pay_is_not_kept(skeleton_codec, make_dng, monkeypatch):
+    """The encoder keeps the plain file when the refined one costs more (bytes + λ·MSE against the render)."""
+    import rcam.codec.engine as engine
+
+    path = make_dng(height=96, width=128)
+    reference = reference_render(path)
+    plain = encode_file(skeleton_codec, path, 0.01, reference=reference, look="faithful")
+
+    def spoiled(model, y, *args, **kwargs):  # latents pushed far off: more bits and a worse picture
+        return y + 8.0 * torch.sign(torch.randn(y.shape, generator=torch.Generator().manual_seed(0)))
+
+    monkeypatch.setattr(engine, "refine_latents", spoiled)
+    kept = encode_file(skeleton_codec, path, 0.01, reference=reference, look="faithful", refine_steps=5)
+    assert kept.data == plain.data
+    spoiled_analysis = engine.refine_analysis(
+        skeleton_codec, engine.analyse_image(skeleton_codec, engine.read_raw(path), look="faithful"), 0.01, reference, 5
+    )
+    worse = engine.encode_analysed(skeleton_codec, spoiled_analysis, 0.01, reference)
+    assert engine.coded_cost(skeleton_codec, worse, reference) > engine.coded_cost(skeleton_codec, plain, reference)

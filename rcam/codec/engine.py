@@ -19,8 +19,8 @@ from rcam.codec.entropy import TileLatents
 from rcam.codec.layers import log_gain_at
 from rcam.codec.metadata import EMPTY, Metadata, check_metadata
 from rcam.codec.models import LAMBDA_RANGE
-from rcam.codec.refine import frozen, refine_latents, tile_target, tile_tone
 from rcam.codec.rawio import CellFalloff, RawImage, network_input, network_input_and_white, oriented_view, read_raw, reference_render, undo_flip
+from rcam.codec.refine import frozen, refine_latents, tile_target, tile_tone
 from rcam.codec.skeleton import Development
 from rcam.codec.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, blend_weights, coordinate_map, crop_tile, plan_tiles, thumbnail
 from rcam.codec.tone import (
@@ -301,7 +301,7 @@ def refine_analysis(
 ) -> Analysis:  # fmt: skip
     """The analysis with every tile's latents refined for λ against `reference` ((H, W, 3) uint8, the look's
     target, oriented as the output) by `steps` gradient steps each (rcam.codec.refine), the decoded pixels
-    tone-corrected by `tone` in the loss. Tiles run one after another on the calling thread, in float32."""
+    tone-corrected by `tone` in the loss, in float32; each tile on one thread, torch.get_num_threads() side by side."""
     lam = check_lambda(lam)
     image, model, device = analysis.image, codec.model, codec.device
     if reference.shape[:2] != tuple(image.output_size):
