@@ -28,20 +28,29 @@ REFINE_LEARNING_RATE = 0.02  # Adam's step on the gained latents (their quantisa
 REFINE_SEED = 0  # the rate proxy's noise: the same file, steps and machine give the same bytes
 
 
+def _visible_part(tile: Tile, pad_top: int, pad_left: int, frame: tuple[int, int]) -> tuple[tuple[slice, slice], tuple[slice, slice]] | None:
+    """Where a tile's output (2h, 2w) overlaps the visible frame (H, W): (rows, cols) of the frame and the same
+    pixels' (rows, cols) in the tile's output; None where it lies wholly in the CFA padding."""
+    top, left = 2 * tile.top - pad_top, 2 * tile.left - pad_left
+    first_row, first_col = max(top, 0), max(left, 0)
+    last_row, last_col = min(top + 2 * tile.height, frame[0]), min(left + 2 * tile.width, frame[1])
+    if last_row <= first_row or last_col <= first_col:
+        return None
+    in_frame = (slice(first_row, last_row), slice(first_col, last_col))
+    return in_frame, (slice(first_row - top, last_row - top), slice(first_col - left, last_col - left))
+
+
 def tile_target(reference: np.ndarray, tile: Tile, pad_top: int, pad_left: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The part of the visible frame's render (H, W, 3) uint8, sensor orientation, that a tile's synthesis covers
     -> (target (3, 2h, 2w) float32 in [0, 1], mask (1, 2h, 2w): 1 where the tile's output is visible, 0 in the
     padding)."""
-    top, left = 2 * tile.top - pad_top, 2 * tile.left - pad_left
-    height, width = 2 * tile.height, 2 * tile.width
-    target = torch.zeros(3, height, width)
-    mask = torch.zeros(1, height, width)
-    first_row, first_col = max(top, 0), max(left, 0)
-    last_row, last_col = min(top + height, reference.shape[0]), min(left + width, reference.shape[1])
-    inside = (slice(first_row - top, last_row - top), slice(first_col - left, last_col - left))
-    crop = torch.from_numpy(np.ascontiguousarray(reference[first_row:last_row, first_col:last_col]))
-    target[:, inside[0], inside[1]] = crop.permute(2, 0, 1).float() / 255.0
-    mask[:, inside[0], inside[1]] = 1.0
+    target = torch.zeros(3, 2 * tile.height, 2 * tile.width)
+    mask = torch.zeros(1, 2 * tile.height, 2 * tile.width)
+    part = _visible_part(tile, pad_top, pad_left, reference.shape[:2])
+    if part is not None:
+        (rows, cols), (tile_rows, tile_cols) = part
+        target[:, tile_rows, tile_cols] = torch.from_numpy(np.ascontiguousarray(reference[rows, cols])).permute(2, 0, 1).float() / 255.0
+        mask[:, tile_rows, tile_cols] = 1.0
     return target, mask
 
 
@@ -50,21 +59,18 @@ def tile_tone(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """A header's tone field over a tile's output -> (gain, offset), each (3, 2h, 2w) float32 (1 and 0 in the
     padding): what apply_tone does to those pixels, as tensors the loss can carry gradients through."""
-    knots = knots_of(tone)
-    top, left = 2 * tile.top - pad_top, 2 * tile.left - pad_left
-    height, width = 2 * tile.height, 2 * tile.width
-    gain, offset = torch.ones(3, height, width), torch.zeros(3, height, width)
-    first_row, first_col = max(top, 0), max(left, 0)
-    last_row, last_col = min(top + height, frame[0]), min(left + width, frame[1])
-    if last_row <= first_row or last_col <= first_col:
+    gain, offset = torch.ones(3, 2 * tile.height, 2 * tile.width), torch.zeros(3, 2 * tile.height, 2 * tile.width)
+    part = _visible_part(tile, pad_top, pad_left, frame)
+    if part is None:
         return gain, offset
-    rows = torch.from_numpy(knot_basis(frame[0], knots)[first_row:last_row].astype(np.float32))
-    cols = torch.from_numpy(knot_basis(frame[1], knots)[first_col:last_col].astype(np.float32))
+    (rows, cols), (tile_rows, tile_cols) = part
+    knots = knots_of(tone)
+    row_weights = torch.from_numpy(knot_basis(frame[0], knots)[rows].astype(np.float32))
+    col_weights = torch.from_numpy(knot_basis(frame[1], knots)[cols].astype(np.float32))
     fields = torch.tensor(tone, dtype=torch.float32).reshape(2, 3, knots, knots)
-    inside = (slice(first_row - top, last_row - top), slice(first_col - left, last_col - left))
     for channel in range(3):
-        gain[channel, inside[0], inside[1]] = rows @ fields[0, channel] @ cols.T
-        offset[channel, inside[0], inside[1]] = rows @ fields[1, channel] @ cols.T
+        gain[channel, tile_rows, tile_cols] = row_weights @ fields[0, channel] @ col_weights.T
+        offset[channel, tile_rows, tile_cols] = row_weights @ fields[1, channel] @ col_weights.T
     return gain, offset
 
 
