@@ -34,7 +34,7 @@ from rcam.codec.batch import (
     run_batch,
     worker_threads,
 )  # fmt: skip
-from rcam.codec.engine import decode_bytes, encode_file, tone_reference
+from rcam.codec.engine import check_refinement, decode_bytes, encode_file, tone_reference
 from rcam.codec.metadata import Metadata, summary
 from rcam.codec.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 from rcam.codec.tone import describe_tone
@@ -182,8 +182,7 @@ def encode(
     lam = 0.01 if lam is None and bpp is None and target_bytes is None else lam
     if strip_metadata and (strip_gps or strict_metadata):
         raise RcamError("--strip-metadata stores no metadata: --strip-gps and --strict-metadata do not apply")
-    if refine_steps and (look != "faithful" or lam is None):
-        raise RcamError("--refine works with --look faithful at a --lambda: the clean look's target (the frame without its defects) is not one the encoder has, and a target size chooses its λ before refinement would change the size")
+    check_refinement(refine_steps, look, lam is not None)  # once, before any file
     settings = EncodeSettings(
         lam, target_bytes, bpp, strip_metadata, strip_gps, strict_metadata, tile, overlap, tile_batch, tone_fit, look, refine_steps
     )  # fmt: skip
@@ -373,8 +372,7 @@ def evaluate(inputs, protocol, lambdas, baselines, out_dir, limit, speed, held_o
     codec = load_codec(model_name, target_device, precision=precision)
     if look == "auto":
         look = "faithful" if protocol == "R" and "faithful" in codec.model.config.looks else "clean"
-    if refine_steps and look != "faithful":
-        raise RcamError("--refine measures the faithful look (protocol R, or --look faithful): the clean look's target is not one the encoder has")
+    check_refinement(refine_steps, look)
     end_to_end = [_end_to_end_comparator(name.lower(), codec.device, look) for name in names if name.lower() in END_TO_END]
     # The λ sweep of one file fits its tone to one render.
     render = functools.lru_cache(maxsize=1)(functools.partial(tone_reference, codec, look=look))

@@ -67,6 +67,16 @@ def check_lambda(lam: float) -> float:
     return value
 
 
+def check_refinement(steps: int, look: str, lam_given: bool = True) -> None:
+    """Refinement (rcam.codec.refine) needs the faithful look, whose target the encoder has, and a λ given
+    rather than chosen for a target size (refinement would change the size after)."""
+    if steps and (look != "faithful" or not lam_given):
+        raise RcamError(
+            "--refine works with --look faithful at a --lambda: the clean look's target (the frame without its defects) "
+            "is not one the encoder has, and a target size chooses its λ before refinement would change the size"
+        )
+
+
 def check_look(codec: Codec, look: str) -> str:
     """The look must be one this model renders (SPEC §3)."""
     if look not in codec.model.config.looks:
@@ -346,8 +356,9 @@ def encode_analysed(
     `refine_progress()` is called after each tile's step."""
     lam = check_lambda(lam)
     if refine_steps:
-        if reference is None or analysis.look != "faithful":
-            raise RcamError("refinement needs the faithful look and its reference render: the clean look's target (the frame without its defects) is not one the encoder has")
+        check_refinement(refine_steps, analysis.look)
+        if reference is None:
+            raise RcamError("refinement needs the file's reference render")
         plain = encode_analysed(codec, analysis, lam, reference, metadata, None, knot_choices, tone_fit=tone_fit)
         refined_analysis = refine_analysis(codec, analysis, lam, reference, refine_steps, plain.header.tone, refine_progress)
         refined = encode_analysed(codec, refined_analysis, lam, reference, metadata, progress, knot_choices, tone_fit=tone_fit)
@@ -593,8 +604,7 @@ def encode_file(
     """
     if sum(value is not None for value in (lam, target_bytes, target_bpp)) != 1:
         raise RcamError("give one of a λ, a target size and a target bpp")
-    if refine_steps and (look != "faithful" or lam is None):
-        raise RcamError("--refine works with --look faithful at a --lambda: the clean look's target (the frame without its defects) is not one the encoder has, and refinement changes a file's size after a target size has chosen its λ")
+    check_refinement(refine_steps, look, lam is not None)
     image = read_raw(path)  # first: its checks give the precise reason a file is refused
     captured = metadata(path) if metadata else EMPTY
     if target_bpp is not None:
