@@ -38,6 +38,7 @@ from rcam.codec.engine import check_refinement, decode_bytes, encode_file, tone_
 from rcam.codec.metadata import Metadata, summary
 from rcam.codec.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 from rcam.codec.tone import describe_tone
+from rcam.codec.tone_coding import tone_code_summary
 from rcam.codec.zoo import DEFAULT_MODEL, PRECISIONS, load_codec, resolve_precision, resolve_weights
 from rcam.comparators import END_TO_END
 from rcam.comparators.baselines import baseline_names, get_baseline
@@ -233,6 +234,7 @@ def info(inputs) -> None:
         data = read_input(source)
         header, streams = container.read(data)
         pixels = header.output_height * header.output_width
+        coded_field = header.format_version >= container.CODED_TONE_VERSION and describe_tone(header.tone) != "none"
         lines = [
             f"{source}",
             f"  format       rcb v{header.format_version}, {len(data)} bytes, {8 * len(data) / pixels:.4f} bpp",
@@ -241,7 +243,7 @@ def info(inputs) -> None:
             f"  look         {header.look}" + (f" (colour matrix and white {header.white:.4g} for the skeleton decoder)" if header.format_version >= 4 else ""),
             f"  sensor       {header.sensor_width}x{header.sensor_height} visible, CFA padding top {header.pad_top} left {header.pad_left}",
             f"  output       {header.output_width}x{header.output_height}, orientation flip code {header.flip}",
-            f"  tone         {describe_tone(header.tone)}",
+            f"  tone         {describe_tone(header.tone)}" + (f"; {tone_code_summary(header.tone)}" if coded_field else ""),
             f"  tiles        {header.tile_cols}x{header.tile_rows} of {header.tile_width}x{header.tile_height} packed px, overlap {header.overlap}",
             f"  streams      {len(streams)}, {sum(header.stream_lengths)} bytes, smallest {min(header.stream_lengths)}, largest {max(header.stream_lengths)}",
             "  checksums    header, metadata and all streams OK" if header.format_version >= 4 else "  checksums    header and all streams OK",

@@ -153,7 +153,7 @@ def test_encode_decode_info_round_trip(run, tmp_path, make_dng, tiny_model_path)
     assert "tiny" in out and "0.025" in out and "bpp" in out and "checksums" in out
     assert f"{reference.shape[1]}x{reference.shape[0]}" in out
     fields = info_fields(out)
-    assert fields["format"].startswith(f"rcb v{container.FORMAT_VERSION}") and re.match(r"(\d+)x\1 field: gain R", fields["tone"])
+    assert fields["format"].startswith(f"rcb v{container.FORMAT_VERSION}") and re.match(r"(\d+)x\1 field: gain R.*; coded in \d+ bytes, gain step 1/\d+$", fields["tone"])
     assert fields["look"].startswith("clean")
     # The DNG writer's Make and Model and its orientation (6: the pixels were turned, the PNG says 1).
     assert fields["camera"] == "rcam Synthetic" and fields["orientation"].startswith("right, top")

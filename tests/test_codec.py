@@ -201,7 +201,7 @@ def test_version_4_files_with_y_in_position_order_still_decode(shipped_codec, ma
     monkeypatch.setattr(container, "FORMAT_VERSION", 4)
     version_4 = container.write(dataclasses.replace(header, stream_lengths=(), stream_crcs=()), ordered_streams)
     monkeypatch.undo()
-    assert container.read(version_4)[0].format_version == 4 and header.format_version == 5
+    assert container.read(version_4)[0].format_version == 4 and header.format_version == container.FORMAT_VERSION
     np.testing.assert_array_equal(codec.decode_bytes(shipped_codec, version_4), codec.decode_bytes(shipped_codec, encoded.data))
 
 

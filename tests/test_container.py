@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from rcam.codec import container
 from rcam.codec import engine as codec
 from rcam.codec.container import MAGIC
-from rcam.codec.tone import IDENTITY
+from rcam.codec.tone import IDENTITY, identity
+from rcam.codec.tone_coding import encode_field, on_grid
 from rcam.codec.zoo import load_codec
 from rcam.errors import RcamError
 from rcam.training.dng import write_bayer_dng
@@ -49,7 +50,8 @@ def valid(tiny_codec, tmp_path_factory):
 
 def header_size(header: container.Header) -> int:
     """Bytes from the start of the file to the end of the metadata (FORMAT.md): header, its CRC, EXIF, XMP."""
-    body = 1 + len(header.model_name) + 53 + 1 + 2 * len(header.tone) + 41 + 12 + 8 * len(header.stream_lengths)
+    tone = 2 + len(encode_field(header.tone)) if header.format_version >= 6 else 2 * len(header.tone)
+    body = 1 + len(header.model_name) + 53 + 1 + tone + 41 + 12 + 8 * len(header.stream_lengths)
     return 14 + body + 4 + len(header.exif) + len(header.xmp)
 
 
@@ -76,6 +78,10 @@ def build(
     tone = fields.get("tone", IDENTITY)
     if version == 2:
         body += struct.pack("<6f", *tone)
+    elif version >= 6:  # K, the code's length, the code (rcam.codec.tone_coding, as FORMAT.md describes it)
+        knots = fields.get("tone_knots", math.isqrt(len(tone) // 6))
+        code = fields.get("tone_code", encode_field(tone) if len(tone) == 6 * knots * knots else b"")
+        body += bytes([knots]) + struct.pack("<H", fields.get("tone_code_length", len(code))) + code
     elif version >= 3:
         knots = fields.get("tone_knots", math.isqrt(len(tone) // 6))
         body += bytes([knots]) + struct.pack(f"<{len(tone)}e", *tone)
@@ -183,13 +189,14 @@ def headers(draw):
     knots = draw(st.one_of(st.sampled_from([1, 2, 6]), U8))
     half = 3 * min(knots, 17) ** 2
     kind = draw(st.sampled_from(["in range", "in range", "any"]))
-    if kind == "in range":  # gains in [0.5, 2], offsets in [-0.5, 0.5], as float16
+    if kind == "in range":  # gains in [0.5, 2], offsets in [-0.5, 0.5], on one of the grids the code allows
         gains = draw(st.lists(st.floats(0.5, 2.0, width=16), min_size=half, max_size=half))
         offsets = draw(st.lists(st.floats(-0.5, 0.5, width=16), min_size=half, max_size=half))
-    else:  # any float16, NaN and infinities included
-        gains = draw(st.lists(st.floats(width=16), min_size=half, max_size=half))
-        offsets = draw(st.lists(st.floats(width=16), min_size=half, max_size=half))
-    fields["tone"] = tuple(gains + offsets)
+        fields["tone"] = on_grid(tuple(gains + offsets), draw(st.integers(1, 12)))
+    else:  # any bytes as the field's code, its length field true or not
+        fields["tone_code"] = draw(st.binary(max_size=64))
+        if draw(st.booleans()):
+            fields["tone_code_length"] = draw(U16)
     fields["tone_knots"] = knots
     # As many streams as the grid has tiles where that is few, so that the stream count is not all it checks.
     tiles = fields.get("tile_rows", 1) * fields.get("tile_cols", 1)
@@ -221,7 +228,11 @@ def test_fuzzed_fields_behind_a_valid_checksum_are_checked():
             return
         outcomes.append("accepted")
         assert header.format_version == container.FORMAT_VERSION
-        assert container.write(dataclasses.replace(header, stream_lengths=(), stream_crcs=()), parsed) == data
+        written = container.write(dataclasses.replace(header, stream_lengths=(), stream_crcs=()), parsed)
+        if "tone_code" in fields:  # a drawn code that decodes is re-coded the writer's way: the same header
+            assert container.read(written) == (header, parsed)
+        else:
+            assert written == data
 
     check()
     # The fuzzing reached the field parser: files were refused for their fields, not just at the CRC.
@@ -384,8 +395,8 @@ def test_bad_header_fields_are_named(fields, words):
 
 def test_other_format_version_is_rejected(valid):
     data = bytearray(valid[0])
-    data[8:10] = struct.pack("<H", 6)
-    assert "version 6" in reject(bytes(data))
+    data[8:10] = struct.pack("<H", 7)
+    assert "version 7" in reject(bytes(data))
 
 
 def test_version_1_and_2_files_still_read(tiny_codec):
@@ -423,7 +434,7 @@ def test_bad_look_or_development_is_rejected(fields, words):
 
 def test_tone_field_round_trips(tiny_codec):
     stream = b"\x01\x00\x00\x00"
-    tone = tuple(float(v) for v in np.float16(np.concatenate([np.linspace(0.8, 1.2, 48), np.linspace(-0.1, 0.1, 48)])))
+    tone = on_grid(tuple(np.concatenate([np.linspace(0.8, 1.2, 48), np.linspace(-0.1, 0.1, 48)])), 10)
     data = build({"digest": tiny_codec.digest, "tone": tone}, [(4, zlib.crc32(stream))], stream)
     header, _ = container.read(data)
     assert header.format_version == container.FORMAT_VERSION and header.tone == tone
@@ -433,8 +444,12 @@ def test_tone_field_round_trips(tiny_codec):
     # Version 3 is the same without the metadata lengths and CRC.
     old, _ = container.read(build({"digest": tiny_codec.digest, "tone": tone}, [(4, zlib.crc32(stream))], stream, version=3))
     assert old.format_version == 3 and old.tone == tone and old.exif == old.xmp == b""
+    # Version 5 stored the field as float16; version 6 codes it, in fewer bytes.
+    v5_data = build({"digest": tiny_codec.digest, "tone": tone}, [(4, zlib.crc32(stream))], stream, version=5)
+    v5, _ = container.read(v5_data)
+    assert v5.format_version == 5 and v5.tone == tone and len(data) < len(v5_data)
     assert container.write(dataclasses.replace(header, stream_lengths=(), stream_crcs=()), [stream]) == data
-    with pytest.raises(ValueError, match="float16"):
+    with pytest.raises(ValueError, match="grid"):
         container.write(dataclasses.replace(header, tone=(1.0001, 1, 1, 0, 0, 0)), [stream])
 
 
@@ -458,7 +473,28 @@ def test_a_tone_field_of_impossible_size_is_rejected(knots):
 
 def test_a_tone_field_longer_than_the_header_is_truncation():
     stream = b"\x01\x00\x00\x00"
-    assert "truncated" in reject(build({"tone": IDENTITY, "tone_knots": 3}, [(4, zlib.crc32(stream))], stream))
+    assert "truncated" in reject(build({"tone": IDENTITY, "tone_knots": 3}, [(4, zlib.crc32(stream))], stream, version=5))
+    assert "truncated" in reject(build({"tone": identity(6), "tone_code_length": 300}, [(4, zlib.crc32(stream))], stream))
+    message = reject(build({"tone": identity(6), "tone_code_length": 383}, [(4, zlib.crc32(stream))], stream))
+    assert "bad header: tone field code of 383 bytes, at most 382" in message
+
+
+@pytest.mark.parametrize(
+    "code, words",
+    [(b"", "grid None"), (b"\x0d\x00", "grid 13"), (b"\x0a", "ends early"), (b"\x0a" + bytes(10), "unexpected bits"),
+     (b"\x0a\xff\xff\xff\xff", "ends early")],
+)  # fmt: skip
+def test_a_damaged_tone_code_is_rejected(code, words):
+    stream = b"\x01\x00\x00\x00"
+    message = reject(build({"tone": IDENTITY, "tone_code": code}, [(4, zlib.crc32(stream))], stream))
+    assert "bad header" in message and words in message
+
+
+def test_a_tone_code_out_of_range_is_rejected():
+    """A code that decodes to gains or offsets no encoder fits (here a gain of 9) fails the range check."""
+    stream = b"\x01\x00\x00\x00"
+    message = reject(build({"tone": (1.0, 1.0, 9.0, 0.0, 0.0, 0.0)}, [(4, zlib.crc32(stream))], stream))
+    assert "bad header: tone gains" in message
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""The .rcb container, version 5 (docs/FORMAT.md): header, tone correction field, look and development (the colour
+"""The .rcb container, version 6 (docs/FORMAT.md): header, tone correction field (coded: rcam.codec.tone_coding), look and development (the colour
 matrix and brightness the skeleton decoder applies), capture metadata (EXIF and XMP lengths, own CRC), stream
-table, checksums, then the metadata and one stream per tile. Version 4 files (the same header; y in each stream
-in position order), version 3 files (no look: clean, no development,
+table, checksums, then the metadata and one stream per tile. Version 5 files (the tone field as float16), version
+4 files (the same header; y in each stream in position order), version 3 files (no look: clean, no development,
 no metadata), version 2 (one gain and offset per channel) and version 1 (no tone correction) are still read.
 
 Parsing reads fixed-size little-endian fields with explicit bounds checks, never unpickles or evaluates
@@ -18,13 +18,16 @@ from dataclasses import dataclass, replace
 
 from rcam.codec.metadata import MAX_EXIF, MAX_XMP
 from rcam.codec.tone import IDENTITY, MAX_KNOTS, check_tone, knots_of
+from rcam.codec.tone_coding import decode_field, encode_field, max_field_bytes
 from rcam.errors import RcamError
 
 MAGIC = b"\x89RCB\r\n\x1a\n"  # like PNG's: catches text-mode transfers and truncation to a few bytes
-FORMAT_VERSION = 5  # written
-# 1: no tone correction; 2: one gain and offset per channel (six float32); 3: no capture metadata; 4: older streams
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+FORMAT_VERSION = 6  # written
+# 1: no tone correction; 2: one gain and offset per channel (six float32); 3: no capture metadata; 4: older streams;
+# 5: the tone field as float16
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 ADAPTIVE_STREAMS_VERSION = 5  # from here on: z with per-tile table variants, y grouped by scale (entropy.LatentCoder)
+CODED_TONE_VERSION = 6  # from here on: the tone field coded (rcam.codec.tone_coding) instead of float16
 MAX_SIDE = 65535  # sensor rows / columns
 MAX_PIXELS = 200_000_000  # same bound as the RAW reader
 MAX_TILE = 4096  # packed pixels per tile side
@@ -37,7 +40,8 @@ IDENTITY_MATRIX = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 _PREFIX = struct.Struct("<8sHI")  # magic, version, header body length
 _GEOMETRY = struct.Struct("<16sfIIBBBIIHHHHHI")
 _TONE_V2 = struct.Struct("<6f")  # gains R, G, B, offsets R, G, B (version 2)
-_TONE_KNOTS = struct.Struct("<B")  # K, then 6 K² float16: gains (3, K, K), offsets (3, K, K) (version 3)
+_TONE_KNOTS = struct.Struct("<B")  # K, then 6 K² float16: gains (3, K, K), offsets (3, K, K) (versions 3-5)
+_TONE_CODE_LENGTH = struct.Struct("<H")  # after K: the coded field's length in bytes, then the code (version 6)
 _LOOK_DEVELOPMENT = struct.Struct("<B9ff")  # look code, camera -> sRGB matrix (row-major), white (version 4)
 _METADATA = struct.Struct("<III")  # EXIF length, XMP length, crc32 of both (version 4)
 _STREAM_ENTRY = struct.Struct("<II")  # length, crc32
@@ -123,7 +127,12 @@ def write(header: Header, streams: list[bytes]) -> bytes:
         header.pad_left, header.flip, header.output_height, header.output_width, header.tile_height,
         header.tile_width, header.overlap, header.tile_rows, header.tile_cols, len(streams),
     )  # fmt: skip
-    body += _TONE_KNOTS.pack(knots_of(header.tone)) + _pack_float16(header.tone)
+    body += _TONE_KNOTS.pack(knots_of(header.tone))
+    if FORMAT_VERSION >= CODED_TONE_VERSION:
+        code = encode_field(header.tone)
+        body += _TONE_CODE_LENGTH.pack(len(code)) + code
+    else:  # an older version, written where tests make one
+        body += _pack_float16(header.tone)
     body += _LOOK_DEVELOPMENT.pack(LOOKS.index(header.look), *header.cam_to_srgb, header.white)
     if len(header.exif) > MAX_EXIF or len(header.xmp) > MAX_XMP:
         raise ValueError(f"metadata too large (EXIF at most {MAX_EXIF} bytes, XMP at most {MAX_XMP})")
@@ -143,7 +152,8 @@ def _pack_float16(values: tuple[float, ...]) -> bytes:
 
 
 def _read_tone(fields: "_Reader", version: int) -> tuple[float, ...]:
-    """The tone correction of a header body at `fields` (version 1: none, 2: six float32, 3: a K x K field)."""
+    """The tone correction of a header body at `fields` (version 1: none, 2: six float32, 3-5: a K x K field of
+    float16, 6: a K x K field coded by rcam.codec.tone_coding)."""
     if version == 1:
         return IDENTITY
     if version == 2:
@@ -151,6 +161,11 @@ def _read_tone(fields: "_Reader", version: int) -> tuple[float, ...]:
     (knots,) = _TONE_KNOTS.unpack(fields.take(_TONE_KNOTS.size, "header"))
     if not 1 <= knots <= MAX_KNOTS:
         raise RcamError(f"bad header: tone correction with {knots} knots per side, expected 1 to {MAX_KNOTS}")
+    if version >= CODED_TONE_VERSION:
+        (length,) = _TONE_CODE_LENGTH.unpack(fields.take(_TONE_CODE_LENGTH.size, "header"))
+        if length > max_field_bytes(knots):
+            raise RcamError(f"bad header: tone field code of {length} bytes, at most {max_field_bytes(knots)} for K = {knots}")
+        return decode_field(fields.take(length, "header"), knots)
     count = 6 * knots * knots
     return struct.unpack(f"<{count}e", fields.take(2 * count, "header"))
 

@@ -33,6 +33,7 @@ from rcam.codec.tone import (
     identity,
     knots_worth_fitting,
 )
+from rcam.codec.tone_coding import encode_field, max_field_bytes
 from rcam.codec.zoo import Codec
 from rcam.errors import RcamError
 
@@ -402,12 +403,14 @@ def encode_image(
 
 
 def file_size(codec: Codec, analysis: Analysis, lam: float, tone_fit: bool, metadata: Metadata = EMPTY) -> int:
-    """The exact .rcb size at λ without synthesising anything, with a FIELD_KNOTS tone field (what encode_file
-    fits for a target size): the field's size does not depend on its values."""
+    """The .rcb size at λ without synthesising anything, with a FIELD_KNOTS tone field (what encode_file fits for
+    a target size) counted at the most bytes its code can take (max_field_bytes): the file is at most this big,
+    and smaller by what the fitted field's code saves (100-300 bytes)."""
     lam = check_lambda(lam)
     streams, _ = _code(codec, analysis, lam)
     header = replace(_header(codec, analysis, lam, metadata), tone=identity(FIELD_KNOTS) if tone_fit else IDENTITY)
-    return len(container.write(header, streams))
+    size = len(container.write(header, streams))
+    return size + (max_field_bytes(FIELD_KNOTS) - len(encode_field(header.tone)) if tone_fit else 0)
 
 
 def lambda_for_size(

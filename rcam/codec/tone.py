@@ -18,12 +18,13 @@ import math
 
 import numpy as np
 
+from rcam.codec.tone_coding import FINEST_GRID, GRID_CHOICES, encode_field, max_field_bytes, on_grid
 from rcam.errors import RcamError
 
 IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, 0.0)  # K = 1: gains R, G, B, then offsets R, G, B (1 = white)
 FIELD_KNOTS = 6  # K of fit_tone's field
 # The K the encoder chooses among per file, by the cost training weighs (cheapest_field): more knots follow the
-# error's smooth part closer for 12·K² header bytes.
+# error's smooth part closer for more header bytes (rcam.codec.tone_coding codes the knots).
 FIELD_KNOT_CHOICES = (6, 8, 10)
 # Where the finest field's extra header bits per pixel are below this, a coarser one saves too little to be worth
 # fitting (the three fits took 1.8 s more than one at 24 MP): at λ 0.0025 it is an MSE of 0.2 (8-bit levels²).
@@ -146,8 +147,8 @@ class ToneStatistics:
             solution = np.linalg.solve(normal + np.diag(ridge), rhs + ridge * prior)
             gains[channel] = np.clip(solution[:count], *GAIN_RANGE)
             offsets[channel] = np.clip(solution[count:], *OFFSET_RANGE)
-        # float16: what the header stores, so encoder and decoder apply the very same numbers.
-        return tuple(float(np.float16(value)) for value in np.concatenate([gains.ravel(), offsets.ravel()]))
+        # On the finest grid the header stores, so encoder and decoder apply the very same numbers.
+        return on_grid(tuple(np.concatenate([gains.ravel(), offsets.ravel()])), FINEST_GRID)
 
     def residual(self, tone: tuple[float, ...]) -> tuple[float, float]:
         """(Σ of squared errors (units of 1), number of values) over the gathered pixels once `tone` (this K's
@@ -164,31 +165,29 @@ class ToneStatistics:
         return max(squared, 0.0), values
 
 
-def field_bits(knots: int) -> int:
-    """Header bits of a K x K field: 6 K² float16 values."""
-    return 8 * 2 * 6 * knots * knots
-
-
 def knots_worth_fitting(choices: tuple[int, ...], pixels: int) -> tuple[int, ...]:
     """The K of `choices` the encoder fits for a frame of `pixels` output pixels: all of them, or only the finest
-    where the header bytes it adds are negligible per pixel (NEGLIGIBLE_HEADER_BPP)."""
+    where the most header bytes it can add over the coarsest are negligible per pixel (NEGLIGIBLE_HEADER_BPP)."""
     finest, coarsest = max(choices), min(choices)
-    if (field_bits(finest) - field_bits(coarsest)) / pixels < NEGLIGIBLE_HEADER_BPP:
+    if 8 * (max_field_bytes(finest) - max_field_bytes(coarsest)) / pixels < NEGLIGIBLE_HEADER_BPP:
         return (finest,)
     return tuple(choices)
 
 
 def cheapest_field(candidates: list[ToneStatistics], lam: float, pixels: int) -> tuple[float, ...]:
-    """The field of the candidate statistics (one per K, of the same pixels) whose header bytes per output pixel
-    (`pixels` of them) plus λ·255²·(the fit's mean squared error) is least: the trade training's loss makes
-    (rcam.training.train.rd_loss), so a small or low-rate file keeps a coarse field and a large one a fine one."""
+    """The field of the candidate statistics (one per K, of the same pixels), on the grid (tone_coding.GRID_CHOICES),
+    whose coded header bytes per output pixel (`pixels` of them) plus λ·255²·(the fit's mean squared error) is
+    least: the trade training's loss makes (rcam.training.train.rd_loss), so a small or low-rate file keeps a
+    coarse field on a coarse grid and a large one a fine one."""
     best, best_cost = None, math.inf
     for statistics in candidates:
-        tone = statistics.solve()
-        squared, values = statistics.residual(tone)
-        cost = field_bits(statistics.knots) / pixels + lam * 255.0**2 * squared / max(values, 1.0)
-        if cost < best_cost:
-            best, best_cost = tone, cost
+        fitted = statistics.solve()
+        for grid in GRID_CHOICES:
+            tone = on_grid(fitted, grid)
+            squared, values = statistics.residual(tone)
+            cost = 8 * len(encode_field(tone)) / pixels + lam * 255.0**2 * squared / max(values, 1.0)
+            if cost < best_cost:
+                best, best_cost = tone, cost
     return best
 
 
@@ -204,8 +203,8 @@ def fit_tone(
     the channel's single gain and offset (RIDGE). Reference pixels at black stay in: in noisy shadows the
     render clips the negative half of the noise there, and a fit without them saw only the brighter half and
     lifted the shadows (Canon DNG, faithful, λ 0.01: darkest areas +1.95 levels, +0.69 with them kept).
-    Returns 6 K² values, gains (3, K, K) then offsets (3, K, K), rounded to float16 as the header stores them
-    and clamped to GAIN_RANGE / OFFSET_RANGE; a channel with fewer than MIN_FIT_PIXELS usable pixels stays as
+    Returns 6 K² values, gains (3, K, K) then offsets (3, K, K), rounded to the finest grid the header stores
+    (rcam.codec.tone_coding) and clamped to GAIN_RANGE / OFFSET_RANGE; a channel with fewer than MIN_FIT_PIXELS usable pixels stays as
     decoded. ToneStatistics gathers the same sums band by band.
     """
     statistics = ToneStatistics(*decoded.shape[:2], knots=knots)
