@@ -127,22 +127,24 @@ class _Bits:
 
     def __init__(self, data: bytes):
         self.bits, self.position = np.unpackbits(np.frombuffer(data, dtype=np.uint8)), 0
+        self.zeros = np.flatnonzero(self.bits == 0)  # where each unary run can end, found once
 
     def number(self, count: int) -> int:
         if self.position + count > len(self.bits):
             raise RcamError("bad header: the tone field's code ends early")
         value = 0
-        for bit in self.bits[self.position : self.position + count]:
-            value = (value << 1) | int(bit)
+        for bit in self.bits[self.position : self.position + count].tolist():
+            value = (value << 1) | bit
         self.position += count
         return value
 
     def unary(self) -> int:
-        zeros = np.flatnonzero(self.bits[self.position :] == 0)
-        if not len(zeros):
+        index = int(np.searchsorted(self.zeros, self.position))
+        if index == len(self.zeros):
             raise RcamError("bad header: the tone field's code ends early")
-        self.position += int(zeros[0]) + 1
-        return int(zeros[0])
+        ones = int(self.zeros[index]) - self.position
+        self.position += ones + 1
+        return ones
 
 
 def decode_field(data: bytes, knots: int) -> tuple[float, ...]:
