@@ -354,3 +354,16 @@ def test_large_frames_fit_only_the_finest_field():
     assert knots_worth_fitting((6, 8, 10), 24_000_000) == (10,)
     assert knots_worth_fitting((6, 8, 10), 2_000_000) == (6, 8, 10)
     assert knots_worth_fitting((6,), 24_000_000) == (6,)
+
+
+@pytest.mark.parametrize("knots", [1, 2, 5, 32])
+def test_pair_gram_is_the_whole_weighted_gram(knots):
+    """The fit's sums over neighbouring knot pairs (tone._pair_gram) equal Σ w φ φᵀ over every pair of knots."""
+    from rcam.codec.tone import _full_gram, _pair_gram
+
+    rng = np.random.default_rng(knots)
+    rows, cols = knot_basis(70, knots)[1::2], knot_basis(90, knots)[::2]
+    weights = rng.random((len(rows), len(cols)))
+    basis = np.einsum("ya,xb->yxab", rows, cols).reshape(len(rows), len(cols), knots * knots)
+    expected = np.einsum("yx,yxp,yxq->pq", weights, basis, basis)
+    np.testing.assert_allclose(_full_gram(_pair_gram(weights, rows, cols), knots), expected, rtol=1e-10, atol=1e-12)
