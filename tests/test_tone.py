@@ -354,6 +354,11 @@ def test_large_frames_fit_only_the_finest_field():
     assert knots_worth_fitting((6, 8, 10), 24_000_000) == (10,)
     assert knots_worth_fitting((6, 8, 10), 2_000_000) == (6, 8, 10)
     assert knots_worth_fitting((6,), 24_000_000) == (6,)
+    # Knots at least MIN_KNOT_SPACING pixels apart: a small frame fits coarse fields only, the coarsest always.
+    assert knots_worth_fitting(FIELD_KNOT_CHOICES, 2_000_000, 1112) == FIELD_KNOT_CHOICES
+    assert knots_worth_fitting((6, 8, 10, 12, 16, 20, 24, 32), 250_000, 500) == (6, 8, 10, 12, 16, 20, 24, 32)
+    assert knots_worth_fitting((6, 8, 10, 12, 16, 20, 24, 32), 25_740, 130) == (6, 8)
+    assert knots_worth_fitting((6, 8, 10), 4_096, 64) == (6,)
 
 
 @pytest.mark.parametrize("knots", [1, 2, 5, 32])

@@ -517,7 +517,7 @@ def fit_header_tone(
     # orientation tag beyond the final flip.
     sensor_reference = undo_flip(reference, header.flip)
     pixels = header.output_height * header.output_width
-    knots_fitted = knots_worth_fitting(knot_choices, pixels)
+    knots_fitted = knots_worth_fitting(knot_choices, pixels, min(header.sensor_height, header.sensor_width))
     candidates = [ToneStatistics(header.sensor_height, header.sensor_width, knots) for knots in knots_fitted]
     windows = tone_fit_windows(header)
     if windows is not None:

@@ -32,6 +32,10 @@ FIELD_KNOT_CHOICES = (6, 8, 10, 12, 16, 20, 24, 32)
 # fitting: at λ 0.0025 it is an MSE of 0.2 (8-bit levels²).
 NEGLIGIBLE_HEADER_BPP = 0.0005
 MAX_KNOTS = 32  # the most a header may carry
+# Knots closer than this (pixels) are not fitted: the field is a smooth correction, and a small frame's fine fields
+# cost the fit more time than they could save (a 130 x 198 test frame took K = 32 and 6 s to encode). The
+# real DNGs and protocol S's 0.25 MP frames keep every choice up to 32.
+MIN_KNOT_SPACING = 16
 GAIN_RANGE = (0.5, 2.0)
 OFFSET_RANGE = (-0.5, 0.5)
 MIN_FIT_PIXELS = 64  # fewer usable pixels per channel than this: that channel stays as decoded
@@ -176,18 +180,31 @@ class ToneStatistics:
         count = self.knots * self.knots
         fields = np.asarray(tone, dtype=np.float64).reshape(2, 3, count)
         squared, values = 0.0, 0.0
+        first, second = _neighbour_pairs(self.knots)
+
+        def quadratic(pair_gram: np.ndarray, u: np.ndarray, v: np.ndarray) -> float:
+            # uᵀ G v over the pairs that meet, without building G: G[(a, b), (c, d)] = pair_gram[(a, c), (b, d)].
+            u, v = u.reshape(self.knots, self.knots), v.reshape(self.knots, self.knots)
+            return float(np.sum(pair_gram * u[np.ix_(first, first)] * v[np.ix_(second, second)]))
+
         for channel in range(3):
-            gram_xx, gram_x1, gram_11 = (_full_gram(pair_gram, self.knots) for pair_gram in self.pair_grams[channel])
-            normal = np.block([[gram_xx, gram_x1], [gram_x1, gram_11]])
-            theta = np.concatenate([fields[0, channel], fields[1, channel]])
-            squared += self.sum_yy[channel] - 2 * theta @ np.concatenate(self.rhs[channel]) + theta @ normal @ theta
+            gain, offset = fields[0, channel], fields[1, channel]
+            gram_xx, gram_x1, gram_11 = self.pair_grams[channel]
+            spread = quadratic(gram_xx, gain, gain) + 2 * quadratic(gram_x1, gain, offset) + quadratic(gram_11, offset, offset)
+            theta = np.concatenate([gain, offset])
+            squared += self.sum_yy[channel] - 2 * theta @ np.concatenate(self.rhs[channel]) + spread
             values += self.moments[channel, 0]
         return max(squared, 0.0), values
 
 
-def knots_worth_fitting(choices: tuple[int, ...], pixels: int) -> tuple[int, ...]:
-    """The K of `choices` the encoder fits for a frame of `pixels` output pixels: all of them, or only the finest
-    where the most header bytes it can add over the coarsest are negligible per pixel (NEGLIGIBLE_HEADER_BPP)."""
+def knots_worth_fitting(choices: tuple[int, ...], pixels: int, shortest_side: int | None = None) -> tuple[int, ...]:
+    """The K of `choices` the encoder fits for a frame of `pixels` output pixels whose shorter side is
+    `shortest_side`: those whose knots are at least MIN_KNOT_SPACING pixels apart (the coarsest always), and of
+    those only the finest where the most header bytes it can add over the coarsest are negligible per pixel
+    (NEGLIGIBLE_HEADER_BPP)."""
+    if shortest_side is not None:
+        finest_allowed = 1 + (shortest_side - 1) // MIN_KNOT_SPACING
+        choices = tuple(k for k in choices if k <= finest_allowed) or (min(choices),)
     finest, coarsest = max(choices), min(choices)
     if 8 * (max_field_bytes(finest) - max_field_bytes(coarsest)) / pixels < NEGLIGIBLE_HEADER_BPP:
         return (finest,)
