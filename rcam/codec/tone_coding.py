@@ -72,10 +72,10 @@ def _predict(plane: np.ndarray, row: int, col: int) -> int:
     """LOCO-I's median prediction of knot (row, col) from its left, upper and upper-left neighbours (the first row
     from the left, the first column from above, the first knot 0): it reads only knots coded before it."""
     if row == 0:
-        return int(plane[row, col - 1]) if col else 0
+        return int(plane[row][col - 1]) if col else 0
     if col == 0:
-        return int(plane[row - 1, col])
-    left, up, corner = int(plane[row, col - 1]), int(plane[row - 1, col]), int(plane[row - 1, col - 1])
+        return int(plane[row - 1][col])
+    left, up, corner = int(plane[row][col - 1]), int(plane[row - 1][col]), int(plane[row - 1][col - 1])
     if corner >= max(left, up):
         return min(left, up)
     if corner <= min(left, up):
@@ -123,28 +123,30 @@ def max_field_bytes(knots: int) -> int:
 
 
 class _Bits:
-    """Reads a bit string most significant bit first; RcamError instead of reading past its end."""
+    """Reads a bit string most significant bit first; RcamError instead of reading past its end. The bits are held
+    as a str of '0' and '1' so that runs and numbers are found at C speed (str.find, int(·, 2))."""
 
     def __init__(self, data: bytes):
-        self.bits, self.position = np.unpackbits(np.frombuffer(data, dtype=np.uint8)), 0
-        self.zeros = np.flatnonzero(self.bits == 0)  # where each unary run can end, found once
+        self.bits, self.position = "".join(f"{byte:08b}" for byte in data), 0
 
     def number(self, count: int) -> int:
         if self.position + count > len(self.bits):
             raise RcamError("bad header: the tone field's code ends early")
-        value = 0
-        for bit in self.bits[self.position : self.position + count].tolist():
-            value = (value << 1) | bit
+        value = int(self.bits[self.position : self.position + count], 2) if count else 0
         self.position += count
         return value
 
     def unary(self) -> int:
-        index = int(np.searchsorted(self.zeros, self.position))
-        if index == len(self.zeros):
+        end = self.bits.find("0", self.position)
+        if end < 0:
             raise RcamError("bad header: the tone field's code ends early")
-        ones = int(self.zeros[index]) - self.position
-        self.position += ones + 1
+        ones, self.position = end - self.position, end + 1
         return ones
+
+    def rest_is_padding(self) -> bool:
+        """Whether what is left is fewer than 8 bits, all zero."""
+        rest = self.bits[self.position :]
+        return len(rest) < 8 and "1" not in rest
 
 
 def decode_field(data: bytes, knots: int) -> tuple[float, ...]:
@@ -152,16 +154,19 @@ def decode_field(data: bytes, knots: int) -> tuple[float, ...]:
     if not data or not 1 <= data[0] <= MAX_GRID:
         raise RcamError(f"bad header: tone field grid {data[0] if data else None}, expected 1 to {MAX_GRID}")
     grid, reader = data[0], _Bits(data[1:])
-    planes = np.zeros((PLANES, knots, knots), dtype=np.int64)
-    for plane in planes:
+    planes = []
+    for _ in range(PLANES):
         k = reader.number(RICE_BITS)
+        plane = [[0] * knots for _ in range(knots)]  # Python ints: the knots are decoded one by one
         for row in range(knots):
             for col in range(knots):
                 symbol = (reader.unary() << k) | reader.number(k)
                 residual = symbol // 2 if symbol % 2 == 0 else -(symbol + 1) // 2
-                plane[row, col] = _predict(plane, row, col) + residual
-    if len(reader.bits) - reader.position >= 8 or reader.bits[reader.position :].any():
+                plane[row][col] = _predict(plane, row, col) + residual
+        planes.append(plane)
+    if not reader.rest_is_padding():
         raise RcamError("bad header: unexpected bits after the tone field's code")
+    planes = np.array(planes, dtype=np.float64)
     values = _centres()[:, None, None] + planes * _steps(grid)[:, None, None]
     return tuple(float(value) for value in values.ravel())
 
