@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from rcam.codec.tone_coding import FINEST_GRID, GRID_CHOICES, encode_field, max_field_bytes, on_grid
+from rcam.codec.tone_coding import FINEST_GRID, GAIN_RANGE, GRID_CHOICES, OFFSET_RANGE, encode_field, max_field_bytes, on_grid
 from rcam.errors import RcamError
 
 IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, 0.0)  # K = 1: gains R, G, B, then offsets R, G, B (1 = white)
@@ -36,8 +36,6 @@ MAX_KNOTS = 32  # the most a header may carry
 # cost the fit more time than they could save (a 130 x 198 test frame took K = 32 and 6 s to encode). The
 # real DNGs and protocol S's 0.25 MP frames keep every choice up to 32.
 MIN_KNOT_SPACING = 16
-GAIN_RANGE = (0.5, 2.0)
-OFFSET_RANGE = (-0.5, 0.5)
 MIN_FIT_PIXELS = 64  # fewer usable pixels per channel than this: that channel stays as decoded
 RIDGE = 0.05  # pull of each knot towards the channel's single gain and offset, relative to the mean data weight
 FIT_STRIDE = 2  # the fit reads every other row and column: 72 unknowns need far fewer pixels

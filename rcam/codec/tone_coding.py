@@ -27,7 +27,7 @@ FINEST_GRID = max(GRID_CHOICES)
 MAX_GRID = 12  # the finest a reader accepts
 RICE_BITS = 4  # per plane: the Rice parameter k, 0..15
 PLANES = 6  # gains R, G, B, offsets R, G, B
-GAIN_LIMITS, OFFSET_LIMITS = (0.5, 2.0), (-0.5, 0.5)  # as rcam.codec.tone.GAIN_RANGE / OFFSET_RANGE
+GAIN_RANGE, OFFSET_RANGE = (0.5, 2.0), (-0.5, 0.5)  # what a field may hold (rcam.codec.tone checks them)
 
 
 def _steps(grid: int) -> np.ndarray:
@@ -54,8 +54,8 @@ def on_grid(tone: tuple[float, ...], grid: int) -> tuple[float, ...]:
     steps, centres = _steps(grid)[:, None], _centres()[:, None]
     rounded = centres + np.round((values - centres) / steps) * steps
     # Limits are on every grid, so clipping after rounding stays on it.
-    rounded[:3] = np.clip(rounded[:3], *GAIN_LIMITS)
-    rounded[3:] = np.clip(rounded[3:], *OFFSET_LIMITS)
+    rounded[:3] = np.clip(rounded[:3], *GAIN_RANGE)
+    rounded[3:] = np.clip(rounded[3:], *OFFSET_RANGE)
     return tuple(float(value) for value in rounded.ravel())
 
 
