@@ -405,7 +405,7 @@ def encode_image(
 def file_size(codec: Codec, analysis: Analysis, lam: float, tone_fit: bool, metadata: Metadata = EMPTY) -> int:
     """The .rcb size at λ without synthesising anything, with a FIELD_KNOTS tone field (what encode_file fits for
     a target size) counted at the most bytes its code can take (max_field_bytes): the file is at most this big,
-    and smaller by what the fitted field's code saves (100-300 bytes)."""
+    and smaller by what the fitted field's code saves (216 bytes for the Blackmagic DNG at 0.1 bpp)."""
     lam = check_lambda(lam)
     streams, _ = _code(codec, analysis, lam)
     header = replace(_header(codec, analysis, lam, metadata), tone=identity(FIELD_KNOTS) if tone_fit else IDENTITY)
